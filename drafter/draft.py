@@ -1,0 +1,75 @@
+"""The result of one speculation, and the argument checks shared by every tree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+TokenArray = npt.NDArray[np.int32]
+Tokens = Sequence[int] | npt.NDArray[np.integer]
+
+_INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A chain or tree of draft tokens proposed after a context.
+
+    token_ids[i] is the i-th draft token; parents[i] is the index of its parent in this
+    draft, -1 when it directly follows the context (a chain has parents [-1, 0, 1, ...]);
+    a parent always comes before its children. probs[i] is the estimated probability that
+    the path from the context to token i is accepted: the product of child count / parent
+    count along it. score is the sum of probs (expected accepted tokens). match_len is the
+    length of the context suffix the draft was grown from: the longest one that occurs in the
+    tree followed by at least one token (0: no such suffix, empty draft).
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    score: float = 0.0
+    match_len: int = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def is_chain(self) -> bool:
+        return all(parent == i - 1 for i, parent in enumerate(self.parents))
+
+
+def as_token_array(tokens: Tokens) -> TokenArray:
+    """Tokens as a contiguous int32 array; ValueError for anything that is not one."""
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise ValueError(f"tokens must be one-dimensional, got shape {array.shape}")
+    if array.size == 0:
+        return np.empty(0, dtype=np.int32)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {array.dtype}")
+    if array.dtype != np.int32:
+        if int(array.min()) < _INT32_MIN or int(array.max()) > _INT32_MAX:
+            raise ValueError("token ids must fit in int32")
+        array = array.astype(np.int32)
+    return np.ascontiguousarray(array)
+
+
+def check_speculate_args(max_tokens: int, min_prob: float) -> None:
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if not 0.0 <= min_prob <= 1.0:
+        raise ValueError(f"min_prob must be in [0, 1], got {min_prob}")
+
+
+def check_max_depth(max_depth: int) -> None:
+    if max_depth < 2:
+        raise ValueError(f"max_depth must be >= 2, got {max_depth}")
+
+
+def match_limit(context_len: int, max_depth: int, max_tokens: int) -> int:
+    """Longest context suffix worth matching: it must leave room in the depth-limited tree
+    for max_tokens draft tokens below it (and is at least 1)."""
+    return min(context_len, max(1, max_depth - max_tokens))

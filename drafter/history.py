@@ -1,0 +1,209 @@
+"""RolloutHistory: the DAS drafting state.
+
+Per prompt group, one suffix tree over the group's recent rollouts (the last `window` policy
+versions, at most `max_rollouts_per_group` of them); per live request, one tree over its own
+prompt and output so far. A draft for a request is the better-scoring of the two trees' drafts.
+
+Each stored rollout is its output preceded by the last max_depth prompt tokens, so a request
+that has generated nothing yet already matches the prompt's end and drafts the group's most
+frequent opening. Not thread-safe: one engine loop owns it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from drafter.config import DrafterConfig
+from drafter.draft import Draft, Tokens, as_token_array
+from drafter.suffix_tree import SuffixTree
+
+
+class TokenTree(Protocol):
+    """What the history needs of a suffix tree (SuffixTree and ReferenceSuffixTree)."""
+
+    def extend(self, seq_id: int, tokens: Tokens) -> None: ...
+    def remove(self, seq_id: int) -> None: ...
+    def speculate(
+        self, context: Tokens, max_tokens: int, min_prob: float = 0.1, tree: bool = False
+    ) -> Draft: ...
+    def num_tokens(self) -> int: ...
+    def memory_bytes(self) -> int: ...
+
+
+TreeFactory = Callable[[int], TokenTree]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    group: str
+    rollouts: int
+    tokens: int  # output tokens of the stored rollouts
+    mean_length: float
+    p50_length: float
+    p90_length: float
+    max_length: int
+
+
+@dataclass(slots=True)
+class _Rollout:
+    seq_id: int  # its sequence in the group tree
+    version: int  # policy version that produced it
+    length: int  # output tokens
+
+
+@dataclass(slots=True)
+class _Group:
+    tree: TokenTree
+    rollouts: deque[_Rollout]  # oldest first
+
+
+@dataclass(slots=True)
+class _Request:
+    group: str
+    tree: TokenTree  # the request's prompt and output, as sequence 0
+    context: list[int]  # its latest tokens; at most 2 * max_depth are kept
+
+
+class RolloutHistory:
+    def __init__(
+        self,
+        config: DrafterConfig | None = None,
+        tree_factory: TreeFactory = SuffixTree,
+    ) -> None:
+        self.config = config or DrafterConfig()
+        self._new_tree = tree_factory
+        self._groups: dict[str, _Group] = {}
+        self._requests: dict[Hashable, _Request] = {}
+        self._next_seq_id = 0
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    # -- finished rollouts --------------------------------------------------------------
+
+    def add_rollout(self, group: str, output: Tokens, version: int, prompt: Tokens = ()) -> bool:
+        """Record a finished rollout; False (and nothing stored) if it is older than the window."""
+        if version < self._oldest_kept_version():
+            return False
+        tokens = as_token_array(output)
+        bridge = as_token_array(prompt)[-self.config.max_depth :]
+        state = self._groups.get(group)
+        if state is None:
+            state = self._groups[group] = _Group(self._new_tree(self.config.max_depth), deque())
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        state.tree.extend(seq_id, np.concatenate([bridge, tokens]))
+        state.rollouts.append(_Rollout(seq_id, version, len(tokens)))
+        while len(state.rollouts) > self.config.max_rollouts_per_group:
+            state.tree.remove(state.rollouts.popleft().seq_id)
+        return True
+
+    def set_version(self, version: int) -> int:
+        """Move to a new policy version and evict rollouts that fell out of the window.
+        Returns the number of rollouts evicted."""
+        if version < self._version:
+            raise ValueError(f"policy version must not go back: {version} < {self._version}")
+        self._version = version
+        return self.evict_before(self._oldest_kept_version())
+
+    def evict_before(self, version: int) -> int:
+        """Forget every rollout produced by a policy version older than `version`."""
+        evicted = 0
+        for group in list(self._groups):
+            state = self._groups[group]
+            kept: deque[_Rollout] = deque()
+            for rollout in state.rollouts:
+                if rollout.version < version:
+                    state.tree.remove(rollout.seq_id)
+                    evicted += 1
+                else:
+                    kept.append(rollout)
+            state.rollouts = kept
+            if not kept:
+                del self._groups[group]
+        return evicted
+
+    def recent_lengths(self, group: str) -> list[int]:
+        """Output lengths of the group's stored rollouts, oldest first ([] if unknown)."""
+        state = self._groups.get(group)
+        return [] if state is None else [rollout.length for rollout in state.rollouts]
+
+    def group_stats(self, group: str) -> GroupStats:
+        lengths = self.recent_lengths(group)
+        if not lengths:
+            return GroupStats(group, 0, 0, 0.0, 0.0, 0.0, 0)
+        array = np.asarray(lengths, dtype=np.float64)
+        p50, p90 = np.quantile(array, [0.5, 0.9])
+        return GroupStats(
+            group=group,
+            rollouts=len(lengths),
+            tokens=int(array.sum()),
+            mean_length=float(array.mean()),
+            p50_length=float(p50),
+            p90_length=float(p90),
+            max_length=max(lengths),
+        )
+
+    def groups(self) -> list[str]:
+        return list(self._groups)
+
+    # -- live requests ------------------------------------------------------------------
+
+    def start_request(self, request_id: Hashable, group: str, prompt: Tokens) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already active")
+        tokens = as_token_array(prompt)
+        tree = self._new_tree(self.config.max_depth)
+        tree.extend(0, tokens)
+        self._requests[request_id] = _Request(group, tree, tokens.tolist())
+
+    def extend_request(self, request_id: Hashable, tokens: Tokens) -> None:
+        request = self._requests[request_id]
+        array = as_token_array(tokens)
+        request.tree.extend(0, array)
+        request.context.extend(array.tolist())
+        if len(request.context) > 2 * self.config.max_depth:
+            del request.context[: -self.config.max_depth]
+
+    def stop_request(self, request_id: Hashable) -> None:
+        del self._requests[request_id]
+
+    def speculate(self, request_id: Hashable, max_tokens: int) -> Draft:
+        """The better-scoring draft of the group's history and the request's own context
+        (the history's on a tie)."""
+        request = self._requests[request_id]
+        if max_tokens == 0:
+            return Draft()
+        context = request.context[-self.config.max_depth :]
+        min_prob, tree = self.config.min_prob, self.config.tree_drafts
+        own = request.tree.speculate(context, max_tokens, min_prob, tree)
+        state = self._groups.get(request.group)
+        if state is None:
+            return own
+        shared = state.tree.speculate(context, max_tokens, min_prob, tree)
+        return shared if shared.score >= own.score else own
+
+    def active_requests(self) -> int:
+        return len(self._requests)
+
+    # -- accounting ---------------------------------------------------------------------
+
+    def num_tokens(self) -> int:
+        """Tokens held in all trees (rollouts with their prompt bridges, live requests)."""
+        return sum(tree.num_tokens() for tree in self._trees())
+
+    def memory_bytes(self) -> int:
+        return sum(tree.memory_bytes() for tree in self._trees())
+
+    def _trees(self) -> list[TokenTree]:
+        return [g.tree for g in self._groups.values()] + [r.tree for r in self._requests.values()]
+
+    def _oldest_kept_version(self) -> int:
+        return self._version - self.config.window + 1

@@ -1,0 +1,71 @@
+"""SuffixTree: the native (C++) suffix tree behind the same API as ReferenceSuffixTree."""
+
+from __future__ import annotations
+
+from drafter import _core
+from drafter.draft import (
+    Draft,
+    Tokens,
+    as_token_array,
+    check_max_depth,
+    check_speculate_args,
+)
+
+
+class SuffixTree:
+    """Frequency-counted suffix tree over many token sequences, depth-limited to max_depth.
+
+    extend costs O(max_depth) per token (no rebuild); remove forgets a sequence (counts drop,
+    emptied nodes are freed); speculate drafts the most frequent continuation of the longest
+    suffix match of a context (see Draft). Drafts equal ReferenceSuffixTree's exactly.
+    """
+
+    def __init__(self, max_depth: int = 64) -> None:
+        check_max_depth(max_depth)
+        self.max_depth = max_depth
+        self._core = _core.SuffixTreeCore(max_depth)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return bool(self._core.contains(seq_id))
+
+    def __len__(self) -> int:
+        return int(self._core.num_sequences())
+
+    def extend(self, seq_id: int, tokens: Tokens) -> None:
+        self._core.extend(seq_id, as_token_array(tokens))
+
+    def remove(self, seq_id: int) -> None:
+        if not self._core.contains(seq_id):
+            raise KeyError(seq_id)
+        self._core.remove(seq_id)
+
+    def count(self, tokens: Tokens) -> int:
+        """Occurrences of tokens (length 1..max_depth) in the stored sequences."""
+        return int(self._core.count(as_token_array(tokens)))
+
+    def speculate(
+        self, context: Tokens, max_tokens: int, min_prob: float = 0.1, tree: bool = False
+    ) -> Draft:
+        check_speculate_args(max_tokens, min_prob)
+        tokens, parents, probs, score, match_len = self._core.speculate(
+            as_token_array(context), max_tokens, min_prob, tree
+        )
+        return Draft(tokens, parents, probs, score, match_len)
+
+    def num_tokens(self) -> int:
+        """Tokens in the stored (not removed) sequences."""
+        return int(self._core.num_tokens())
+
+    def num_nodes(self) -> int:
+        return int(self._core.num_nodes())
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the tree: node pool, child index, sequences (removed sequences
+        still referenced by an edge included)."""
+        return int(self._core.memory_bytes())
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if an internal invariant is broken (for tests)."""
+        problem = self._core.check_integrity()
+        if problem:
+            raise AssertionError(problem)
