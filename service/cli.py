@@ -1,0 +1,236 @@
+"""The `das` command line.
+
+    das simulate --trace T.jsonl [--policy das|fixed:K|none] [--c-base S --c-tok S]
+                 [--json OUT] [--max-depth D --window W]
+    das synth-trace --out T.jsonl [--groups G --samples N --epochs E --seed S]
+    das serve | worker | gateway ...   (see service/commands.py)
+
+Each subcommand adds its parser in build_parser and sets `handler`, a function of the parsed
+arguments that returns the exit status; later subcommands (trace, bench, serve: see
+service/commands.py) plug in the same way.
+Bad arguments exit 2 (argparse); a file that cannot be read or written exits 1 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from drafter.config import DrafterConfig
+from drafter.policy import SMOLLM2_CPU, CostModel, parse_policy_spec
+from drafter.simulator import EpochReport, SimulationResult, simulate
+from drafter.traces import read_trace, synthetic_trace, write_trace
+from service.commands import add_gateway_parser, add_serve_parser, add_worker_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    status: int = args.handler(args)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="das", description="DAS rollout serving: drafter tools and the rollout service."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_simulate(commands)
+    _add_synth_trace(commands)
+    add_serve_parser(commands)
+    add_worker_parser(commands)
+    add_gateway_parser(commands)
+    return parser
+
+
+# -- das simulate --------------------------------------------------------------------------
+
+
+def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    default = DrafterConfig()
+    sim = commands.add_parser(
+        "simulate",
+        help="replay a rollout trace through the drafter and a speculation policy",
+        description="Replay a rollout trace epoch by epoch (each epoch one batch) and report "
+        "the modeled makespan against no speculation. Default cost model: SmolLM2-135M decode "
+        f"steps on this CPU, c_base {SMOLLM2_CPU.c_base} s + c_tok {SMOLLM2_CPU.c_tok} s/token.",
+    )
+    sim.add_argument("--trace", required=True, help="JSON-lines rollout trace")
+    sim.add_argument(
+        "--policy", default="das", type=_policy_spec, help="das, fixed:K or none (default: das)"
+    )
+    sim.add_argument("--c-base", type=_seconds, default=None, help="seconds per forward pass")
+    sim.add_argument("--c-tok", type=_seconds, default=None, help="seconds per token in one")
+    sim.add_argument("--json", dest="json_out", default=None, help="also write results here")
+    sim.add_argument("--max-depth", type=int, default=default.max_depth, help="suffix tree depth")
+    sim.add_argument("--window", type=int, default=default.window, help="policy versions kept")
+    sim.add_argument(
+        "--min-prob", type=float, default=default.min_prob, help="draft path probability floor"
+    )
+    sim.add_argument("--tree-drafts", action="store_true", help="tree drafts instead of chains")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.set_defaults(handler=_simulate, command_parser=sim)
+
+
+def _policy_spec(text: str) -> str:
+    try:
+        return str(parse_policy_spec(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.command_parser
+    try:
+        config = DrafterConfig(
+            max_depth=args.max_depth,
+            window=args.window,
+            min_prob=args.min_prob,
+            tree_drafts=args.tree_drafts,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    cost = CostModel(
+        SMOLLM2_CPU.c_base if args.c_base is None else args.c_base,
+        SMOLLM2_CPU.c_tok if args.c_tok is None else args.c_tok,
+    )
+    try:
+        trace = read_trace(args.trace)
+    except OSError as error:
+        return _fail(f"cannot read trace {args.trace}: {_reason(error)}")
+    except ValueError as error:  # names the file and line
+        return _fail(f"bad trace: {error}")
+    if not trace:
+        return _fail(f"trace {args.trace} holds no rollouts")
+    result = simulate(trace, args.policy, cost, config, progress=not args.no_progress)
+    print(format_result(result))
+    if args.json_out is not None:
+        try:
+            with open(args.json_out, "w", encoding="utf-8") as file:
+                json.dump(result.to_json(), file, indent=2)
+                file.write("\n")
+        except OSError as error:
+            return _fail(f"cannot write {args.json_out}: {_reason(error)}")
+    return 0
+
+
+_COLUMNS = (
+    ("epoch", 5),
+    ("rollouts", 8),
+    ("tokens", 8),
+    ("steps", 6),
+    ("forwards", 8),
+    ("acc/fwd", 7),
+    ("tok/fwd", 7),
+    ("makespan_s", 10),
+    ("baseline_s", 10),
+    ("ratio", 6),
+)
+
+
+def format_result(result: SimulationResult) -> str:
+    """The per-epoch table `das simulate` prints."""
+    cost = result.cost
+    label = "SYNTHETIC trace" if result.synthetic else "trace"
+    lines = [
+        f"policy {result.policy} | {label} | cost model c_base {cost.c_base * 1e3:.1f} ms + "
+        f"c_tok {cost.c_tok * 1e3:.2f} ms/token | max_depth {result.config.max_depth}, "
+        f"window {result.config.window}, {'tree' if result.config.tree_drafts else 'chain'} "
+        "drafts",
+        "  ".join(f"{name:>{width}}" for name, width in _COLUMNS),
+    ]
+    for report in (*result.epochs, result.total):
+        lines.append(_row(report))
+    lines.append(
+        "acc/fwd: accepted draft tokens per rollout forward pass; ratio: modeled makespan / "
+        "makespan without speculation"
+    )
+    return "\n".join(lines)
+
+
+def _row(report: EpochReport) -> str:
+    cells = (
+        "all" if report.epoch is None else str(report.epoch),
+        str(report.rollouts),
+        str(report.tokens),
+        str(report.steps),
+        str(report.forwards),
+        f"{report.accepted_per_forward:.2f}",
+        f"{report.tokens_per_forward:.2f}",
+        f"{report.makespan_s:.1f}",
+        f"{report.baseline_s:.1f}",
+        f"{report.makespan_ratio:.3f}",
+    )
+    return "  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True))
+
+
+# -- das synth-trace -----------------------------------------------------------------------
+
+
+def _add_synth_trace(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    synth = commands.add_parser(
+        "synth-trace",
+        help="write a synthetic (labelled) rollout trace",
+        description="Write a SYNTHETIC rollout trace (every line is marked synthetic): prompt "
+        "groups whose rollouts mix a few drifting template solution paths, long-tailed lengths.",
+    )
+    synth.add_argument("--out", required=True, help="JSON-lines file to write")
+    synth.add_argument("--groups", type=_positive, default=8, help="prompt groups (default 8)")
+    synth.add_argument("--samples", type=_positive, default=8, help="rollouts per group/epoch")
+    synth.add_argument("--epochs", type=_positive, default=6, help="epochs (default 6)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.set_defaults(handler=_synth_trace, command_parser=synth)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _synth_trace(args: argparse.Namespace) -> int:
+    records = synthetic_trace(args.groups, args.samples, args.epochs, args.seed)
+    try:
+        count = write_trace(args.out, records)
+    except OSError as error:
+        return _fail(f"cannot write {args.out}: {_reason(error)}")
+    tokens = sum(len(record.output) for record in records)
+    print(
+        f"wrote {count} SYNTHETIC rollouts ({args.groups} groups x {args.samples} samples x "
+        f"{args.epochs} epochs, {tokens} output tokens, seed {args.seed}) to {args.out}"
+    )
+    return 0
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+
+def _fail(message: str) -> int:
+    print(f"das: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

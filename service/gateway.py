@@ -1,0 +1,449 @@
+"""The gateway: routes generation requests to remote workers, fans control calls out to all.
+
+One shared httpx.AsyncClient for every upstream call, over KeepAliveTransport (below).
+Generation bodies are forwarded byte for byte (the worker validates them; its status and error
+body come back unchanged); the gateway parses the JSON only to find the routing key
+(routing.routing_key) and whether to stream. A background task checks /health of every
+worker; `health_failures` failed checks in a row (or one refused connection while forwarding)
+take a worker out of the ring, and its groups move to their ring successors until it passes a
+check again. A request whose connection to a worker is refused is retried once on the next
+choice. No FastAPI here: app.py wraps these results in responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from service.metrics import Metrics
+from service.routing import build_ring, pick_worker, routing_key
+from service.serving import APIError
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_FORWARDED_HEADERS = ("x-session-id", "x-request-id")
+BROADCAST_PATHS = (
+    "/abort_request",
+    "/pause_generation",
+    "/continue_generation",
+    "/update_weights_from_disk",
+    "/flush_cache",
+)
+
+
+@dataclass(slots=True)
+class Upstream:
+    url: str
+    healthy: bool = True
+    failures: int = 0  # consecutive failed health checks
+    inflight: int = 0
+
+
+@dataclass(slots=True)
+class Forwarded:
+    """A worker's answer: a whole body, or a byte stream (SSE) the caller must drain."""
+
+    status: int
+    content_type: str
+    worker: str
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+class Gateway:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        if not settings.worker_urls:
+            raise ValueError("the gateway needs at least one worker URL")
+        self.settings = settings
+        self.metrics = metrics
+        self.workers = {url: Upstream(url) for url in settings.worker_urls}
+        self.ring = build_ring(list(self.workers), settings.routing_vnodes)
+        self._headers = {"content-type": "application/json"}
+        if settings.worker_api_key:
+            self._headers["authorization"] = f"Bearer {settings.worker_api_key}"
+        self._client: httpx.AsyncClient | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        for url in self.workers:
+            metrics.worker_up.labels(worker=url).set(1)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("the gateway is not started")
+        return self._client
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.settings.upstream_timeout_s, connect=2.0),
+            transport=KeepAliveTransport(),
+        )
+        await self.check_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="gateway-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- routing ------------------------------------------------------------------------
+
+    def healthy(self) -> list[str]:
+        return [url for url, w in self.workers.items() if w.healthy]
+
+    def choose(self, key: str, exclude: str | None = None) -> Upstream:
+        healthy = [url for url in self.healthy() if url != exclude]
+        loads = {url: w.inflight for url, w in self.workers.items()}
+        url = pick_worker(self.ring, key, loads, healthy, self.settings.routing_load_factor)
+        if url is None:
+            raise APIError(503, "no healthy worker")
+        return self.workers[url]
+
+    # -- generation ---------------------------------------------------------------------
+
+    async def forward(self, path: str, body: bytes, headers: Mapping[str, str]) -> Forwarded:
+        try:
+            parsed = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise APIError(400, f"invalid JSON body: {error}") from error
+        if not isinstance(parsed, dict):
+            raise APIError(400, "the body must be a JSON object")
+        key = routing_key(headers.get("x-session-id"), parsed)
+        stream = bool(parsed.get("stream"))
+        upstream_headers = dict(self._headers)
+        for name in _FORWARDED_HEADERS:
+            value = headers.get(name)
+            if value is not None:
+                upstream_headers[name] = value
+        worker = self.choose(key)
+        try:
+            return await self._send(worker, path, body, upstream_headers, stream)
+        except httpx.ConnectError:
+            self._mark_down(worker, "connection refused")
+        retry = self.choose(key, exclude=worker.url)
+        try:
+            return await self._send(retry, path, body, upstream_headers, stream)
+        except httpx.ConnectError as error:
+            self._mark_down(retry, "connection refused")
+            raise APIError(502, f"worker {retry.url} is unreachable") from error
+
+    async def _send(
+        self, worker: Upstream, path: str, body: bytes, headers: dict[str, str], stream: bool
+    ) -> Forwarded:
+        url = worker.url
+        inflight = self.metrics.upstream_inflight.labels(worker=url)
+        worker.inflight += 1
+        inflight.inc()
+        try:
+            request = self.client.build_request("POST", url + path, content=body, headers=headers)
+            response = await self.client.send(request, stream=stream)
+        except httpx.ConnectError:
+            worker.inflight -= 1
+            inflight.dec()
+            raise
+        except httpx.HTTPError as error:
+            worker.inflight -= 1
+            inflight.dec()
+            self.metrics.upstream_requests.labels(worker=url, status="error").inc()
+            raise APIError(502, f"worker {url} failed: {type(error).__name__}") from error
+        self.metrics.upstream_requests.labels(worker=url, status=str(response.status_code)).inc()
+        content_type = response.headers.get("content-type", "application/json")
+        if not stream:
+            worker.inflight -= 1
+            inflight.dec()
+            return Forwarded(response.status_code, content_type, url, body=response.content)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for part in response.aiter_raw():
+                    yield part
+            finally:
+                await response.aclose()
+                worker.inflight -= 1
+                inflight.dec()
+
+        return Forwarded(response.status_code, content_type, url, stream=relay())
+
+    async def get(self, path: str, key: str = "") -> Forwarded:
+        worker = self.choose(key)
+        try:
+            response = await self.client.get(worker.url + path, headers=self._headers)
+        except httpx.HTTPError as error:
+            raise APIError(502, f"worker {worker.url} failed: {type(error).__name__}") from error
+        return Forwarded(
+            response.status_code,
+            response.headers.get("content-type", "application/json"),
+            worker.url,
+            body=response.content,
+        )
+
+    # -- control ------------------------------------------------------------------------
+
+    async def broadcast(self, method: str, path: str, body: bytes = b"") -> dict[str, Any]:
+        """Send a control call to every worker; {"success", "workers": {url: reply}}, or an
+        APIError (the workers' own status if they all agree it is a client error, else 502)."""
+
+        async def one(url: str) -> tuple[str, int, Any]:
+            try:
+                response = await self.client.request(
+                    method, url + path, content=body or None, headers=self._headers
+                )
+            except httpx.HTTPError as error:
+                return url, 502, {"error": type(error).__name__}
+            try:
+                return url, response.status_code, response.json()
+            except ValueError:
+                return url, response.status_code, {"body": response.text}
+
+        replies = await asyncio.gather(*(one(url) for url in self.workers))
+        failed = [(url, status, reply) for url, status, reply in replies if status >= 400]
+        if failed:
+            statuses = {status for _, status, _ in failed}
+            status = statuses.pop() if len(statuses) == 1 and len(failed) == len(replies) else 502
+            if status >= 500:
+                status = 502
+            detail = "; ".join(
+                f"{url}: {status} {_message(reply)}" for url, status, reply in failed
+            )
+            raise APIError(status, f"{len(failed)} of {len(replies)} workers failed: {detail}")
+        return {"success": True, "workers": {url: reply for url, _, reply in replies}}
+
+    async def check_health(self) -> None:
+        async def one(worker: Upstream) -> None:
+            try:
+                response = await self.client.get(worker.url + "/health", timeout=2.0)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                if not worker.healthy:
+                    log.warning("worker %s is back", worker.url)
+                worker.healthy, worker.failures = True, 0
+                self.metrics.worker_up.labels(worker=worker.url).set(1)
+            else:
+                worker.failures += 1
+                if worker.failures >= self.settings.health_failures:
+                    self._mark_down(worker, "failed health checks")
+
+        await asyncio.gather(*(one(worker) for worker in self.workers.values()))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await self.check_health()
+
+    def _mark_down(self, worker: Upstream, why: str) -> None:
+        if worker.healthy:
+            log.warning("worker %s removed: %s", worker.url, why)
+        worker.healthy = False
+        self.metrics.worker_up.labels(worker=worker.url).set(0)
+
+
+def _message(reply: Any) -> str:
+    if isinstance(reply, dict):
+        error = reply.get("error")
+        if isinstance(error, dict):
+            return str(error.get("message", ""))
+        if error is not None:
+            return str(error)
+    return ""
+
+
+# -- transport --------------------------------------------------------------------------------
+
+
+class KeepAliveTransport(httpx.AsyncBaseTransport):
+    """A lean HTTP/1.1 keep-alive transport for plain-http upstreams, behind httpx's API.
+
+    httpcore's pool rescans every connection for every request (quadratic in concurrency: at
+    64 concurrent requests it dominated the gateway's CPU); here each origin keeps a stack of
+    idle connections, so taking and returning one is O(1). Responses with Content-Length are
+    read whole; chunked ones (SSE) are de-chunked as they arrive. A reused connection that
+    the server closed while idle is retried once on a fresh one (nothing reached the worker).
+    """
+
+    def __init__(self, max_idle_per_origin: int = 512) -> None:
+        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._max_idle = max_idle_per_origin
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme != "http":
+            raise httpx.UnsupportedProtocol(f"only http:// upstreams: {url}", request=request)
+        origin = (url.host, url.port or 80)
+        timeouts = request.extensions.get("timeout", {})
+        body = await request.aread()
+        head = [f"{request.method} {url.raw_path.decode()} HTTP/1.1\r\n".encode()]
+        for name, value in request.headers.raw:
+            if name.lower() not in (b"content-length", b"transfer-encoding", b"connection"):
+                head.append(name + b": " + value + b"\r\n")
+        head.append(b"content-length: %d\r\n\r\n" % len(body))
+        payload = b"".join(head) + body
+        idle = self._idle.setdefault(origin, [])
+        while idle:
+            conn = idle.pop()
+            if conn.reader.at_eof():
+                conn.close()
+                continue
+            try:
+                return await self._exchange(conn, origin, payload, request, timeouts)
+            except _StaleConnection:
+                continue
+        conn = await self._connect(origin, request, timeouts.get("connect"))
+        try:
+            return await self._exchange(conn, origin, payload, request, timeouts)
+        except _StaleConnection as error:
+            raise httpx.ReadError("the worker closed the connection", request=request) from error
+
+    async def aclose(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    async def _connect(
+        self, origin: tuple[str, int], request: httpx.Request, timeout: float | None
+    ) -> _Conn:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(*origin, limit=2**20), timeout
+            )
+        except TimeoutError as error:
+            raise httpx.ConnectTimeout(f"connect to {origin} timed out", request=request) from error
+        except OSError as error:
+            raise httpx.ConnectError(str(error), request=request) from error
+        return _Conn(reader, writer)
+
+    async def _exchange(
+        self,
+        conn: _Conn,
+        origin: tuple[str, int],
+        payload: bytes,
+        request: httpx.Request,
+        timeouts: dict[str, float | None],
+    ) -> httpx.Response:
+        read_timeout = timeouts.get("read")
+        try:
+            conn.writer.write(payload)
+            await conn.writer.drain()
+            head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), read_timeout)
+        except asyncio.IncompleteReadError as error:
+            conn.close()
+            if not error.partial:
+                raise _StaleConnection from error
+            raise httpx.ReadError("truncated response head", request=request) from error
+        except (ConnectionError, BrokenPipeError) as error:
+            conn.close()
+            raise _StaleConnection from error
+        except TimeoutError as error:
+            conn.close()
+            raise httpx.ReadTimeout("the worker did not answer in time", request=request) from error
+        except (OSError, asyncio.LimitOverrunError) as error:
+            conn.close()
+            raise httpx.ReadError(str(error), request=request) from error
+        lines = head[:-4].split(b"\r\n")
+        status = int(lines[0][9:12])
+        headers: list[tuple[bytes, bytes]] = []
+        length: int | None = None
+        chunked = False
+        keep_alive = True
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip(), value.strip()
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+                continue  # the body handed on is de-chunked
+            elif lower == b"connection" and value.lower() == b"close":
+                keep_alive = False
+            headers.append((name, value))
+
+        def keep() -> None:
+            self._release(origin, conn)
+
+        release: Callable[[], None] = keep if keep_alive else conn.close
+        if chunked:
+            stream: httpx.AsyncByteStream = _ChunkedStream(conn, release, read_timeout, request)
+        else:
+            try:
+                if length is None:
+                    content = await asyncio.wait_for(conn.reader.read(), read_timeout)
+                    release = conn.close
+                else:
+                    content = await asyncio.wait_for(conn.reader.readexactly(length), read_timeout)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as error:
+                conn.close()
+                raise httpx.ReadError("truncated response body", request=request) from error
+            release()
+            stream = httpx.ByteStream(content)
+        return httpx.Response(
+            status, headers=headers, stream=stream, extensions={"http_version": b"HTTP/1.1"}
+        )
+
+    def _release(self, origin: tuple[str, int], conn: _Conn) -> None:
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) < self._max_idle:
+            idle.append(conn)
+        else:
+            conn.close()
+
+
+class _StaleConnection(Exception):
+    """A kept-alive connection the server had closed before our request reached it."""
+
+
+@dataclass(slots=True)
+class _Conn:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _ChunkedStream(httpx.AsyncByteStream):
+    def __init__(
+        self,
+        conn: _Conn,
+        release: Callable[[], None],
+        timeout: float | None,
+        request: httpx.Request,
+    ) -> None:
+        self._conn = conn
+        self._release = release
+        self._timeout = timeout
+        self._request = request
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        reader = self._conn.reader
+        try:
+            while True:
+                size_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), self._timeout)
+                size = int(size_line.split(b";", 1)[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")  # no trailers from uvicorn
+                    self._done = True
+                    return
+                data = await asyncio.wait_for(reader.readexactly(size + 2), self._timeout)
+                yield data[:-2]
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as error:
+            raise httpx.ReadError("truncated chunked body", request=self._request) from error
+
+    async def aclose(self) -> None:
+        if self._done:
+            self._release()
+        else:
+            self._conn.close()  # abandoned mid-body: the connection cannot be reused

@@ -1,0 +1,332 @@
+"""Rollout history: the worker's local RolloutHistory, shared with other workers through Redis.
+
+Redis layout (prefix "das" by default), one stream per prompt group:
+
+    {prefix}:rollouts:{group}   stream, one entry per finished rollout, fields
+                                  w: writer instance, v: policy version,
+                                  p: prompt tail (the last max_depth prompt tokens), t: output
+                                  tokens; tokens as packed little-endian int32 bytes.
+                                  Capped at max_rollouts_per_group entries (exact MAXLEN).
+    {prefix}:groups             set of every group that has a stream (for trimming)
+    {prefix}:stats:{group}      hash: rollouts, tokens (running totals)
+    {prefix}:lengths:{group}    list of the newest output lengths (newest first, capped)
+    {prefix}:version_starts     hash: policy version -> first stream id seen under it
+
+Per-group streams make "rebuild a group when this worker takes it over" one XRANGE-like read
+of a short stream, and incremental sync one XREAD over the groups this worker holds, each from
+its last id. A weight update trims every group stream to the window of policy versions
+(XTRIM MINID at the start of the oldest kept version); readers also drop entries older than
+the window, so late writes of old versions never enter a tree.
+
+Redis being down never fails a completion: rollouts always go into the local history at once
+and into a bounded buffer for Redis; a background task flushes the buffer when Redis is back
+(the oldest buffered rollouts are dropped first, and counted, when the buffer is full).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from drafter import DrafterConfig, RolloutHistory
+from drafter.draft import as_token_array
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_READ_BATCH = 256  # streams per XREAD call
+_FLUSH_BATCH = 256  # rollouts per pipeline
+_READ_COUNT = 1000  # entries per stream per XREAD call
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    group: str
+    version: int
+    prompt: bytes  # packed int32
+    tokens: bytes  # packed int32
+    length: int
+
+
+def pack_tokens(tokens: Sequence[int] | np.ndarray) -> bytes:
+    return as_token_array(tokens).astype("<i4", copy=False).tobytes()
+
+
+def unpack_tokens(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i4").astype(np.int32)
+
+
+def connect_redis(url: str, timeout_s: float) -> Redis:
+    """A client that fails fast: no retries, short timeouts (the buffer does the retrying)."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+    )
+    return client
+
+
+class HistoryStore:
+    """Local drafting history for the groups routed here, optionally shared through Redis.
+
+    All methods run on the worker's event loop (RolloutHistory is not thread-safe).
+    """
+
+    def __init__(
+        self,
+        config: DrafterConfig,
+        metrics: Metrics,
+        worker: str,
+        redis: Redis | None = None,
+        buffer_size: int = 10_000,
+        sync_interval_s: float = 0.05,
+        prefix: str = "das",
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if sync_interval_s <= 0:
+            raise ValueError(f"sync_interval_s must be > 0, got {sync_interval_s}")
+        self.history = RolloutHistory(config)
+        self.redis = redis
+        self._metrics = metrics
+        self._worker = worker
+        # Entries this process wrote are skipped on read (they are already local); a restarted
+        # worker gets a new instance id and so rebuilds its own earlier rollouts too.
+        self._instance = f"{worker}/{uuid.uuid4().hex[:12]}".encode()
+        self._prefix = prefix
+        self._interval = sync_interval_s
+        self._pending: deque[_Pending] = deque()
+        self._buffer_size = buffer_size
+        self._cursors: dict[str, bytes] = {}  # group -> last stream id read
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.redis_up = redis is not None
+        labels = {"worker": worker}
+        metrics.history_tokens.labels(**labels).set_function(self.history.num_tokens)
+        metrics.history_groups.labels(**labels).set_function(lambda: len(self.history.groups()))
+        metrics.buffered_rollouts.labels(**labels).set_function(lambda: len(self._pending))
+        self._redis_errors = metrics.redis_errors.labels(**labels)
+        self._dropped = metrics.dropped_rollouts.labels(**labels)
+        self._synced = metrics.synced_rollouts.labels(**labels)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.redis is not None and self._task is None:
+            self._task = asyncio.create_task(self._sync_loop(), name="history-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.flush()
+            await self.redis.aclose()
+
+    # -- the worker's calls -------------------------------------------------------------
+
+    async def ensure_group(self, group: str) -> None:
+        """Make the group's history local before its request drafts: on first sight, rebuild
+        it from Redis (if Redis is down, the sync loop catches up later)."""
+        if group in self._cursors:
+            return
+        self._cursors[group] = b"0-0"
+        if self.redis is None:
+            return
+        try:
+            await self._read({group: b"0-0"})
+        except (RedisError, OSError):
+            self._redis_failed()
+
+    def record(
+        self, group: str, prompt: Sequence[int], tokens: Sequence[int], version: int
+    ) -> None:
+        """A finished rollout: into the local history now, into Redis soon."""
+        prompt_tail = list(prompt[-self.history.config.max_depth :])
+        self.history.add_rollout(group, tokens, version, prompt_tail)
+        if self.redis is None:
+            return
+        if len(self._pending) >= self._buffer_size:
+            self._pending.popleft()
+            self._dropped.inc()
+        self._pending.append(
+            _Pending(group, version, pack_tokens(prompt_tail), pack_tokens(tokens), len(tokens))
+        )
+        self._wake.set()
+
+    async def set_version(self, version: int) -> None:
+        """A new policy version: evict old rollouts locally and trim the shared streams."""
+        self.history.set_version(version)
+        if self.redis is None:
+            return
+        try:
+            await self._trim(version)
+        except (RedisError, OSError):
+            self._redis_failed()
+
+    async def group_stats(self, group: str) -> dict[str, Any]:
+        """Length statistics of a group: shared ones from Redis when it answers, else local."""
+        local = self.history.group_stats(group)
+        stats: dict[str, Any] = {
+            "group": group,
+            "local_rollouts": local.rollouts,
+            "mean_length": local.mean_length,
+            "p50_length": local.p50_length,
+            "p90_length": local.p90_length,
+            "max_length": local.max_length,
+        }
+        if self.redis is None:
+            return stats
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(self._key("stats", group))
+            pipe.lrange(self._key("lengths", group), 0, -1)
+            totals, lengths = await pipe.execute()
+        except (RedisError, OSError):
+            self._redis_failed()
+            return stats
+        stats["rollouts"] = int(totals.get(b"rollouts", 0))
+        stats["tokens"] = int(totals.get(b"tokens", 0))
+        stats["recent_lengths"] = [int(x) for x in lengths]
+        return stats
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- Redis traffic ------------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write buffered rollouts to Redis; the number written. Raises if Redis fails (the
+        unwritten rollouts stay buffered)."""
+        assert self.redis is not None
+        written = 0
+        maxlen = self.history.config.max_rollouts_per_group
+        while self._pending:
+            batch = [self._pending.popleft() for _ in range(min(_FLUSH_BATCH, len(self._pending)))]
+            pipe = self.redis.pipeline(transaction=False)
+            for item in batch:
+                pipe.xadd(
+                    self._key("rollouts", item.group),
+                    {
+                        b"w": self._instance,
+                        b"v": item.version,
+                        b"p": item.prompt,
+                        b"t": item.tokens,
+                    },
+                    maxlen=maxlen,
+                    approximate=False,
+                )
+                pipe.sadd(self._key("groups"), item.group)
+                pipe.hincrby(self._key("stats", item.group), "rollouts", 1)
+                pipe.hincrby(self._key("stats", item.group), "tokens", item.length)
+                pipe.lpush(self._key("lengths", item.group), item.length)
+                pipe.ltrim(self._key("lengths", item.group), 0, maxlen - 1)
+            try:
+                await pipe.execute()
+            except BaseException:
+                self._requeue(batch)
+                raise
+            written += len(batch)
+            self._synced.inc(len(batch))
+        return written
+
+    async def poll(self) -> int:
+        """Read new entries of every group held here; the number of rollouts added."""
+        added = 0
+        groups = list(self._cursors)
+        for start in range(0, len(groups), _READ_BATCH):
+            chunk = groups[start : start + _READ_BATCH]
+            added += await self._read({group: self._cursors[group] for group in chunk})
+        return added
+
+    async def _read(self, cursors: Mapping[str, bytes]) -> int:
+        assert self.redis is not None
+        streams: dict[Any, Any] = {
+            self._key("rollouts", group): cursor for group, cursor in cursors.items()
+        }
+        if not streams:
+            return 0
+        replies: Any = await self.redis.xread(streams, count=_READ_COUNT)
+        added = 0
+        offset = len(self._key("rollouts", ""))
+        for key, entries in replies or []:
+            group = (key.decode() if isinstance(key, bytes) else key)[offset:]
+            for entry_id, fields in entries:
+                self._cursors[group] = entry_id
+                if fields.get(b"w") == self._instance:
+                    continue
+                added += self.history.add_rollout(
+                    group,
+                    unpack_tokens(fields[b"t"]),
+                    int(fields[b"v"]),
+                    unpack_tokens(fields[b"p"]),
+                )
+        return added
+
+    async def _trim(self, version: int) -> None:
+        assert self.redis is not None
+        starts = self._key("version_starts")
+        seconds, micros = await self.redis.time()  # the server's clock stamps stream ids
+        await self.redis.hsetnx(starts, str(version), f"{seconds * 1000 + micros // 1000}-0")
+        oldest = version - self.history.config.window + 1
+        if oldest <= 0:
+            return
+        minid = await self.redis.hget(starts, str(oldest))
+        if minid is None:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        async for group in self.redis.sscan_iter(self._key("groups")):
+            name = group.decode() if isinstance(group, bytes) else group
+            pipe.xtrim(self._key("rollouts", name), minid=minid, approximate=False)
+        await pipe.execute()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+                await self.poll()
+            except (RedisError, OSError):
+                self._redis_failed()
+                await asyncio.sleep(self._interval * 4)  # back off while Redis is away
+            else:
+                if not self.redis_up:
+                    log.warning("redis is back; history sync resumed")
+                self.redis_up = True
+
+    def _requeue(self, batch: list[_Pending]) -> None:
+        # Put an unwritten batch back in front, dropping the oldest if newer ones filled it.
+        for item in reversed(batch):
+            if len(self._pending) >= self._buffer_size:
+                self._dropped.inc()
+            else:
+                self._pending.appendleft(item)
+
+    def _redis_failed(self) -> None:
+        self._redis_errors.inc()
+        if self.redis_up:
+            log.warning("redis unreachable; buffering rollouts (%d pending)", len(self._pending))
+        self.redis_up = False
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self._prefix, *parts))

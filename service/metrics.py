@@ -1,0 +1,160 @@
+"""Every Prometheus collector of the service, declared once, on a registry made per app.
+
+Nothing here is module-global: each app (worker or gateway) builds its own Metrics, so several
+apps live in one process (tests) without clashing. Every collector carries the `worker` label
+(for the gateway: the upstream worker, or "gateway" for its own traffic).
+
+Definitions:
+- accepted_per_forward: accepted draft tokens per target forward pass, observed once per
+  finished sample (that sample's mean), so a sample is one observation whatever its length.
+- generation_length: output tokens per finished sample, labelled by the length class the
+  worker predicted for it from its group's history before it ran (short / medium / long, or
+  unknown for a group with no history).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+_ACCEPT_BUCKETS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # -- HTTP ---------------------------------------------------------------------------
+        self.requests = Counter(
+            "das_requests",
+            "HTTP requests by endpoint and status",
+            ["worker", "endpoint", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "das_request_errors",
+            "HTTP error responses by endpoint and status",
+            ["worker", "endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "das_request_latency_seconds",
+            "HTTP request latency",
+            ["worker", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        # -- generation ---------------------------------------------------------------------
+        self.prompt_tokens = Counter(
+            "das_prompt_tokens", "Prompt tokens processed", ["worker"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "das_generated_tokens", "Output tokens generated", ["worker"], registry=r
+        )
+        self.forward_passes = Counter(
+            "das_forward_passes", "Target forward passes (verify steps)", ["worker"], registry=r
+        )
+        self.drafted_tokens = Counter(
+            "das_drafted_tokens", "Draft tokens proposed", ["worker"], registry=r
+        )
+        self.accepted_tokens = Counter(
+            "das_accepted_tokens", "Draft tokens accepted", ["worker"], registry=r
+        )
+        self.accepted_per_forward = Histogram(
+            "das_accepted_tokens_per_forward",
+            "Accepted draft tokens per forward, per sample",
+            ["worker"],
+            buckets=_ACCEPT_BUCKETS,
+            registry=r,
+        )
+        self.generation_length = Histogram(
+            "das_generation_length_tokens",
+            "Output tokens per sample, by predicted length class",
+            ["worker", "length_class"],
+            buckets=_LENGTH_BUCKETS,
+            registry=r,
+        )
+        self.finished = Counter(
+            "das_samples_finished",
+            "Finished samples by finish reason",
+            ["worker", "reason"],
+            registry=r,
+        )
+        self.running = Gauge("das_running_requests", "Requests generating", ["worker"], registry=r)
+        self.queued = Gauge(
+            "das_queued_requests", "Requests waiting (paused worker)", ["worker"], registry=r
+        )
+        self.policy_version = Gauge(
+            "das_policy_version", "Policy (weight) version", ["worker"], registry=r
+        )
+        # -- history ------------------------------------------------------------------------
+        self.history_tokens = Gauge(
+            "das_history_tokens", "Tokens held in the local suffix trees", ["worker"], registry=r
+        )
+        self.history_groups = Gauge(
+            "das_history_groups", "Prompt groups held in the local history", ["worker"], registry=r
+        )
+        self.redis_errors = Counter(
+            "das_redis_errors", "Failed Redis operations", ["worker"], registry=r
+        )
+        self.buffered_rollouts = Gauge(
+            "das_buffered_rollouts", "Rollouts waiting for Redis", ["worker"], registry=r
+        )
+        self.dropped_rollouts = Counter(
+            "das_dropped_rollouts",
+            "Buffered rollouts dropped (buffer full)",
+            ["worker"],
+            registry=r,
+        )
+        self.synced_rollouts = Counter(
+            "das_synced_rollouts", "Rollouts written to Redis", ["worker"], registry=r
+        )
+        # -- gateway ------------------------------------------------------------------------
+        self.upstream_requests = Counter(
+            "das_gateway_upstream_requests",
+            "Requests forwarded to a worker, by status",
+            ["worker", "status"],
+            registry=r,
+        )
+        self.upstream_inflight = Gauge(
+            "das_gateway_inflight", "Requests in flight to a worker", ["worker"], registry=r
+        )
+        self.worker_up = Gauge(
+            "das_gateway_worker_up", "1 if the worker passes health checks", ["worker"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def length_class(predicted_length: float | None) -> str:
+    """DAS length class of a predicted output length (None: no history yet)."""
+    if predicted_length is None:
+        return "unknown"
+    if predicted_length <= 256:
+        return "short"
+    if predicted_length <= 2048:
+        return "medium"
+    return "long"

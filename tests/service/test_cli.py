@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drafter.policy import SMOLLM2_CPU
+from drafter.traces import TraceRecord, read_trace, write_trace
+from service.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+EPOCH_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "epoch": (int, type(None)),
+    "rollouts": int,
+    "tokens": int,
+    "forwards": int,
+    "steps": int,
+    "drafted": int,
+    "accepted": int,
+    "makespan_s": float,
+    "baseline_s": float,
+    "accepted_per_forward": float,
+    "tokens_per_forward": float,
+    "makespan_ratio": float,
+}
+
+
+@pytest.fixture
+def small_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    path = tmp_path / "trace.jsonl"
+    argv = ["synth-trace", "--out", str(path), "--groups", "2", "--samples", "3"]
+    assert main([*argv, "--epochs", "2", "--seed", "1"]) == 0
+    capsys.readouterr()
+    return path
+
+
+def _check_epoch(report: object) -> None:
+    assert isinstance(report, dict)
+    assert set(report) == set(EPOCH_FIELDS)
+    for key, kind in EPOCH_FIELDS.items():
+        assert isinstance(report[key], kind), key
+        assert not isinstance(report[key], bool), key
+
+
+def test_synth_trace_writes_a_labelled_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t.jsonl"
+    assert main(["synth-trace", "--out", str(path), "--groups", "2", "--samples", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out
+    assert "2 groups x 3 samples x 6 epochs" in out
+    trace = read_trace(path)
+    assert len(trace) == 2 * 3 * 6
+    assert all(record.synthetic for record in trace)
+
+
+def test_synth_trace_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.jsonl"
+    assert main(["synth-trace", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "8 groups x 8 samples x 6 epochs" in out
+    assert "seed 0" in out
+    assert len(read_trace(path)) == 8 * 8 * 6
+
+
+def test_simulate_prints_a_table_and_writes_json(
+    small_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "result.json"
+    argv = ["simulate", "--trace", str(small_trace), "--policy", "fixed:4", "--json"]
+    assert main([*argv, str(out_path), "--no-progress"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("policy fixed:4 | SYNTHETIC trace | cost model c_base 62.5 ms")
+    assert table[1].split() == [
+        "epoch",
+        "rollouts",
+        "tokens",
+        "steps",
+        "forwards",
+        "acc/fwd",
+        "tok/fwd",
+        "makespan_s",
+        "baseline_s",
+        "ratio",
+    ]
+    assert [line.split()[0] for line in table[2:5]] == ["0", "1", "all"]
+    data = json.loads(out_path.read_text())
+    assert set(data) == {"synthetic", "policy", "cost_model", "drafter", "epochs", "total"}
+    assert data["synthetic"] is True
+    assert data["policy"] == "fixed:4"
+    assert data["cost_model"] == {"c_base": SMOLLM2_CPU.c_base, "c_tok": SMOLLM2_CPU.c_tok}
+    assert data["drafter"]["max_depth"] == 64
+    assert [epoch["epoch"] for epoch in data["epochs"]] == [0, 1]
+    for report in [*data["epochs"], data["total"]]:
+        _check_epoch(report)
+    assert data["total"]["rollouts"] == 12
+    # The table shows the same figures as the JSON.
+    assert table[3].split()[1:4] == [
+        str(data["epochs"][1][key]) for key in ("rollouts", "tokens", "steps")
+    ]
+
+
+def test_simulate_defaults_to_das(
+    small_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "result.json"
+    assert main(["simulate", "--trace", str(small_trace), "--json", str(out_path)]) == 0
+    assert capsys.readouterr().out.startswith("policy das |")
+    data = json.loads(out_path.read_text())
+    assert data["policy"] == "das"
+    assert data["drafter"] == {
+        "max_depth": 64,
+        "window": 4,
+        "max_rollouts_per_group": 64,
+        "min_prob": 0.1,
+        "tree_drafts": False,
+    }
+
+
+def test_simulate_takes_cost_and_drafter_knobs(
+    small_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "result.json"
+    argv = ["simulate", "--trace", str(small_trace), "--policy", "none", "--c-base", "0.01"]
+    argv += ["--c-tok", "0.001", "--max-depth", "16", "--window", "2", "--min-prob", "0.2"]
+    assert main([*argv, "--tree-drafts", "--json", str(out_path), "--no-progress"]) == 0
+    assert "tree drafts" in capsys.readouterr().out
+    data = json.loads(out_path.read_text())
+    assert data["cost_model"] == {"c_base": 0.01, "c_tok": 0.001}
+    assert data["drafter"]["max_depth"] == 16
+    assert data["drafter"]["window"] == 2
+    assert data["drafter"]["min_prob"] == 0.2
+    assert data["drafter"]["tree_drafts"] is True
+    assert data["total"]["makespan_ratio"] == 1.0
+
+
+def test_simulate_labels_a_recorded_trace_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "real.jsonl"
+    write_trace(path, [TraceRecord("g", 0, (1, 2), (3, 4, 5)), TraceRecord("g", 1, (1, 2), (3, 4))])
+    assert main(["simulate", "--trace", str(path), "--policy", "fixed:2", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith("policy fixed:2 | trace |")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["simulate"],
+        ["simulate", "--trace", "t.jsonl", "--policy", "greedy"],
+        ["simulate", "--trace", "t.jsonl", "--policy", "fixed:0"],
+        ["simulate", "--trace", "t.jsonl", "--c-base", "-1"],
+        ["simulate", "--trace", "t.jsonl", "--c-tok", "abc"],
+        ["simulate", "--trace", "t.jsonl", "--max-depth", "1"],
+        ["simulate", "--trace", "t.jsonl", "--window", "0"],
+        ["simulate", "--trace", "t.jsonl", "--min-prob", "2"],
+        ["synth-trace"],
+        ["synth-trace", "--out", "t.jsonl", "--groups", "0"],
+        ["synth-trace", "--out", "t.jsonl", "--samples", "x"],
+        ["bogus"],
+    ],
+)
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_unreadable_or_bad_trace_exits_1_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.jsonl"
+    assert main(["simulate", "--trace", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"das: error: cannot read trace {missing}: No such file or directory\n"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"group": "g", "epoch": 0, "prompt": [], "output": [1]}\n{oops\n')
+    assert main(["simulate", "--trace", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"das: error: bad trace: {bad}:2: not JSON")
+    assert err.count("\n") == 1
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["simulate", "--trace", str(empty)]) == 1
+    assert "holds no rollouts" in capsys.readouterr().err
+
+
+def test_unwritable_outputs_exit_1(
+    small_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nowhere = tmp_path / "no" / "such" / "dir" / "out.json"
+    argv = ["simulate", "--trace", str(small_trace), "--policy", "none", "--no-progress"]
+    assert main([*argv, "--json", str(nowhere)]) == 1
+    assert capsys.readouterr().err.startswith(f"das: error: cannot write {nowhere}")
+    assert main(["synth-trace", "--out", str(nowhere)]) == 1
+    assert capsys.readouterr().err.startswith(f"das: error: cannot write {nowhere}")
+
+
+def test_console_script_end_to_end(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    run = [sys.executable, "-m", "service.cli"]
+    synth = subprocess.run(
+        [*run, "synth-trace", "--out", str(trace), "--groups", "2", "--samples", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert synth.returncode == 0, synth.stderr
+    sim = subprocess.run(
+        [*run, "simulate", "--trace", str(trace), "--policy", "fixed:8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert sim.returncode == 0, sim.stderr
+    assert "policy fixed:8 | SYNTHETIC trace" in sim.stdout
+    missing = subprocess.run(
+        [*run, "simulate", "--trace", str(tmp_path / "absent.jsonl")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 1
+    assert "Traceback" not in missing.stderr
+    assert missing.stderr.count("\n") == 1
+    usage = subprocess.run(
+        [*run, "simulate", "--trace", str(trace), "--policy", "nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert usage.returncode == 2
+    assert "unknown policy 'nope'" in usage.stderr
