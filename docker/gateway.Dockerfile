@@ -1,0 +1,14 @@
+# The gateway: routes trainer requests to workers by prompt group. No torch, no GPU.
+# Build from the repository root: docker build -f docker/gateway.Dockerfile .
+FROM python:3.11-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ cmake make \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml CMakeLists.txt README.md ./
+COPY drafter ./drafter
+COPY service ./service
+RUN pip install --no-cache-dir .
+EXPOSE 8000
+ENTRYPOINT ["das"]
+CMD ["gateway", "--host", "0.0.0.0", "--port", "8000"]
