@@ -1,0 +1,299 @@
+"""Our own forward pass for Llama-family models over a per-slot KV cache (as nano-vllm does).
+
+One `forward` serves a ragged batch: each active slot brings its new tokens (the tokens not
+yet in its cache, then its draft), of any count. Projections and MLP run once over all tokens
+concatenated; only attention loops over the slots, each against its own cache. Rolling back
+rejected draft tokens is setting the slot's length back: the stale K/V beyond it is
+overwritten by the next forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(slots=True)
+class _Layer:
+    input_norm: Tensor  # [hidden]
+    qkv: Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k, v projections stacked
+    qkv_bias: Tensor | None
+    o: Tensor  # [hidden, heads * head_dim]
+    post_norm: Tensor  # [hidden]
+    gate_up: Tensor  # [2 * intermediate, hidden]: gate then up
+    down: Tensor  # [hidden, intermediate]
+
+
+class Runner:
+    """The model's forward with a preallocated KV cache of `slots` x `max_len` positions."""
+
+    def __init__(
+        self, model: torch.nn.Module, slots: int, max_len: int, batched_max_chunk: int = 32
+    ) -> None:
+        """`batched_max_chunk`: when every chunk of a forward has at most this many tokens
+        (decode and verify steps), attention runs as one padded batched call instead of one
+        call per slot; 0 always loops."""
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        config: Any = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model type {config.model_type!r}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {config.hidden_act!r}")
+        self.slots = slots
+        self.max_len = max_len
+        self.batched_max_chunk = batched_max_chunk
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or (
+            config.hidden_size // self.num_heads
+        )
+        self.eps: float = config.rms_norm_eps
+        self.vocab_size: int = config.vocab_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.load_weights(model)
+        shape = (len(self.layers), slots, self.num_kv_heads, max_len, self.head_dim)
+        # Zeroed, not empty: batched attention reads (masked) positions past a slot's length,
+        # and 0 * NaN from uninitialised memory would poison the output. Zero pages are only
+        # backed by memory once a slot grows into them.
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.lengths = [0] * slots  # positions of each slot's cache that hold valid K/V
+
+    @torch.no_grad()
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Take (and fuse) the weights of a Hugging Face Llama-family model of this shape."""
+        hf: Any = model  # a Hugging Face *ForCausalLM: its submodules are read by name
+        inner = hf.model
+        self.embed: Tensor = inner.embed_tokens.weight
+        self.lm_head: Tensor = hf.get_output_embeddings().weight
+        self.final_norm: Tensor = inner.norm.weight
+        self.layers: list[_Layer] = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            biases = [p.bias for p in projections]
+            self.layers.append(
+                _Layer(
+                    input_norm=layer.input_layernorm.weight,
+                    qkv=torch.cat([p.weight for p in projections]),
+                    qkv_bias=None if biases[0] is None else torch.cat(biases),
+                    o=attn.o_proj.weight,
+                    post_norm=layer.post_attention_layernorm.weight,
+                    gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    down=mlp.down_proj.weight,
+                )
+            )
+        # cos/sin for every position, from the model's own rotary module (so its rope
+        # scaling is honoured): [max_len, head_dim].
+        positions = torch.arange(self.max_len, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def reset(self, slot: int | None = None) -> None:
+        """Forget one slot's cache (or every slot's)."""
+        if slot is None:
+            self.lengths = [0] * self.slots
+        else:
+            self.lengths[slot] = 0
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first `length` cached positions of `slot` (rollback of rejected drafts)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(
+                f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}"
+            )
+        self.lengths[slot] = length
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Give slot `target` the first `length` cached positions of slot `source` (samples of
+        one prompt share its K/V instead of recomputing it)."""
+        if not 0 <= length <= self.lengths[source]:
+            raise ValueError(f"slot {source} holds {self.lengths[source]} positions, not {length}")
+        if source != target:
+            self.k_cache[:, target, :, :length] = self.k_cache[:, source, :, :length]
+            self.v_cache[:, target, :, :length] = self.v_cache[:, source, :, :length]
+        self.lengths[target] = length
+
+    @torch.no_grad()
+    def forward(
+        self,
+        slots: Sequence[int],
+        chunks: Sequence[Sequence[int]],
+        num_logits: Sequence[int] | None = None,
+    ) -> Tensor:
+        """Append each chunk to its slot's cache and return logits [sum(num_logits), vocab]:
+        for each slot in order, the logits of its chunk's last num_logits[i] tokens (all of
+        them by default), each predicting the token after it."""
+        if len(slots) != len(chunks):
+            raise ValueError("slots and chunks must have the same length")
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot may appear once per forward")
+        sizes = [len(chunk) for chunk in chunks]
+        starts = [self.lengths[slot] for slot in slots]
+        wanted = list(sizes) if num_logits is None else list(num_logits)
+        for slot, start, size, want in zip(slots, starts, sizes, wanted, strict=True):
+            if size < 1:
+                raise ValueError(f"slot {slot}: empty chunk")
+            if start + size > self.max_len:
+                raise ValueError(f"slot {slot}: {start + size} positions exceed {self.max_len}")
+            if not 1 <= want <= size:
+                raise ValueError(f"slot {slot}: num_logits {want} not in [1, {size}]")
+        device = self.device
+        ids = torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.long, device=device)
+        positions = torch.cat(
+            [torch.arange(s, s + n, device=device) for s, n in zip(starts, sizes, strict=True)]
+        )
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
+        batched = None
+        masks: list[Tensor | None] = []
+        if len(slots) > 1 and max(sizes) <= self.batched_max_chunk:
+            batched = _Padding.build(slots, starts, sizes, device)
+        else:
+            masks = [_causal_mask(s, n, device) for s, n in zip(starts, sizes, strict=True)]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        x = self.embed[ids]
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, self.eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = torch.split(qkv, [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q = _rope(q.view(-1, heads, dim), cos, sin)
+            k = _rope(k.view(-1, kv_heads, dim), cos, sin)
+            v = v.view(-1, kv_heads, dim)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            offset = 0
+            for slot, start, size in zip(slots, starts, sizes, strict=True):
+                k_cache[slot, :, start : start + size] = k[offset : offset + size].transpose(0, 1)
+                v_cache[slot, :, start : start + size] = v[offset : offset + size].transpose(0, 1)
+                offset += size
+            if batched is not None:
+                attended = _batched_attention(q, k_cache, v_cache, batched)
+            else:
+                attended = _looped_attention(q, k_cache, v_cache, slots, starts, sizes, masks)
+            x = x + F.linear(attended.reshape(-1, heads * dim), layer.o)
+            h = _rms_norm(x, layer.post_norm, self.eps)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        for slot, start, size in zip(slots, starts, sizes, strict=True):
+            self.lengths[slot] = start + size
+        if wanted != sizes:
+            ends = torch.tensor(sizes, device=device).cumsum(0).tolist()
+            rows = torch.cat(
+                [torch.arange(e - w, e, device=device) for e, w in zip(ends, wanted, strict=True)]
+            )
+            x = x[rows]
+        return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head)
+
+
+@dataclass(frozen=True, slots=True)
+class _Padding:
+    """How a ragged batch of chunks maps onto a padded grid: one row per slot of the span
+    [first, first + rows) of slots it touches, one column per token of the longest chunk.
+    Attending over the span's caches as one view copies no K/V; rows of idle slots in the
+    span compute on zero queries and are dropped (the engine hands out the lowest free slots,
+    so the span stays close to the batch)."""
+
+    first: int  # lowest slot in the batch
+    rows: int  # slots in the span
+    token_rows: Tensor  # [T] grid row of each token
+    token_cols: Tensor  # [T] grid column (index within its chunk) of each token
+    width: int  # longest chunk
+    keys: int  # cache positions attended: the furthest end of any chunk
+    mask: Tensor  # [rows, 1, width, keys]: token i of a chunk sees positions <= start + i
+
+    @staticmethod
+    def build(
+        slots: Sequence[int], starts: Sequence[int], sizes: Sequence[int], device: torch.device
+    ) -> _Padding:
+        first = min(slots)
+        rows = max(slots) - first + 1
+        width = max(sizes)
+        keys = max(s + n for s, n in zip(starts, sizes, strict=True))
+        span_starts = [0] * rows
+        for slot, start in zip(slots, starts, strict=True):
+            span_starts[slot - first] = start
+        token_rows = torch.repeat_interleave(
+            torch.tensor([slot - first for slot in slots], device=device),
+            torch.tensor(sizes, device=device),
+        )
+        token_cols = torch.cat([torch.arange(n, device=device) for n in sizes])
+        limit = torch.tensor(span_starts, device=device)[:, None] + torch.arange(
+            width, device=device
+        )
+        mask = torch.arange(keys, device=device)[None, None, :] <= limit[:, :, None]
+        return _Padding(first, rows, token_rows, token_cols, width, keys, mask[:, None])
+
+
+def _batched_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: _Padding) -> Tensor:
+    """Attention of every token over its slot's cache in one call; padded positions see
+    finite stale or zero K/V and are dropped. Returns [T, heads, head_dim]."""
+    grid = q.new_zeros(pad.rows, pad.width, q.shape[1], q.shape[2])
+    grid[pad.token_rows, pad.token_cols] = q
+    span = slice(pad.first, pad.first + pad.rows)
+    out = F.scaled_dot_product_attention(
+        grid.transpose(1, 2),
+        k_cache[span, :, : pad.keys],
+        v_cache[span, :, : pad.keys],
+        attn_mask=pad.mask,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)[pad.token_rows, pad.token_cols]
+
+
+def _looped_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Sequence[int],
+    starts: Sequence[int],
+    sizes: Sequence[int],
+    masks: Sequence[Tensor | None],
+) -> Tensor:
+    """Attention one slot at a time over exactly its cached positions (long prefills)."""
+    outputs = []
+    offset = 0
+    for slot, start, size, mask in zip(slots, starts, sizes, masks, strict=True):
+        end = start + size
+        out = F.scaled_dot_product_attention(
+            q[offset : offset + size].transpose(0, 1)[None],
+            k_cache[slot, :, :end][None],
+            v_cache[slot, :, :end][None],
+            attn_mask=mask,
+            enable_gqa=True,
+        )
+        outputs.append(out[0].transpose(0, 1))
+        offset += size
+    return torch.cat(outputs)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # As Hugging Face's LlamaRMSNorm: normalise in fp32, scale in the weights' dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _causal_mask(start: int, size: int, device: torch.device) -> Tensor | None:
+    """New token i (at position start + i) sees cached positions <= start + i."""
+    if size == 1:
+        return None
+    keys = torch.arange(start + size, device=device)
+    queries = torch.arange(start, start + size, device=device)
+    return keys[None, :] <= queries[:, None]

@@ -1,0 +1,140 @@
+"""Sampling parameters, logits processing and the counter-based draw.
+
+Each output position's token is drawn by inverse CDF with a uniform derived by hashing
+(seed, sample index, position): no generator state, so the token the target model samples at
+a position does not depend on how many forwards it took to get there. That is what makes
+speculation lossless: a draft token is accepted exactly when it equals that token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from service.worker import SamplingParams
+
+LogprobsMode = Literal["raw", "processed"]
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(slots=True)
+class Sampled:
+    """Tokens drawn at consecutive positions of one sample, with their logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]] | None  # per position, when params.top_logprobs
+
+
+def splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The splitmix64 finaliser (Steele et al.), vectorised; wraps modulo 2**64."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, sample_index: int, positions: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """One uniform in [0, 1) per position, a pure function of (seed, sample_index, position)."""
+    key = splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    key = splitmix64(key ^ np.uint64(sample_index & _MASK64))
+    counters = np.asarray(positions, dtype=np.uint64)
+    bits = splitmix64(key ^ splitmix64(counters))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def processed_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution sampled from, float64 [rows, vocab]: temperature, then top-k, then
+    top-p (the smallest set of most likely tokens whose mass reaches top_p; ties at the
+    boundary are kept), renormalised."""
+    scaled = logits.double() / params.temperature
+    vocab = scaled.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    if params.top_p < 1.0:
+        threshold = _top_p_threshold(probs, params.top_p, params.top_k)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _top_p_threshold(probs: Tensor, top_p: float, top_k: int) -> Tensor:
+    """[rows, 1]: the smallest probability inside each row's top-p set.
+
+    Sorting the whole vocabulary is the slow part of sampling, and the top-p set nearly
+    always lies among the few most likely tokens (at most top_k of them are non-zero): look
+    there first (topk returns them sorted), then in the top 1024, and sort in full only the
+    rows whose candidates still fall short of top_p. The cumulative sum runs in order over
+    the same leading values whichever pass decides, so the answer does not depend on it.
+    """
+    vocab = probs.shape[-1]
+    first = top_k if 0 < top_k < vocab else 64
+    threshold = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    for size in (first, 1024, vocab):
+        size = min(size, vocab)
+        if size == vocab:
+            candidates = probs[rows].sort(dim=-1, descending=True).values
+        else:
+            candidates = probs[rows].topk(size, dim=-1).values
+        decided = (candidates.sum(dim=-1) >= top_p) | (size == vocab)
+        threshold[rows[decided]] = _threshold_in(candidates[decided], top_p)
+        rows = rows[~decided]
+        if len(rows) == 0:
+            break
+    return threshold
+
+
+def _threshold_in(sorted_probs: Tensor, top_p: float) -> Tensor:
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    kept = (mass_before < top_p).sum(dim=-1, keepdim=True)
+    return sorted_probs.gather(-1, kept - 1)
+
+
+def sample(
+    logits: Tensor,
+    params: SamplingParams,
+    seed: int,
+    sample_index: int,
+    first_position: int,
+    logprobs_mode: LogprobsMode = "raw",
+) -> Sampled:
+    """Draw the token at positions first_position, first_position + 1, ... from each row of
+    `logits` [rows, vocab] (row i is the target's prediction for position first_position + i).
+    Temperature 0 is greedy: the first argmax of the raw logits. Logprobs are those of the raw
+    logits (log_softmax) or, with logprobs_mode "processed", of the distribution sampled from."""
+    processed = None
+    if params.temperature == 0.0:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        processed = processed_probs(logits, params)
+        # Inverse CDF in token-id order, float64: a zero-probability token is never chosen.
+        cdf = processed.cumsum(dim=-1)
+        u = torch.from_numpy(uniforms(seed, sample_index, first_position + np.arange(len(cdf))))
+        token_ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        token_ids = token_ids.clamp_(max=cdf.shape[-1] - 1)
+    if logprobs_mode == "raw":
+        logprobs = logits.float().log_softmax(dim=-1)
+    elif processed is None:  # greedy: the processed distribution is a point mass
+        logprobs = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+        logprobs.scatter_(-1, token_ids[:, None], 0.0)
+    else:
+        logprobs = processed.log().float()
+    chosen = logprobs.gather(-1, token_ids[:, None])[:, 0]
+    top = None
+    if params.top_logprobs > 0:
+        values, indices = logprobs.topk(min(params.top_logprobs, logprobs.shape[-1]), dim=-1)
+        top = [
+            dict(zip(row_ids, row_values, strict=True))
+            for row_ids, row_values in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+    return Sampled(token_ids.tolist(), chosen.tolist(), top)

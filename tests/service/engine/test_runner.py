@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.models import Tokenizer
+from service.engine.runner import Runner
+
+
+def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits: torch.Tensor = model(torch.tensor([tokens])).logits[0]
+    return logits
+
+
+def check_ragged_steps(model: torch.nn.Module, atol: float, batched_max_chunk: int = 32) -> None:
+    """Prefill three slots with different prompt lengths, then ragged steps with rollback
+    and re-feeding; every logit row must equal Hugging Face's forward of the full prefix."""
+    runner = Runner(model, slots=4, max_len=64, batched_max_chunk=batched_max_chunk)
+    generator = torch.Generator().manual_seed(0)
+    vocab = runner.vocab_size
+    seqs = [torch.randint(0, vocab, (48,), generator=generator).tolist() for _ in range(3)]
+    slots = [3, 0, 2]
+    # (per slot: tokens to feed this step), rollback (slot, length) applied after the step.
+    steps: list[tuple[list[int], dict[int, int]]] = [
+        ([10, 4, 17], {}),
+        ([1, 5, 3], {3: 9, 2: 19}),  # reject part of the chunk: re-fed below
+        ([6, 1, 9], {0: 10}),
+        ([2, 8, 1], {}),
+    ]
+    fed = {slot: 0 for slot in slots}
+    for sizes, rollbacks in steps:
+        chunks = [
+            seqs[i][fed[s] : fed[s] + n] for i, (s, n) in enumerate(zip(slots, sizes, strict=True))
+        ]
+        logits = runner.forward(slots, chunks)
+        expected = []
+        for i, (slot, size) in enumerate(zip(slots, sizes, strict=True)):
+            end = fed[slot] + size
+            expected.append(hf_logits(model, seqs[i][:end])[end - size :])
+            fed[slot] = end
+        torch.testing.assert_close(logits, torch.cat(expected), atol=atol, rtol=0)
+        for slot, length in rollbacks.items():
+            runner.truncate(slot, length)
+            fed[slot] = length
+    assert runner.lengths[1] == 0
+
+
+@pytest.mark.parametrize("batched_max_chunk", [32, 0], ids=["batched", "looped"])
+def test_runner_matches_hf_on_ragged_batches_with_rollback(
+    tiny_model: torch.nn.Module, batched_max_chunk: int
+) -> None:
+    check_ragged_steps(tiny_model, 1e-4, batched_max_chunk)
+
+
+def test_num_logits_returns_the_last_rows(tiny_model: torch.nn.Module) -> None:
+    runner = Runner(tiny_model, slots=2, max_len=32)
+    full = Runner(tiny_model, slots=2, max_len=32)
+    chunks = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    last = runner.forward([0, 1], chunks, num_logits=[2, 1])
+    everything = full.forward([0, 1], chunks)
+    torch.testing.assert_close(last, everything[[3, 4, 7]], atol=1e-5, rtol=0)
+
+
+def test_runner_rejects_bad_batches(tiny_model: torch.nn.Module) -> None:
+    runner = Runner(tiny_model, slots=2, max_len=8)
+    with pytest.raises(ValueError, match="exceed"):
+        runner.forward([0], [list(range(9))])
+    with pytest.raises(ValueError, match="once"):
+        runner.forward([0, 0], [[1], [2]])
+    with pytest.raises(ValueError, match="empty"):
+        runner.forward([1], [[]])
+    with pytest.raises(ValueError, match="num_logits"):
+        runner.forward([1], [[1, 2]], num_logits=[3])
+    with pytest.raises(ValueError, match="truncate"):
+        runner.truncate(0, 1)
+    with pytest.raises(ValueError, match="slots"):
+        Runner(tiny_model, slots=0, max_len=8)
+
+
+@pytest.mark.slow
+def test_runner_matches_hf_on_smollm2(smollm2: tuple[torch.nn.Module, Tokenizer]) -> None:
+    model, _ = smollm2
+    check_ragged_steps(model, 1e-4, batched_max_chunk=32)
+    check_ragged_steps(model, 1e-4, batched_max_chunk=0)
+
+
+def test_copy_prefix_shares_a_prompt(tiny_model: torch.nn.Module) -> None:
+    runner = Runner(tiny_model, slots=3, max_len=16)
+    prompt = [3, 1, 4, 1, 5, 9]
+    runner.forward([0], [prompt])
+    runner.copy_prefix(0, 2, 5)
+    assert runner.lengths[2] == 5
+    logits = runner.forward([2], [[prompt[-1], 2]])
+    torch.testing.assert_close(logits, hf_logits(tiny_model, [*prompt, 2])[-2:], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="holds"):
+        runner.copy_prefix(1, 2, 1)

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.sampling import processed_probs, sample, splitmix64, uniforms
+from service.worker import SamplingParams
+
+SAMPLED = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, logprobs=True, top_logprobs=3)
+
+
+def logits_rows(rows: int = 4, vocab: int = 200, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_splitmix64_known_value() -> None:
+    # splitmix64's first output from state 0 (the reference C implementation).
+    assert int(splitmix64(np.array([0], dtype=np.uint64))[0]) == 0xE220A8397B1DCDAF
+
+
+def test_uniforms_are_a_pure_function_of_the_key() -> None:
+    a = uniforms(123, 2, [0, 1, 2, 3])
+    assert np.array_equal(a, uniforms(123, 2, [0, 1, 2, 3]))
+    assert np.array_equal(a[2:], uniforms(123, 2, [2, 3]))  # no state: positions stand alone
+    assert ((a >= 0) & (a < 1)).all()
+
+
+def test_uniforms_differ_by_sample_index_seed_and_position() -> None:
+    positions = np.arange(20_000)
+    first = uniforms(7, 0, positions)
+    second = uniforms(7, 1, positions)
+    other_seed = uniforms(8, 0, positions)
+    for other in (second, other_seed):
+        assert abs(np.corrcoef(first, other)[0, 1]) < 0.03
+        assert (first != other).mean() > 0.999
+    assert abs(np.corrcoef(first[:-1], first[1:])[0, 1]) < 0.03
+    assert abs(first.mean() - 0.5) < 0.01
+
+
+def test_greedy_is_the_argmax_and_ignores_the_key() -> None:
+    logits = logits_rows()
+    greedy = SamplingParams(temperature=0.0, logprobs=True)
+    a = sample(logits, greedy, seed=1, sample_index=0, first_position=0)
+    b = sample(logits, greedy, seed=2, sample_index=3, first_position=9)
+    assert a.token_ids == b.token_ids == logits.argmax(-1).tolist()
+    expected = logits.log_softmax(-1).max(-1).values.tolist()
+    assert a.logprobs == pytest.approx(expected, abs=1e-6)
+
+
+def test_same_key_same_token_and_row_independence() -> None:
+    logits = logits_rows(rows=6)
+    whole = sample(logits, SAMPLED, seed=5, sample_index=1, first_position=10)
+    again = sample(logits, SAMPLED, seed=5, sample_index=1, first_position=10)
+    assert whole == again
+    # Row i is position 10 + i whatever rows are drawn with it.
+    tail = sample(logits[3:], SAMPLED, seed=5, sample_index=1, first_position=13)
+    assert tail.token_ids == whole.token_ids[3:]
+    assert tail.logprobs == pytest.approx(whole.logprobs[3:], abs=1e-6)
+
+
+def test_sampled_tokens_stay_inside_top_k_and_top_p() -> None:
+    logits = logits_rows(rows=64, vocab=300, seed=3)
+    params = SamplingParams(temperature=1.0, top_k=5, top_p=0.8)
+    probs = processed_probs(logits, params)
+    assert ((probs > 0).sum(-1) <= 5).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(64, dtype=torch.float64))
+    drawn = sample(logits, params, seed=0, sample_index=0, first_position=0).token_ids
+    assert all(probs[row, token] > 0 for row, token in enumerate(drawn))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    probs = processed_probs(logits, SamplingParams(temperature=1.0, top_p=0.75))
+    assert probs[0].tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
+
+
+def test_draws_follow_the_processed_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0]]).expand(20_000, -1)
+    params = SamplingParams(temperature=0.7)
+    drawn = sample(logits, params, seed=11, sample_index=0, first_position=0).token_ids
+    frequencies = np.bincount(drawn, minlength=5) / len(drawn)
+    expected = processed_probs(logits[:1], params)[0].numpy()
+    assert np.abs(frequencies - expected).max() < 0.015
+
+
+def test_logprobs_raw_and_processed() -> None:
+    logits = logits_rows(rows=2)
+    raw = sample(logits, SAMPLED, seed=1, sample_index=0, first_position=0)
+    processed = sample(logits, SAMPLED, 1, 0, 0, logprobs_mode="processed")
+    assert raw.token_ids == processed.token_ids
+    log_softmax = logits.log_softmax(-1)
+    for row, token in enumerate(raw.token_ids):
+        assert raw.logprobs[row] == pytest.approx(float(log_softmax[row, token]), abs=1e-6)
+    probs = processed_probs(logits, SAMPLED)
+    for row, token in enumerate(raw.token_ids):
+        assert processed.logprobs[row] == pytest.approx(float(probs[row, token].log()), abs=1e-5)
+    assert raw.top_logprobs is not None
+    assert [len(top) for top in raw.top_logprobs] == [3, 3]
+    best = log_softmax[0].topk(3)
+    assert list(raw.top_logprobs[0]) == best.indices.tolist()
+
+
+def reference_top_p(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """processed_probs by the book: sort the whole vocabulary."""
+    scaled = logits.double() / params.temperature
+    if params.top_k > 0:
+        kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    ordered = probs.sort(dim=-1, descending=True).values
+    kept = ((ordered.cumsum(dim=-1) - ordered) < params.top_p).sum(dim=-1, keepdim=True)
+    probs = probs.masked_fill(probs < ordered.gather(-1, kept - 1), 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("top_k", [0, 200])
+def test_top_p_shortcut_matches_a_full_sort(top_k: int) -> None:
+    # Peaked rows are decided among the first candidates, flatter ones need the top 1024
+    # or the full sort; a row of ties keeps every tied token.
+    generator = torch.Generator().manual_seed(4)
+    scale = torch.tensor([[12.0], [4.0], [1.5], [0.2], [0.0]])
+    logits = torch.randn(5, 3000, generator=generator) * scale
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=top_k)
+    torch.testing.assert_close(
+        processed_probs(logits, params), reference_top_p(logits, params), atol=0, rtol=0
+    )
