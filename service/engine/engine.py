@@ -59,6 +59,7 @@ class SampleProgress:
     logprobs: list[float]
     top_logprobs: list[dict[int, float]] | None
     spec: SpecCounters  # cumulative for the sample
+    seed: int
     result: SampleResult | None  # set once the sample has finished (its final output)
 
 
@@ -248,6 +249,7 @@ class Engine:
                         sequence.spec.drafted_tokens,
                         sequence.spec.accepted_tokens,
                     ),
+                    seed=state.seed,
                     result=self._sample_result(sequence)
                     if sequence.finish_reason is not None
                     else None,
