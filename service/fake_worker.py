@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from drafter import RolloutHistory
 from service.history_store import HistoryStore
 from service.metrics import length_class
 from service.worker import (
@@ -100,6 +101,8 @@ class FakeWorker:
         if step_delay_s < 0:
             raise ValueError(f"step_delay_s must be >= 0, got {step_delay_s}")
         self.store = store
+        self.history = RolloutHistory(store.config)  # drafts come from here; the store feeds it
+        store.use_history(self.history)
         self._model_name = model_name
         self._budget = spec_budget if speculation else 0
         self._delay = step_delay_s
@@ -158,8 +161,8 @@ class FakeWorker:
             "paused": self.paused,
             "running_requests": running,
             "queued_requests": queued,
-            "history_groups": len(self.store.history.groups()),
-            "history_tokens": self.store.history.num_tokens(),
+            "history_groups": len(self.history.groups()),
+            "history_tokens": self.history.num_tokens(),
             "redis": self.store.redis is not None,
             "redis_up": self.store.redis_up,
             "buffered_rollouts": self.store.pending,
@@ -251,7 +254,7 @@ class FakeWorker:
         if min(prompt) < 0 or max(prompt) >= VOCAB_SIZE:
             raise WorkerError(f"prompt token ids must be in [0, {VOCAB_SIZE})")
         live = self._live[request.request_id] = _Live(asyncio.Event())
-        history = self.store.history
+        history = self.history
         started: list[Hashable] = []
         try:
             await self._hold(live, queued=True)
@@ -318,7 +321,7 @@ class FakeWorker:
         remaining = len(plan.tokens) - start
         accepted = 0
         if self._budget and remaining > 1:
-            draft = self.store.history.speculate(plan.key, min(self._budget, remaining - 1))
+            draft = self.history.speculate(plan.key, min(self._budget, remaining - 1))
             target = plan.tokens[start + 1 : start + 1 + len(draft)].tolist()
             target.insert(0, int(plan.tokens[start]))
             # The draft proposes what follows the context; walk it (a chain or a tree) along

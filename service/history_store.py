@@ -32,7 +32,7 @@ import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
@@ -40,8 +40,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from drafter import DrafterConfig, RolloutHistory
-from drafter.draft import as_token_array
+from drafter import DrafterConfig, GroupStats, RolloutHistory
+from drafter.draft import Tokens, as_token_array
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,19 @@ def connect_redis(url: str, timeout_s: float) -> Redis:
     return client
 
 
+class LocalHistory(Protocol):
+    """What the store needs of the history a worker drafts from (RolloutHistory, or a view
+    of one owned by another thread)."""
+
+    def add_rollout(
+        self, group: str, output: Tokens, version: int, prompt: Tokens = ()
+    ) -> bool: ...
+    def set_version(self, version: int) -> int: ...
+    def group_stats(self, group: str) -> GroupStats: ...
+    def groups(self) -> list[str]: ...
+    def num_tokens(self) -> int: ...
+
+
 class HistoryStore:
     """Local drafting history for the groups routed here, optionally shared through Redis.
 
@@ -100,7 +113,8 @@ class HistoryStore:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         if sync_interval_s <= 0:
             raise ValueError(f"sync_interval_s must be > 0, got {sync_interval_s}")
-        self.history = RolloutHistory(config)
+        self.config = config
+        self.history: LocalHistory = RolloutHistory(config)
         self.redis = redis
         self._metrics = metrics
         self._worker = worker
@@ -116,12 +130,17 @@ class HistoryStore:
         self._wake = asyncio.Event()
         self.redis_up = redis is not None
         labels = {"worker": worker}
-        metrics.history_tokens.labels(**labels).set_function(self.history.num_tokens)
+        # Read through self.history, so they follow use_history.
+        metrics.history_tokens.labels(**labels).set_function(lambda: self.history.num_tokens())
         metrics.history_groups.labels(**labels).set_function(lambda: len(self.history.groups()))
         metrics.buffered_rollouts.labels(**labels).set_function(lambda: len(self._pending))
         self._redis_errors = metrics.redis_errors.labels(**labels)
         self._dropped = metrics.dropped_rollouts.labels(**labels)
         self._synced = metrics.synced_rollouts.labels(**labels)
+
+    def use_history(self, history: LocalHistory) -> None:
+        """Feed this history (the one the worker drafts from) instead of the store's own."""
+        self.history = history
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -159,7 +178,7 @@ class HistoryStore:
         self, group: str, prompt: Sequence[int], tokens: Sequence[int], version: int
     ) -> None:
         """A finished rollout: into the local history now, into Redis soon."""
-        prompt_tail = list(prompt[-self.history.config.max_depth :])
+        prompt_tail = list(prompt[-self.config.max_depth :])
         self.history.add_rollout(group, tokens, version, prompt_tail)
         if self.redis is None:
             return
@@ -218,7 +237,7 @@ class HistoryStore:
         unwritten rollouts stay buffered)."""
         assert self.redis is not None
         written = 0
-        maxlen = self.history.config.max_rollouts_per_group
+        maxlen = self.config.max_rollouts_per_group
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(_FLUSH_BATCH, len(self._pending)))]
             pipe = self.redis.pipeline(transaction=False)
@@ -286,7 +305,7 @@ class HistoryStore:
         starts = self._key("version_starts")
         seconds, micros = await self.redis.time()  # the server's clock stamps stream ids
         await self.redis.hsetnx(starts, str(version), f"{seconds * 1000 + micros // 1000}-0")
-        oldest = version - self.history.config.window + 1
+        oldest = version - self.config.window + 1
         if oldest <= 0:
             return
         minid = await self.redis.hget(starts, str(oldest))
