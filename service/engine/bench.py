@@ -1,0 +1,644 @@
+"""Rollout benchmark and trace recording on the embedded engine (no argparse: see service/cli.py).
+
+The workload is RL rollout: P prompts x N samples per epoch, the whole epoch submitted at once
+as one RL step, epochs in order (the rollout history carries over, the policy version moves
+on after each epoch as a weight update would). Every (epoch, prompt) request gets its own seed
+and the sample index is part of the sampling RNG key, so each rollout draws its own stream, the
+same in every mode: with lossless speculation the outputs must be identical across modes.
+
+For each speculation mode (none, fixed:K, das) a fresh engine with a fresh history runs every
+epoch and the benchmark records, per epoch:
+    makespan_s            wall time from submission until the last rollout finished
+    tokens                output tokens generated
+    steps                 engine forward passes (batch steps; each serves the whole batch)
+    forwards              rollout verify passes: per rollout, the steps it took part in, summed
+                          over rollouts (the simulator's `forwards`)
+    tokens_per_forward    tokens / forwards: 1 without speculation, 1 + accepted drafts per pass
+    tokens_per_step       tokens / steps: batch throughput per engine forward
+    accepted_per_forward  accepted draft tokens / forwards (the simulator's acc/fwd)
+    tokens_per_s          tokens / makespan_s
+    batch_size_over_time  [t_s, rollouts in the step's batch]: a step function, one point per
+                          change, ending with [makespan_s, 0]
+    mismatched_rollouts   rollouts whose output tokens differ from the reference mode's (none,
+                          which therefore runs first); 0 when speculation is lossless
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drafter.policy import SMOLLM2_CPU, CostModel, parse_policy, parse_policy_spec
+from drafter.traces import TraceRecord
+from service.engine.config import EngineConfig
+from service.engine.engine import Engine
+from service.engine.models import SMOLLM2, Tokenizer
+from service.engine.prompts import encode_prompt, load_prompts
+from service.engine.runner import Runner
+from service.engine.sampling import sample
+from service.worker import GenerateRequest, SamplingParams
+
+COST_SOURCES = ("calibrate", "smollm2-cpu")
+DEFAULT_MODES = ("none", "fixed:8", "das")
+_SEED_MIX = 0x9E3779B97F4A7C15
+_MASK63 = (1 << 63) - 1
+
+Progress = Callable[[int], None]  # called with the number of rollouts just finished
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    """One benchmark (or trace) run; checks itself."""
+
+    model: str = SMOLLM2
+    prompts: str = "math"  # see service.engine.prompts.load_prompts
+    samples: int = 4  # rollouts per prompt per epoch
+    epochs: int = 4
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 0
+    modes: tuple[str, ...] = DEFAULT_MODES
+    max_batch: int | None = None  # None: every rollout of an epoch decodes at once
+    cost: str = "calibrate"  # cost model for das: measured at start-up or SMOLLM2_CPU
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "epochs", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        SamplingParams(n=self.samples, temperature=self.temperature, top_p=self.top_p)
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not self.modes:
+            raise ValueError("need at least one mode")
+        canonical = [str(parse_policy_spec(mode)) for mode in self.modes]
+        if len(set(canonical)) != len(canonical):
+            raise ValueError(f"modes must be distinct, got {', '.join(self.modes)}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.cost not in COST_SOURCES:
+            raise ValueError(f"cost must be one of {', '.join(COST_SOURCES)}, got {self.cost!r}")
+
+    @property
+    def ordered_modes(self) -> tuple[str, ...]:
+        """The modes canonicalised, `none` first: it is the reference for mismatches."""
+        modes = [str(parse_policy_spec(mode)) for mode in self.modes]
+        return tuple(sorted(modes, key=lambda mode: mode != "none"))
+
+
+# -- the workload --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    groups: tuple[str, ...]  # prompt group ids, one per prompt
+    prompts: tuple[tuple[int, ...], ...]  # prompt token ids
+    params: SamplingParams  # without a seed: each request gets its own
+
+    def requests(self, epoch: int, seed: int) -> list[GenerateRequest]:
+        """One epoch: a request of n samples per prompt, each with its own seed."""
+        return [
+            GenerateRequest(
+                f"e{epoch}-{group}",
+                prompt,
+                SamplingParams(
+                    n=self.params.n,
+                    max_tokens=self.params.max_tokens,
+                    temperature=self.params.temperature,
+                    top_p=self.params.top_p,
+                    seed=rollout_seed(seed, epoch, index),
+                ),
+                group=group,
+            )
+            for index, (group, prompt) in enumerate(zip(self.groups, self.prompts, strict=True))
+        ]
+
+    @property
+    def rollouts_per_epoch(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+def rollout_seed(seed: int, epoch: int, prompt: int) -> int:
+    """The request seed of (epoch, prompt): distinct for every pair, the same in every mode.
+    Samples of one request differ through the sample index in the RNG key."""
+    value = seed & _MASK63
+    for part in (epoch, prompt):
+        value = (value * _SEED_MIX + part + 1) & _MASK63
+    return value
+
+
+def build_workload(config: RolloutConfig, tokenizer: Tokenizer | None, vocab_size: int) -> Workload:
+    """The prompts of config.prompts encoded for this model; ValueError if one is too long."""
+    messages = load_prompts(config.prompts, config.seed)
+    prompts = tuple(tuple(encode_prompt(m, tokenizer, vocab_size)) for m in messages)
+    width = len(str(len(prompts) - 1))
+    groups = tuple(f"prompt-{i:0{width}d}" for i in range(len(prompts)))
+    params = SamplingParams(
+        n=config.samples,
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+    )
+    return Workload(groups, prompts, params)
+
+
+# -- one epoch -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EpochRun:
+    mode: str
+    epoch: int
+    makespan_s: float
+    outputs: dict[tuple[str, int], list[int]]  # (group, sample index) -> output token ids
+    steps: int  # engine forward passes
+    forwards: int  # rollout verify passes, summed over rollouts
+    drafted: int
+    accepted: int
+    prefill_tokens: int
+    batch_size_over_time: list[tuple[float, int]]
+    mismatched_rollouts: int | None = None  # against the reference mode's run of the epoch
+    # Per mismatched rollout: where it first left the reference, and the two tokens there.
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(output) for output in self.outputs.values())
+
+    def to_json(self) -> dict[str, Any]:
+        tokens = self.tokens
+        return {
+            "mode": self.mode,
+            "epoch": self.epoch,
+            "rollouts": len(self.outputs),
+            "makespan_s": self.makespan_s,
+            "tokens": tokens,
+            "steps": self.steps,
+            "forwards": self.forwards,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "prefill_tokens": self.prefill_tokens,
+            "tokens_per_forward": _ratio(tokens, self.forwards),
+            "tokens_per_step": _ratio(tokens, self.steps),
+            "accepted_per_forward": _ratio(self.accepted, self.forwards),
+            "tokens_per_s": _ratio(tokens, self.makespan_s),
+            "mean_step_s": _ratio(self.makespan_s, self.steps),
+            "mismatched_rollouts": self.mismatched_rollouts or 0,
+            "mismatches": self.mismatches,
+            "lengths": sorted(len(output) for output in self.outputs.values()),
+            "batch_size_over_time": [[round(t, 4), n] for t, n in self.batch_size_over_time],
+        }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def run_epoch(
+    engine: Engine,
+    requests: Sequence[GenerateRequest],
+    mode: str,
+    epoch: int,
+    progress: Progress | None = None,
+) -> EpochRun:
+    """Submit one epoch's requests at once on an idle engine and step until all finish."""
+    if engine.has_unfinished():
+        raise ValueError("run_epoch needs an idle engine")
+    stats = engine.stats
+    before = (stats.forward_passes, stats.drafted_tokens, stats.accepted_tokens)
+    prefill_before, finished_before = stats.prefill_tokens, stats.finished_samples
+    start = time.perf_counter()
+    for request in requests:
+        engine.add_request(request)
+    timeline: list[tuple[float, int]] = []
+    outputs: dict[tuple[str, int], list[int]] = {}
+    forwards = 0
+    now, active = 0.0, 0
+    while engine.has_unfinished():
+        began = now
+        done = engine.step()
+        now = time.perf_counter() - start
+        for output in done:
+            for result in output.samples:
+                outputs[(output.group, result.index)] = result.token_ids
+                forwards += result.spec.forward_passes
+        finished = stats.finished_samples - finished_before
+        finished_before = stats.finished_samples
+        # The step's batch: what still runs after it, and what it finished.
+        batch = engine.num_running() + finished
+        if batch != active:
+            timeline.append((began, batch))
+            active = batch
+        if finished and progress is not None:
+            progress(finished)
+    timeline.append((now, 0))
+    return EpochRun(
+        mode=mode,
+        epoch=epoch,
+        makespan_s=now,  # when the step that finished the last rollout ended
+        outputs=outputs,
+        steps=stats.forward_passes - before[0],
+        forwards=forwards,
+        drafted=stats.drafted_tokens - before[1],
+        accepted=stats.accepted_tokens - before[2],
+        prefill_tokens=stats.prefill_tokens - prefill_before,
+        batch_size_over_time=timeline,
+    )
+
+
+def run_mode(
+    config: RolloutConfig,
+    mode: str,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    workload: Workload,
+    cost: CostModel,
+    progress: Progress | None = None,
+) -> list[EpochRun]:
+    """Every epoch in order on a fresh engine with a fresh history."""
+    longest = max(len(prompt) for prompt in workload.prompts)
+    engine_config = EngineConfig(
+        model=config.model,
+        max_batch=config.max_batch or workload.rollouts_per_epoch,
+        max_model_len=longest + config.max_tokens,
+        max_prefill_tokens=max(2048, longest),
+        speculation=mode,
+    )
+    engine = Engine(
+        engine_config, model=model, tokenizer=tokenizer, policy=parse_policy(mode, cost)
+    )
+    runs = []
+    for epoch in range(config.epochs):
+        requests = workload.requests(epoch, config.seed)
+        runs.append(run_epoch(engine, requests, mode, epoch, progress))
+        # A training step happens between epochs: the rollouts just made join the history
+        # under this policy version, the next epoch samples under the next one.
+        engine.history.set_version(epoch + 1)
+    return runs
+
+
+def count_mismatches(runs: Sequence[EpochRun], reference: Sequence[EpochRun]) -> None:
+    """Set each run's mismatched_rollouts: rollouts whose tokens differ from the reference
+    run of the same epoch (a rollout missing from either counts as mismatched)."""
+    by_epoch = {run.epoch: run for run in reference}
+    for run in runs:
+        ref = by_epoch[run.epoch].outputs
+        run.mismatches = []
+        for key in sorted(set(ref) | set(run.outputs)):
+            expected, got = ref.get(key), run.outputs.get(key)
+            if expected == got:
+                continue
+            detail: dict[str, Any] = {"group": key[0], "sample": key[1]}
+            if expected is not None and got is not None:
+                position = next(
+                    (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+                    min(len(expected), len(got)),
+                )
+                detail.update(
+                    position=position,
+                    reference_token=expected[position] if position < len(expected) else None,
+                    token=got[position] if position < len(got) else None,
+                    reference_length=len(expected),
+                    length=len(got),
+                )
+            run.mismatches.append(detail)
+        run.mismatched_rollouts = len(run.mismatches)
+
+
+def trace_records(runs: Sequence[EpochRun], workload: Workload) -> list[TraceRecord]:
+    """The runs' rollouts as trace records, by epoch, prompt and sample index."""
+    records = []
+    for run in runs:
+        for group, prompt in zip(workload.groups, workload.prompts, strict=True):
+            for index in range(workload.params.n):
+                output = run.outputs[(group, index)]
+                records.append(TraceRecord(group, run.epoch, prompt, tuple(output)))
+    return records
+
+
+# -- the cost model ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    cost: CostModel
+    source: str  # "calibrated", "smollm2-cpu", or "smollm2-cpu (calibration fit unusable)"
+    points: tuple[tuple[int, int, float], ...] = ()  # (rows, tokens per row, fastest seconds)
+    context: int = 0  # cached tokens per row while timing
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "c_base": self.cost.c_base,
+            "c_tok": self.cost.c_tok,
+            "context": self.context,
+            "points": [
+                {"rows": rows, "tokens_per_row": per_row, "seconds": seconds}
+                for rows, per_row, seconds in self.points
+            ],
+        }
+
+
+def calibrate_cost(
+    model: torch.nn.Module,
+    max_batch: int,
+    context: int = 128,
+    repeats: int = 5,
+    temperature: float = 0.7,
+) -> Calibration:
+    """Time verify steps (the runner's forward, then sampling every logits row, as the engine
+    does) at batch 1 and max_batch with 1 and 9 tokens per row over `context` cached tokens,
+    and fit t = c_base + c_tok * tokens. Each point is the fastest of `repeats` timings after
+    one warm-up (the least disturbed by other work on a shared machine). A fit that is not
+    positive (noise on a tiny model) falls back to SMOLLM2_CPU."""
+    if max_batch < 1 or context < 1 or repeats < 1:
+        raise ValueError("max_batch, context and repeats must be >= 1")
+    runner = Runner(model, max_batch, context + 9)
+    vocab = runner.vocab_size
+    prefix = [3 + (17 * i) % (vocab - 3) for i in range(context)]
+    runner.forward([0], [prefix], [1])
+    for slot in range(1, max_batch):
+        runner.copy_prefix(0, slot, context)
+    params = SamplingParams(temperature=temperature)
+    points = []
+    for rows in sorted({1, max_batch}):
+        slots = list(range(rows))
+        for per_row in (1, 9):
+            chunks = [[3 + (5 * i) % (vocab - 3) for i in range(per_row)]] * rows
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                logits = runner.forward(slots, chunks, [per_row] * rows)
+                for row in range(rows):
+                    sample(logits[row * per_row : (row + 1) * per_row], params, 0, row, 0)
+                times.append(time.perf_counter() - start)
+                for slot in slots:
+                    runner.truncate(slot, context)
+            points.append((rows, per_row, min(times[1:])))
+    del runner
+    gc.collect()
+    try:
+        cost = CostModel.fit([(rows * per_row, seconds) for rows, per_row, seconds in points])
+    except ValueError:
+        return Calibration(SMOLLM2_CPU, "smollm2-cpu (calibration fit unusable)", tuple(points))
+    return Calibration(cost, "calibrated", tuple(points), context)
+
+
+# -- the benchmark -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BenchResult:
+    config: RolloutConfig
+    workload: Workload
+    calibration: Calibration
+    machine: dict[str, Any]
+    runs: list[EpochRun] = field(default_factory=list)
+
+    def runs_of(self, mode: str) -> list[EpochRun]:
+        return [run for run in self.runs if run.mode == mode]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per mode over all epochs: totals, and makespan relative to the reference mode."""
+        reference = self.config.ordered_modes[0]
+        base = sum(run.makespan_s for run in self.runs_of(reference))
+        rows = []
+        for mode in self.config.ordered_modes:
+            runs = self.runs_of(mode)
+            if not runs:
+                continue
+            makespan = sum(run.makespan_s for run in runs)
+            tokens = sum(run.tokens for run in runs)
+            forwards = sum(run.forwards for run in runs)
+            steps = sum(run.steps for run in runs)
+            rows.append(
+                {
+                    "mode": mode,
+                    "makespan_s": makespan,
+                    "tokens": tokens,
+                    "steps": steps,
+                    "forwards": forwards,
+                    "tokens_per_forward": _ratio(tokens, forwards),
+                    "tokens_per_step": _ratio(tokens, steps),
+                    "accepted_per_forward": _ratio(sum(r.accepted for r in runs), forwards),
+                    "tokens_per_s": _ratio(tokens, makespan),
+                    "makespan_ratio": _ratio(makespan, base),
+                    "mismatched_rollouts": sum(r.mismatched_rollouts or 0 for r in runs),
+                }
+            )
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["modes"] = list(self.config.ordered_modes)
+        config["reference_mode"] = self.config.ordered_modes[0]
+        config["prompt_count"] = len(self.workload.prompts)
+        config["prompt_tokens"] = [len(prompt) for prompt in self.workload.prompts]
+        config["rollouts_per_epoch"] = self.workload.rollouts_per_epoch
+        config["max_batch"] = self.config.max_batch or self.workload.rollouts_per_epoch
+        config["cost_model"] = self.calibration.to_json()
+        return {
+            "config": config,
+            "machine": self.machine,
+            "definitions": DEFINITIONS,
+            "runs": [run.to_json() for run in self.runs],
+            "summary": self.summary(),
+        }
+
+
+DEFINITIONS = {
+    "makespan_s": "wall time from submitting the epoch's rollouts until the last one finished",
+    "steps": "engine forward passes (batch steps, each serving every running rollout)",
+    "forwards": "rollout verify passes: per rollout the steps it took part in, summed",
+    "tokens_per_forward": "output tokens / forwards (1 + accepted drafts per rollout pass)",
+    "tokens_per_step": "output tokens / steps",
+    "accepted_per_forward": "accepted draft tokens / forwards",
+    "mismatched_rollouts": "rollouts whose output tokens differ from the reference mode's "
+    "run of the same epoch",
+    "batch_size_over_time": "[seconds since submission, rollouts in the batch of the step "
+    "starting then], one point per change, ending with [makespan_s, 0]",
+}
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers  # only for its version
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in load],
+    }
+
+
+def run_bench(
+    config: RolloutConfig,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    progress: Progress | None = None,
+    on_calibrated: Callable[[Calibration], None] | None = None,
+) -> BenchResult:
+    """Every mode (none first) over every epoch; see the module docstring."""
+    vocab_size = _vocab_size(model)
+    workload = build_workload(config, tokenizer, vocab_size)
+    machine = machine_info()
+    max_batch = config.max_batch or workload.rollouts_per_epoch
+    if config.cost == "calibrate":
+        calibration = calibrate_cost(model, max_batch, temperature=config.temperature)
+    else:
+        calibration = Calibration(SMOLLM2_CPU, "smollm2-cpu")
+    if on_calibrated is not None:
+        on_calibrated(calibration)
+    result = BenchResult(config, workload, calibration, machine)
+    reference: list[EpochRun] | None = None
+    for mode in config.ordered_modes:
+        runs = run_mode(config, mode, model, tokenizer, workload, calibration.cost, progress)
+        if reference is None:
+            reference = runs
+        count_mismatches(runs, reference)
+        result.runs.extend(runs)
+        gc.collect()
+    if hasattr(os, "getloadavg"):
+        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def record_trace(
+    config: RolloutConfig,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    progress: Progress | None = None,
+) -> tuple[list[TraceRecord], list[EpochRun]]:
+    """Rollouts of config.modes[0] (speculation never changes them) as trace records."""
+    vocab_size = _vocab_size(model)
+    workload = build_workload(config, tokenizer, vocab_size)
+    mode = str(parse_policy_spec(config.modes[0]))
+    runs = run_mode(config, mode, model, tokenizer, workload, SMOLLM2_CPU, progress)
+    return trace_records(runs, workload), runs
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    config: Any = model.config  # a Hugging Face model's config
+    return int(config.vocab_size)
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+_COLUMNS = (
+    ("mode", 9),
+    ("epoch", 5),
+    ("makespan_s", 10),
+    ("tokens", 7),
+    ("steps", 6),
+    ("forwards", 8),
+    ("tok/fwd", 7),
+    ("tok/step", 8),
+    ("acc/fwd", 7),
+    ("tok/s", 7),
+    ("ms/step", 7),
+    ("ratio", 6),
+    ("mismatch", 8),
+)
+
+
+def format_table(result: BenchResult) -> str:
+    """The per-epoch, per-mode table `das bench rollout` prints."""
+    config, cost = result.config, result.calibration.cost
+    lines = [
+        f"model {config.model} | prompts {config.prompts} ({len(result.workload.prompts)}) x "
+        f"{config.samples} samples x {config.epochs} epochs | max_tokens {config.max_tokens} | "
+        f"temperature {config.temperature} | max_batch "
+        f"{config.max_batch or result.workload.rollouts_per_epoch} | torch threads "
+        f"{result.machine['torch_threads']}",
+        f"cost model for das: {result.calibration.source}, c_base {cost.c_base * 1e3:.1f} ms + "
+        f"c_tok {cost.c_tok * 1e3:.3f} ms/token",
+        "  ".join(f"{name:>{width}}" for name, width in _COLUMNS),
+    ]
+    reference = {run.epoch: run.makespan_s for run in result.runs_of(config.ordered_modes[0])}
+    for run in result.runs:
+        data = run.to_json()
+        cells = (
+            run.mode,
+            str(run.epoch),
+            f"{run.makespan_s:.2f}",
+            str(data["tokens"]),
+            str(run.steps),
+            str(run.forwards),
+            f"{data['tokens_per_forward']:.2f}",
+            f"{data['tokens_per_step']:.2f}",
+            f"{data['accepted_per_forward']:.2f}",
+            f"{data['tokens_per_s']:.1f}",
+            f"{data['mean_step_s'] * 1e3:.0f}",
+            f"{_ratio(run.makespan_s, reference.get(run.epoch, 0.0)):.3f}",
+            str(data["mismatched_rollouts"]),
+        )
+        lines.append(
+            "  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True))
+        )
+    for row in result.summary():
+        lines.append(
+            f"{row['mode']:>9}  all    {row['makespan_s']:8.2f}s  tokens {row['tokens']}, "
+            f"tok/fwd {row['tokens_per_forward']:.2f}, tok/s {row['tokens_per_s']:.1f}, "
+            f"ratio {row['makespan_ratio']:.3f}, mismatched {row['mismatched_rollouts']}"
+        )
+    lines.append(
+        "tok/fwd, acc/fwd: per rollout verify pass; tok/step: per engine forward; ratio: "
+        f"makespan / {config.ordered_modes[0]}'s in the same epoch"
+    )
+    return "\n".join(lines)
+
+
+def write_plot(result: BenchResult, path: str | Path) -> None:
+    """A PNG: makespan per epoch per mode (bars), and active rollouts over time (epochs laid
+    end to end) per mode. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [mode for mode in result.config.ordered_modes if result.runs_of(mode)]
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        runs = result.runs_of(mode)
+        xs = [run.epoch + (i - (len(modes) - 1) / 2) * width for run in runs]
+        bars.bar(xs, [run.makespan_s for run in runs], width, label=mode)
+        offset = 0.0
+        times: list[float] = []
+        active: list[int] = []
+        for run in runs:
+            for t, n in run.batch_size_over_time:
+                times.append(offset + t)
+                active.append(n)
+            offset += run.makespan_s
+        lines.step(times, active, where="post", label=mode)
+    bars.set_xlabel("epoch")
+    bars.set_ylabel("makespan (s)")
+    bars.set_xticks(range(result.config.epochs))
+    bars.set_title("rollout makespan per epoch")
+    bars.legend()
+    lines.set_xlabel("time (s), epochs end to end")
+    lines.set_ylabel("active rollouts")
+    lines.set_title("batch size over time")
+    lines.legend()
+    fig.suptitle(
+        f"{result.config.model}, {result.config.prompts} x {result.config.samples} samples, "
+        f"max_tokens {result.config.max_tokens}, T={result.config.temperature}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
