@@ -1,9 +1,16 @@
 """Sampling parameters, logits processing and the counter-based draw.
 
-Each output position's token is drawn by inverse CDF with a uniform derived by hashing
-(seed, sample index, position): no generator state, so the token the target model samples at
-a position does not depend on how many forwards it took to get there. That is what makes
-speculation lossless: a draft token is accepted exactly when it equals that token.
+Each output position's token is drawn with randomness keyed by hashing (seed, sample index,
+position): no generator state is carried between positions, so the token the target model
+samples at a position does not depend on how many forwards it took to get there. That is what
+makes speculation lossless: a draft token is accepted exactly when it equals that token.
+
+The draw is an exponential race: token = argmax_i p_i / E_i, with E_i ~ Exp(1) drawn per token
+from a generator seeded with the position's key; P(token = i) = p_i exactly. Logits computed
+with other batch shapes (a verify chunk, other companions) differ by rounding (~1e-6), and the
+race only changes winner when its two best ratios are that close. An inverse CDF in token-id
+order, tried first, flipped whenever the uniform landed among low-probability tokens narrower
+than the rounding shift of the cumulative sum: one rollout in 64 on SmolLM2 at temperature 0.7.
 """
 
 from __future__ import annotations
@@ -41,13 +48,23 @@ def splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         return x ^ (x >> np.uint64(31))
 
 
-def uniforms(seed: int, sample_index: int, positions: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """One uniform in [0, 1) per position, a pure function of (seed, sample_index, position)."""
+def position_keys(seed: int, sample_index: int, positions: npt.ArrayLike) -> npt.NDArray[np.uint64]:
+    """One 64-bit key per position, a pure function of (seed, sample_index, position)."""
     key = splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
     key = splitmix64(key ^ np.uint64(sample_index & _MASK64))
     counters = np.asarray(positions, dtype=np.uint64)
-    bits = splitmix64(key ^ splitmix64(counters))
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return splitmix64(key ^ splitmix64(counters))
+
+
+def exponential_race(probs: Tensor, keys: npt.NDArray[np.uint64]) -> Tensor:
+    """Row i's token: argmax_j probs[i, j] / E_ij, E_i ~ Exp(1) from a generator seeded with
+    keys[i] (one generator, reseeded per row: about 0.2 ms per 49k-token row on this CPU)."""
+    noise = torch.empty_like(probs)
+    generator = torch.Generator(device=probs.device)
+    for row, key in enumerate(keys.tolist()):
+        generator.manual_seed(key)
+        noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def processed_probs(logits: Tensor, params: SamplingParams) -> Tensor:
@@ -117,11 +134,9 @@ def sample(
         token_ids = logits.argmax(dim=-1)
     else:
         processed = processed_probs(logits, params)
-        # Inverse CDF in token-id order, float64: a zero-probability token is never chosen.
-        cdf = processed.cumsum(dim=-1)
-        u = torch.from_numpy(uniforms(seed, sample_index, first_position + np.arange(len(cdf))))
-        token_ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        token_ids = token_ids.clamp_(max=cdf.shape[-1] - 1)
+        # A zero-probability (filtered) token scores 0 and never wins.
+        keys = position_keys(seed, sample_index, first_position + np.arange(len(processed)))
+        token_ids = exponential_race(processed, keys)
     if logprobs_mode == "raw":
         logprobs = logits.float().log_softmax(dim=-1)
     elif processed is None:  # greedy: the processed distribution is a point mass

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.sampling import processed_probs, sample, splitmix64, uniforms
+from service.engine.sampling import (
+    exponential_race,
+    position_keys,
+    processed_probs,
+    sample,
+    splitmix64,
+)
 from service.worker import SamplingParams
 
 SAMPLED = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, logprobs=True, top_logprobs=3)
@@ -19,14 +25,19 @@ def test_splitmix64_known_value() -> None:
     assert int(splitmix64(np.array([0], dtype=np.uint64))[0]) == 0xE220A8397B1DCDAF
 
 
-def test_uniforms_are_a_pure_function_of_the_key() -> None:
-    a = uniforms(123, 2, [0, 1, 2, 3])
-    assert np.array_equal(a, uniforms(123, 2, [0, 1, 2, 3]))
-    assert np.array_equal(a[2:], uniforms(123, 2, [2, 3]))  # no state: positions stand alone
-    assert ((a >= 0) & (a < 1)).all()
+def uniforms(seed: int, sample_index: int, positions: np.ndarray) -> np.ndarray:
+    """The keys' top 53 bits as uniforms in [0, 1), to look at their statistics."""
+    keys = position_keys(seed, sample_index, positions)
+    return (keys >> np.uint64(11)).astype(np.float64) / (1 << 53)
 
 
-def test_uniforms_differ_by_sample_index_seed_and_position() -> None:
+def test_position_keys_are_a_pure_function_of_the_key() -> None:
+    a = position_keys(123, 2, [0, 1, 2, 3])
+    assert np.array_equal(a, position_keys(123, 2, [0, 1, 2, 3]))
+    assert np.array_equal(a[2:], position_keys(123, 2, [2, 3]))  # no state: positions alone
+
+
+def test_position_keys_differ_by_sample_index_seed_and_position() -> None:
     positions = np.arange(20_000)
     first = uniforms(7, 0, positions)
     second = uniforms(7, 1, positions)
@@ -125,3 +136,22 @@ def test_top_p_shortcut_matches_a_full_sort(top_k: int) -> None:
     torch.testing.assert_close(
         processed_probs(logits, params), reference_top_p(logits, params), atol=0, rtol=0
     )
+
+
+def test_the_race_ignores_rounding_sized_changes_to_the_distribution() -> None:
+    # A long tail of tiny probabilities, as a language model's: the draw must not move when the
+    # logits change by rounding (up to 8.6e-5 measured between a verify chunk and single steps
+    # of SmolLM2 in fp32; here up to 1e-4).
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4000, 5000, generator=generator, dtype=torch.float64) * 4
+    nudged = (
+        logits + (torch.rand(logits.shape, generator=generator, dtype=torch.float64) - 0.5) * 2e-4
+    )
+    keys = position_keys(11, 0, np.arange(len(logits)))
+    first = exponential_race(logits.softmax(-1), keys)
+    second = exponential_race(nudged.softmax(-1), keys)
+    assert (first != second).sum().item() == 0
+    # The same nudge moves inverse-CDF draws (token-id order) many times more often.
+    u = torch.from_numpy(uniforms(11, 0, np.arange(len(logits))))[:, None]
+    by_cdf = [torch.searchsorted(p.softmax(-1).cumsum(-1), u)[:, 0] for p in (logits, nudged)]
+    assert (by_cdf[0] != by_cdf[1]).sum().item() >= 10
