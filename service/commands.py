@@ -61,6 +61,13 @@ def _worker_flags(parser: argparse.ArgumentParser, redis_default_help: str) -> N
     )
     parser.add_argument("--max-batch", dest="max_batch", type=int, default=None)
     parser.add_argument("--max-model-len", dest="max_model_len", type=int, default=None)
+    parser.add_argument(
+        "--deterministic",
+        action="store_const",
+        const=True,
+        default=None,
+        help="batch-invariant engine numerics: logits bitwise independent of batch and drafts",
+    )
     parser.add_argument("--worker-id", dest="worker_id", default=None)
     parser.add_argument("--fake-step-delay", dest="fake_step_delay_s", type=float, default=None)
 

@@ -175,6 +175,7 @@ class EngineWorker:
             max_batch=settings.max_batch,
             max_model_len=settings.max_model_len,
             speculation=settings.speculation_policy,
+            deterministic=settings.deterministic,
             drafter=dataclasses.replace(store.config, tree_drafts=False),
         )
         self._metrics = metrics

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     spec_budget: int = Field(8, ge=0, le=64)  # FakeWorker: draft tokens per forward pass
     max_batch: int = Field(16, ge=1)  # engine: sequences decoding at once (KV cache slots)
     max_model_len: int = Field(1024, ge=2)  # engine: prompt + output tokens of one sequence
+    deterministic: bool = False  # engine: batch-invariant numerics (bitwise lossless, slower)
     worker_id: str | None = None  # names this worker in metrics and Redis (default: host:port)
     fake_step_delay_s: float = Field(0.0, ge=0.0)  # FakeWorker: sleep per forward pass
 

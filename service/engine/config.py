@@ -24,6 +24,9 @@ class EngineConfig:
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step (one prompt always fits)
     speculation: str = "none"  # budget policy: none, fixed:K or das
     max_draft: int = 16  # cap on draft tokens per sequence per step, whatever the policy says
+    # Batch-invariant numerics: a token's logits are bitwise the same whatever its batch
+    # companions or draft length, so speculation is bitwise lossless (see runner.py); slower.
+    deterministic: bool = False
     logprobs_mode: LogprobsMode = "raw"  # raw: the model's log_softmax; processed: sampled from
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
 

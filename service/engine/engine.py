@@ -135,7 +135,9 @@ class Engine:
         if model is None:
             model, tokenizer = load_model(config.model, config.device, config.torch_dtype)
         self.model, self.tokenizer = model, tokenizer
-        self.runner = Runner(model, config.max_batch, config.max_model_len)
+        self.runner = Runner(
+            model, config.max_batch, config.max_model_len, deterministic=config.deterministic
+        )
         self.history = history if history is not None else RolloutHistory(config.drafter)
         self.policy = policy if policy is not None else parse_policy(config.speculation)
         self._sink = rollout_sink or self._add_rollout

@@ -5,6 +5,28 @@ yet in its cache, then its draft), of any count. Projections and MLP run once ov
 concatenated; only attention loops over the slots, each against its own cache. Rolling back
 rejected draft tokens is setting the slot's length back: the stale K/V beyond it is
 overwritten by the next forward.
+
+Deterministic (batch-invariant) mode makes every token's arithmetic a function of its own
+prefix alone, so its logits are bitwise the same whether it is decoded alone, verified inside
+a draft chunk or batched with other slots (speculation is then lossless bitwise, not just up
+to rounding). Only two kinds of operation reduce across a shape that batching changes:
+- Matmuls. MKL's sgemm on this CPU (measured: every row at every position, M from 4 to 300,
+  SmolLM2's and the tiny model's weight shapes, 1 thread) computes a row of x @ W.T the same
+  way for every M >= 4 wherever the row sits, but M = 1 (gemv) and M = 2, 3 take other kernels
+  with other rounding. So a matmul with fewer than 4 rows is padded to 4 and everything else
+  runs as one call, as in the default mode; the Runner checks this property on the model's own
+  weights when it is built, and refuses deterministic mode where it does not hold. (Fixed-size
+  row blocks are invariant too, but cost up to 2x at 144 rows; M = 1 per row costs 3x.)
+- Attention. A chunk attends with a causal mask over its whole span, so a query's softmax and
+  its P @ V reduce over a length set by its companions, and a lone decode query is a one-row
+  matmul. Here a query at position p attends over the key block [0, 32 * (p // 32 + 1)) with
+  the positions after p masked (they weigh exactly 0, whatever stale K/V they hold): the
+  reduction length is a function of p alone. Queries of one block share one padded call,
+  at least 4 and at most 32 query rows per slot (see _Bucket). Attending one query at a time
+  over exactly its prefix is invariant too, but costs ~35 us per token and layer.
+The rest is row-wise (RMSNorm, rotary, SiLU, residual adds, the logits' softmax); elementwise
+kernels see rows whose widths are multiples of the SIMD step, so no row lands in a scalar tail.
+Verified at 1 thread, as the engine runs here; more threads may split a matmul differently.
 """
 
 from __future__ import annotations
@@ -35,11 +57,17 @@ class Runner:
     """The model's forward with a preallocated KV cache of `slots` x `max_len` positions."""
 
     def __init__(
-        self, model: torch.nn.Module, slots: int, max_len: int, batched_max_chunk: int = 32
+        self,
+        model: torch.nn.Module,
+        slots: int,
+        max_len: int,
+        batched_max_chunk: int = 32,
+        deterministic: bool = False,
     ) -> None:
         """`batched_max_chunk`: when every chunk of a forward has at most this many tokens
         (decode and verify steps), attention runs as one padded batched call instead of one
-        call per slot; 0 always loops."""
+        call per slot; 0 always loops. `deterministic`: batch-invariant numerics (see the
+        module docstring); RuntimeError where this machine's matmuls cannot give them."""
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if max_len < 1:
@@ -52,6 +80,7 @@ class Runner:
         self.slots = slots
         self.max_len = max_len
         self.batched_max_chunk = batched_max_chunk
+        self.deterministic = deterministic
         self.num_heads: int = config.num_attention_heads
         self.num_kv_heads: int = config.num_key_value_heads
         self.head_dim: int = getattr(config, "head_dim", None) or (
@@ -69,6 +98,8 @@ class Runner:
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.lengths = [0] * slots  # positions of each slot's cache that hold valid K/V
+        if deterministic:
+            _check_row_invariance(self._weights())
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module) -> None:
@@ -100,6 +131,17 @@ class Runner:
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def _weights(self) -> list[tuple[Tensor, Tensor | None]]:
+        """One layer's matmul weights (with bias) and the LM head: every shape forward uses."""
+        layer = self.layers[0]
+        return [
+            (layer.qkv, layer.qkv_bias),
+            (layer.o, None),
+            (layer.gate_up, None),
+            (layer.down, None),
+            (self.lm_head, None),
+        ]
 
     def reset(self, slot: int | None = None) -> None:
         """Forget one slot's cache (or every slot's)."""
@@ -156,9 +198,13 @@ class Runner:
             [torch.arange(s, s + n, device=device) for s, n in zip(starts, sizes, strict=True)]
         )
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
+        linear = _invariant_linear if self.deterministic else F.linear
         batched = None
         masks: list[Tensor | None] = []
-        if len(slots) > 1 and max(sizes) <= self.batched_max_chunk:
+        buckets: list[_Bucket] = []
+        if self.deterministic:
+            buckets = _Bucket.build_all(slots, starts, sizes, self.max_len, device)
+        elif len(slots) > 1 and max(sizes) <= self.batched_max_chunk:
             batched = _Padding.build(slots, starts, sizes, device)
         else:
             masks = [_causal_mask(s, n, device) for s, n in zip(starts, sizes, strict=True)]
@@ -166,7 +212,7 @@ class Runner:
         x = self.embed[ids]
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
             q, k, v = torch.split(qkv, [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
             q = _rope(q.view(-1, heads, dim), cos, sin)
             k = _rope(k.view(-1, kv_heads, dim), cos, sin)
@@ -177,14 +223,16 @@ class Runner:
                 k_cache[slot, :, start : start + size] = k[offset : offset + size].transpose(0, 1)
                 v_cache[slot, :, start : start + size] = v[offset : offset + size].transpose(0, 1)
                 offset += size
-            if batched is not None:
+            if self.deterministic:
+                attended = _bucketed_attention(q, k_cache, v_cache, buckets)
+            elif batched is not None:
                 attended = _batched_attention(q, k_cache, v_cache, batched)
             else:
                 attended = _looped_attention(q, k_cache, v_cache, slots, starts, sizes, masks)
-            x = x + F.linear(attended.reshape(-1, heads * dim), layer.o)
+            x = x + linear(attended.reshape(-1, heads * dim), layer.o)
             h = _rms_norm(x, layer.post_norm, self.eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.down)
         for slot, start, size in zip(slots, starts, sizes, strict=True):
             self.lengths[slot] = start + size
         if wanted != sizes:
@@ -193,7 +241,7 @@ class Runner:
                 [torch.arange(e - w, e, device=device) for e, w in zip(ends, wanted, strict=True)]
             )
             x = x[rows]
-        return F.linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head)
+        return linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +323,116 @@ def _looped_attention(
         outputs.append(out[0].transpose(0, 1))
         offset += size
     return torch.cat(outputs)
+
+
+# Deterministic attention: a query at position p attends over the key block [0, KEY_BLOCK *
+# (p // KEY_BLOCK + 1)), its later positions masked. The width depends on p alone, so every
+# query of a bucket can share one call whoever its companions are.
+_KEY_BLOCK = 32
+
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    """The tokens of a forward whose positions fall in one key block, on a padded grid as in
+    _Padding: at most _KEY_BLOCK columns (one query block of SDPA's CPU kernel) and at least
+    _MIN_INVARIANT_ROWS (its QK and PV matmuls then round each row alike). Measured here:
+    a query row's output is bitwise the same for any grid width in [4, 32], grid row, batch
+    companions and stale K/V under the mask (masked keys weigh exactly 0)."""
+
+    tokens: Tensor  # [N] indices into the forward's tokens
+    first: int  # lowest slot with a token here
+    rows: int
+    token_rows: Tensor  # [N]
+    token_cols: Tensor  # [N]
+    width: int
+    keys: int  # the block's end: positions attended, a function of the block alone
+    mask: Tensor  # [rows, 1, width, keys]: a token sees positions <= its own; padding sees 0
+
+    @staticmethod
+    def build_all(
+        slots: Sequence[int],
+        starts: Sequence[int],
+        sizes: Sequence[int],
+        max_len: int,
+        device: torch.device,
+    ) -> list[_Bucket]:
+        counts = torch.tensor(sizes, device=device)
+        token_slots = torch.repeat_interleave(torch.tensor(slots, device=device), counts)
+        token_starts = torch.repeat_interleave(torch.tensor(starts, device=device), counts)
+        positions = torch.cat(
+            [torch.arange(s, s + n, device=device) for s, n in zip(starts, sizes, strict=True)]
+        )
+        blocks = positions // _KEY_BLOCK
+        buckets = []
+        for block in sorted(set(blocks.tolist())):
+            tokens = (blocks == block).nonzero()[:, 0]
+            first = int(token_slots[tokens].min())
+            token_rows = token_slots[tokens] - first
+            # A slot's tokens in the block are consecutive from its chunk start or the block's.
+            token_cols = positions[tokens] - token_starts[tokens].clamp(min=block * _KEY_BLOCK)
+            rows = int(token_rows.max()) + 1
+            width = max(int(token_cols.max()) + 1, _MIN_INVARIANT_ROWS)
+            keys = min((block + 1) * _KEY_BLOCK, max_len)
+            seen = torch.zeros(rows, width, dtype=torch.long, device=device)
+            seen[token_rows, token_cols] = positions[tokens]
+            mask = torch.arange(keys, device=device)[None, None, :] <= seen[:, :, None]
+            buckets.append(
+                _Bucket(tokens, first, rows, token_rows, token_cols, width, keys, mask[:, None])
+            )
+        return buckets
+
+
+def _bucketed_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, buckets: Sequence[_Bucket]
+) -> Tensor:
+    """Deterministic mode: one padded call per key block. Returns [T, heads, head_dim]."""
+    attended = torch.empty_like(q)
+    for bucket in buckets:
+        grid = q.new_zeros(bucket.rows, bucket.width, q.shape[1], q.shape[2])
+        grid[bucket.token_rows, bucket.token_cols] = q[bucket.tokens]
+        span = slice(bucket.first, bucket.first + bucket.rows)
+        out = F.scaled_dot_product_attention(
+            grid.transpose(1, 2),
+            k_cache[span, :, : bucket.keys],
+            v_cache[span, :, : bucket.keys],
+            attn_mask=bucket.mask,
+            enable_gqa=True,
+        )
+        attended[bucket.tokens] = out.transpose(1, 2)[bucket.token_rows, bucket.token_cols]
+    return attended
+
+
+# Fewer rows than this take other sgemm kernels (gemv at 1 row) that round differently.
+_MIN_INVARIANT_ROWS = 4
+
+
+def _invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear whose row results do not depend on the other rows (see the module docstring)."""
+    rows = x.shape[0]
+    if rows >= _MIN_INVARIANT_ROWS:
+        return F.linear(x, weight, bias)
+    padded = x.new_zeros(_MIN_INVARIANT_ROWS, x.shape[1])
+    padded[:rows] = x
+    return F.linear(padded, weight, bias)[:rows]
+
+
+def _check_row_invariance(weights: Sequence[tuple[Tensor, Tensor | None]]) -> None:
+    """RuntimeError unless _invariant_linear gives a row the same bits at the first and last
+    position of a few matmul heights (a few ms: the shapes that matter are the model's own)."""
+    generator = torch.Generator().manual_seed(0)
+    for weight, bias in weights:
+        x = torch.randn(19, weight.shape[1], generator=generator)
+        x = x.to(device=weight.device, dtype=weight.dtype)
+        reference = _invariant_linear(x[:1], weight, bias)[0]
+        for rows in (_MIN_INVARIANT_ROWS, 7, 19):
+            first = _invariant_linear(x[:rows], weight, bias)[0]
+            last = _invariant_linear(x[:rows].roll(rows - 1, dims=0), weight, bias)[-1]
+            for out in (first, last):
+                if not torch.equal(out, reference):
+                    raise RuntimeError(
+                        "deterministic mode: this machine's matmuls round a row differently "
+                        f"with {rows} rows than with one (weight {tuple(weight.shape)})"
+                    )
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
