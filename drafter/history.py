@@ -12,7 +12,7 @@ frequent opening. Not thread-safe: one engine loop owns it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +47,23 @@ class GroupStats:
     p50_length: float
     p90_length: float
     max_length: int
+
+
+def length_stats(group: str, lengths: Sequence[int]) -> GroupStats:
+    """Statistics of a group's rollout output lengths."""
+    if not lengths:
+        return GroupStats(group, 0, 0, 0.0, 0.0, 0.0, 0)
+    array = np.asarray(lengths, dtype=np.float64)
+    p50, p90 = np.quantile(array, [0.5, 0.9])
+    return GroupStats(
+        group=group,
+        rollouts=len(lengths),
+        tokens=int(array.sum()),
+        mean_length=float(array.mean()),
+        p50_length=float(p50),
+        p90_length=float(p90),
+        max_length=max(lengths),
+    )
 
 
 @dataclass(slots=True)
@@ -136,20 +153,7 @@ class RolloutHistory:
         return [] if state is None else [rollout.length for rollout in state.rollouts]
 
     def group_stats(self, group: str) -> GroupStats:
-        lengths = self.recent_lengths(group)
-        if not lengths:
-            return GroupStats(group, 0, 0, 0.0, 0.0, 0.0, 0)
-        array = np.asarray(lengths, dtype=np.float64)
-        p50, p90 = np.quantile(array, [0.5, 0.9])
-        return GroupStats(
-            group=group,
-            rollouts=len(lengths),
-            tokens=int(array.sum()),
-            mean_length=float(array.mean()),
-            p50_length=float(p50),
-            p90_length=float(p90),
-            max_length=max(lengths),
-        )
+        return length_stats(group, self.recent_lengths(group))
 
     def groups(self) -> list[str]:
         return list(self._groups)

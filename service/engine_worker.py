@@ -37,7 +37,7 @@ import numpy as np
 
 from drafter import RolloutHistory
 from drafter.draft import Tokens
-from drafter.history import GroupStats
+from drafter.history import GroupStats, length_stats
 from service.engine import Engine, EngineConfig, RequestOutput
 from service.engine.engine import SampleProgress
 from service.engine.models import load_model
@@ -124,15 +124,7 @@ class HistoryView:
         return list(self._lengths.get(group, ()))
 
     def group_stats(self, group: str) -> GroupStats:
-        lengths = self.recent_lengths(group)
-        if not lengths:
-            return GroupStats(group, 0, 0, 0.0, 0.0, 0.0, 0)
-        array = np.asarray(lengths, dtype=np.float64)
-        p50, p90 = np.quantile(array, [0.5, 0.9])
-        return GroupStats(
-            group, len(lengths), int(array.sum()), float(array.mean()), float(p50), float(p90),
-            max(lengths),
-        )  # fmt: skip
+        return length_stats(group, self.recent_lengths(group))
 
     # -- the engine thread ----------------------------------------------------------------
 
