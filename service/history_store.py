@@ -128,6 +128,7 @@ class HistoryStore:
         self._cursors: dict[str, bytes] = {}  # group -> last stream id read
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing = False  # the sync loop's stop signal (see close)
         self.redis_up = redis is not None
         labels = {"worker": worker}
         # Read through self.history, so they follow use_history.
@@ -150,6 +151,10 @@ class HistoryStore:
 
     async def close(self) -> None:
         if self._task is not None:
+            # The flag ends the loop even if the cancellation is lost in a Redis call or
+            # an await that completes at the same moment.
+            self._closing = True
+            self._wake.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -318,9 +323,14 @@ class HistoryStore:
         await pipe.execute()
 
     async def _sync_loop(self) -> None:
-        while True:
+        while not self._closing:
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the wait completes, and close() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            if self._closing:
+                return
             self._wake.clear()
             try:
                 await self.flush()
