@@ -340,13 +340,9 @@ class _Bucket:
     companions and stale K/V under the mask (masked keys weigh exactly 0)."""
 
     tokens: Tensor  # [N] indices into the forward's tokens
-    first: int  # lowest slot with a token here
-    rows: int
-    token_rows: Tensor  # [N]
-    token_cols: Tensor  # [N]
-    width: int
-    keys: int  # the block's end: positions attended, a function of the block alone
-    mask: Tensor  # [rows, 1, width, keys]: a token sees positions <= its own; padding sees 0
+    # Its grid: keys is the block's end (a function of the block alone); in the mask a token
+    # sees positions <= its own, padding sees none.
+    grid: _Padding
 
     @staticmethod
     def build_all(
@@ -376,9 +372,8 @@ class _Bucket:
             seen = torch.zeros(rows, width, dtype=torch.long, device=device)
             seen[token_rows, token_cols] = positions[tokens]
             mask = torch.arange(keys, device=device)[None, None, :] <= seen[:, :, None]
-            buckets.append(
-                _Bucket(tokens, first, rows, token_rows, token_cols, width, keys, mask[:, None])
-            )
+            grid = _Padding(first, rows, token_rows, token_cols, width, keys, mask[:, None])
+            buckets.append(_Bucket(tokens, grid))
         return buckets
 
 
@@ -388,17 +383,9 @@ def _bucketed_attention(
     """Deterministic mode: one padded call per key block. Returns [T, heads, head_dim]."""
     attended = torch.empty_like(q)
     for bucket in buckets:
-        grid = q.new_zeros(bucket.rows, bucket.width, q.shape[1], q.shape[2])
-        grid[bucket.token_rows, bucket.token_cols] = q[bucket.tokens]
-        span = slice(bucket.first, bucket.first + bucket.rows)
-        out = F.scaled_dot_product_attention(
-            grid.transpose(1, 2),
-            k_cache[span, :, : bucket.keys],
-            v_cache[span, :, : bucket.keys],
-            attn_mask=bucket.mask,
-            enable_gqa=True,
+        attended[bucket.tokens] = _batched_attention(
+            q[bucket.tokens], k_cache, v_cache, bucket.grid
         )
-        attended[bucket.tokens] = out.transpose(1, 2)[bucket.token_rows, bucket.token_cols]
     return attended
 
 
