@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,14 +57,20 @@ def _check_tokens(name: str, tokens: Sequence[int]) -> None:
             raise ValueError(f"{name} must hold token ids in [0, 2**31 - 1], got {token!r}")
 
 
-def parse_record(line: str) -> TraceRecord:
-    """One trace line as a record; ValueError saying what is wrong with it."""
+def parse_json_object(line: str) -> dict[str, Any]:
+    """One JSON-lines line as an object; ValueError saying what is wrong with it."""
     try:
         data = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"not JSON: {error.msg}") from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    return data
+
+
+def parse_record(line: str) -> TraceRecord:
+    """One trace line as a record; ValueError saying what is wrong with it."""
+    data = parse_json_object(line)
     missing = [key for key in ("group", "epoch", "prompt", "output") if key not in data]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")

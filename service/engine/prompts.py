@@ -13,12 +13,12 @@ or plain text with one prompt per line. A prompt is a chat (a list of messages);
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from drafter.traces import parse_json_object
 from service.engine.models import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -225,12 +225,7 @@ def read_prompt_file(path: str | Path) -> list[Messages]:
 
 
 def _parse_json_line(line: str) -> Messages:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not JSON: {error.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+    data = parse_json_object(line)
     if "messages" in data:
         return _check_messages(data["messages"])
     if "prompt" in data:
