@@ -7,7 +7,7 @@ import torch
 from service.engine.sampling import (
     exponential_race,
     position_keys,
-    processed_probs,
+    processed_logits,
     sample,
     splitmix64,
 )
@@ -73,16 +73,16 @@ def test_same_key_same_token_and_row_independence() -> None:
 def test_sampled_tokens_stay_inside_top_k_and_top_p() -> None:
     logits = logits_rows(rows=64, vocab=300, seed=3)
     params = SamplingParams(temperature=1.0, top_k=5, top_p=0.8)
-    probs = processed_probs(logits, params)
+    probs = processed_logits(logits, params).softmax(-1)
     assert ((probs > 0).sum(-1) <= 5).all()
-    assert torch.allclose(probs.sum(-1), torch.ones(64, dtype=torch.float64))
+    assert torch.allclose(probs.sum(-1), torch.ones(64))
     drawn = sample(logits, params, seed=0, sample_index=0, first_position=0).token_ids
     assert all(probs[row, token] > 0 for row, token in enumerate(drawn))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass() -> None:
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    probs = processed_probs(logits, SamplingParams(temperature=1.0, top_p=0.75))
+    probs = processed_logits(logits, SamplingParams(temperature=1.0, top_p=0.75)).softmax(-1)
     assert probs[0].tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
 
 
@@ -91,7 +91,7 @@ def test_draws_follow_the_processed_distribution() -> None:
     params = SamplingParams(temperature=0.7)
     drawn = sample(logits, params, seed=11, sample_index=0, first_position=0).token_ids
     frequencies = np.bincount(drawn, minlength=5) / len(drawn)
-    expected = processed_probs(logits[:1], params)[0].numpy()
+    expected = processed_logits(logits[:1], params).softmax(-1)[0].numpy()
     assert np.abs(frequencies - expected).max() < 0.015
 
 
@@ -103,7 +103,7 @@ def test_logprobs_raw_and_processed() -> None:
     log_softmax = logits.log_softmax(-1)
     for row, token in enumerate(raw.token_ids):
         assert raw.logprobs[row] == pytest.approx(float(log_softmax[row, token]), abs=1e-6)
-    probs = processed_probs(logits, SAMPLED)
+    probs = processed_logits(logits, SAMPLED).softmax(-1)
     for row, token in enumerate(raw.token_ids):
         assert processed.logprobs[row] == pytest.approx(float(probs[row, token].log()), abs=1e-5)
     assert raw.top_logprobs is not None
@@ -113,16 +113,15 @@ def test_logprobs_raw_and_processed() -> None:
 
 
 def reference_top_p(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """processed_probs by the book: sort the whole vocabulary."""
-    scaled = logits.double() / params.temperature
+    """processed_logits by the book: sort the whole vocabulary."""
+    scaled = logits.float() / params.temperature
     if params.top_k > 0:
         kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(dim=-1)
     ordered = probs.sort(dim=-1, descending=True).values
     kept = ((ordered.cumsum(dim=-1) - ordered) < params.top_p).sum(dim=-1, keepdim=True)
-    probs = probs.masked_fill(probs < ordered.gather(-1, kept - 1), 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    return scaled.masked_fill(probs < ordered.gather(-1, kept - 1), float("-inf"))
 
 
 @pytest.mark.parametrize("top_k", [0, 200])
@@ -134,7 +133,7 @@ def test_top_p_shortcut_matches_a_full_sort(top_k: int) -> None:
     logits = torch.randn(5, 3000, generator=generator) * scale
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=top_k)
     torch.testing.assert_close(
-        processed_probs(logits, params), reference_top_p(logits, params), atol=0, rtol=0
+        processed_logits(logits, params), reference_top_p(logits, params), atol=0, rtol=0
     )
 
 
@@ -148,8 +147,8 @@ def test_the_race_ignores_rounding_sized_changes_to_the_distribution() -> None:
         logits + (torch.rand(logits.shape, generator=generator, dtype=torch.float64) - 0.5) * 2e-4
     )
     keys = position_keys(11, 0, np.arange(len(logits)))
-    first = exponential_race(logits.softmax(-1), keys)
-    second = exponential_race(nudged.softmax(-1), keys)
+    first = exponential_race(logits, keys)
+    second = exponential_race(nudged, keys)
     assert (first != second).sum().item() == 0
     # The same nudge moves inverse-CDF draws (token-id order) many times more often.
     u = torch.from_numpy(uniforms(11, 0, np.arange(len(logits))))[:, None]
