@@ -5,6 +5,17 @@ Long/Medium/Short deployment). The paper's own text could not be read from here;
 below follow DESIGN.md (which quotes the paper's models and closed form) and are re-derived so
 that every step can be checked (tests/drafter/test_policy.py does, against brute force).
 
+Two rules turn the same inputs (predicted remaining lengths, length classes, the cost model and
+the live batch) into budgets:
+- "das" (the default, marginal_budgets): per step, each request drafts the tokens that pay for
+  themselves. Its n-th draft token is accepted with probability rate ** n, where rate is its
+  group's measured per-token acceptance, and is worth a whole step if the request is the one the
+  batch waits for (its chance: its share of the predicted remaining tokens). On real SmolLM2
+  traces this rule beat the closed form below by 5-7% of makespan (README).
+- "das-eq7": the closed form of DESIGN.md, described next. Its acceptance model saturates at
+  k * l, which for suffix drafts (accepted per verify step, not per token drafted over a
+  request's life) made it draft too little.
+
 Cost model. One forward pass over n tokens (all rows of the batch together) takes
     t_fwd = c_base + c_tok * n.
 Acceptance model. A request with l tokens still to generate that drafts p tokens in total over
@@ -454,6 +465,75 @@ def fit_acceptance(
     return Acceptance(k=k, alpha=min(alpha, 1.0 / k))
 
 
+# -- the per-step rule (das) ---------------------------------------------------------------
+
+
+class ContinuationRate:
+    """Exponentially weighted per-token acceptance of chain drafts: a verify step that drafted
+    d tokens and accepted a of them tried min(a + 1, d) positions (the first rejection ends the
+    chain) and a of those succeeded. rate() is the chance that a draft token is accepted given
+    that the one before it was, with the prior worth prior_weight tried positions."""
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        self._decay = decay
+        self._tried = 0.0
+        self._accepted = 0.0
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        _check_step(drafted, accepted)
+        if drafted == 0:
+            return
+        self._tried = self._tried * self._decay + min(accepted + 1, drafted)
+        self._accepted = self._accepted * self._decay + accepted
+
+    def rate(self, prior: float, prior_weight: float) -> float:
+        return (self._accepted + prior * prior_weight) / (self._tried + prior_weight)
+
+
+def marginal_budgets(
+    remaining: Sequence[float],
+    rates: Sequence[float],
+    drafting: Sequence[bool],
+    cost: CostModel,
+    max_budget: int,
+) -> list[int]:
+    """Draft tokens per request for the next verify step, each the most that pays for itself.
+
+    The batch runs until its last request is done, so a request's accepted token saves a whole
+    step only if that request is the last one; its chance of being last is taken as its share
+    of the batch's predicted remaining tokens, w_i = l_i / sum_j l_j. The n-th draft token of
+    request i is accepted with probability rate_i ** n (each one given the one before) and costs
+    c_tok to verify, so it is worth drafting while
+        rate_i ** n * w_i * t_step >= c_tok,   t_step = c_base + c_tok * (live requests),
+    that is n_i = floor(ln(c_tok / (w_i * t_step)) / ln(rate_i)), capped at max_budget. A full
+    batch spreads w thin and makes every step dear, so drafts shrink; as it drains to its last
+    few requests, w_i goes to 1 and their drafts grow. 0 for requests that may not draft."""
+    if not len(remaining) == len(rates) == len(drafting):
+        raise ValueError("need one remaining length, rate and drafting flag per request")
+    if max_budget < 0:
+        raise ValueError(f"max_budget must be >= 0, got {max_budget}")
+    if any(length <= 0 for length in remaining):
+        raise ValueError("remaining lengths must be > 0")
+    if any(not 0.0 <= rate <= 1.0 for rate in rates):
+        raise ValueError("rates must be in [0, 1]")
+    total = sum(remaining)
+    step = cost.step_time(len(remaining))
+    budgets = []
+    for length, rate, flag in zip(remaining, rates, drafting, strict=True):
+        floor = cost.c_tok / (length / total * step)  # least acceptance a token must have
+        if not flag or rate <= 0.0 or floor > rate:
+            budgets.append(0)
+        elif rate >= 1.0 or floor <= 0.0:
+            budgets.append(max_budget)
+        else:
+            # The tiny slack keeps an exact power (rate ** n == floor) from rounding below n.
+            tokens = math.floor(math.log(floor) / math.log(rate) + 1e-9)
+            budgets.append(min(max_budget, tokens))
+    return budgets
+
+
 # -- policies ------------------------------------------------------------------------------
 
 
@@ -512,8 +592,12 @@ class FixedPolicy:
         _check_length(length)
 
 
+DAS_RULES = ("marginal", "eq7")
+
+
 @dataclass(frozen=True, slots=True)
 class DasConfig:
+    rule: str = "marginal"  # "marginal" (marginal_budgets) or "eq7" (the closed form, step_budgets)
     max_budget: int = 16  # most draft tokens one request gets in one verify step
     length_quantile: float = 0.9  # predicted length: this quantile of the group's lengths
     short_quantile: float = 1 / 3  # Short: at most this quantile of all recent lengths
@@ -521,13 +605,18 @@ class DasConfig:
     prior_length: int = 256  # predicted length of a group with no finished rollout yet
     tail_growth: float = 0.5  # past all its group's rollouts: expect this share more
     history: int = 64  # recent lengths kept per group
-    prior_k: float = 0.5  # acceptance model before any evidence...
+    prior_rate: float = 0.5  # per-token acceptance (marginal) before any evidence...
+    prior_k: float = 0.5  # acceptance model (eq7) before any evidence...
     prior_alpha: float = 1.0
-    prior_weight: float = 16.0  # ...worth this many verify steps of evidence
+    prior_weight: float = 16.0  # ...worth this many verify steps (tried positions) of evidence
     decay: float = 0.995  # per verify step: the weight of older acceptance evidence
     refit_every: int = 8  # verify steps between refits of a group's acceptance model
 
     def __post_init__(self) -> None:
+        if self.rule not in DAS_RULES:
+            raise ValueError(f"rule must be one of {DAS_RULES}, got {self.rule!r}")
+        if not 0.0 <= self.prior_rate <= 1.0:
+            raise ValueError(f"prior_rate must be in [0, 1], got {self.prior_rate}")
         if not 1 <= self.max_budget <= 1024:
             raise ValueError(f"max_budget must be in [1, 1024], got {self.max_budget}")
         if not 0.0 < self.length_quantile <= 1.0:
@@ -568,10 +657,9 @@ class Prediction:
 
 
 class DasPolicy:
-    """The DAS length-aware budget (module docstring): per group, recent lengths and an
-    online acceptance model; per step, the closed-form budgets for the live batch."""
-
-    name = "das"
+    """The DAS length-aware budget: per group, recent lengths (the length classes and the
+    predicted remaining lengths) and online acceptance estimates; per step, the budgets of
+    config.rule for the live batch: marginal_budgets ("das") or the closed form ("das-eq7")."""
 
     def __init__(self, cost: CostModel, config: DasConfig | None = None) -> None:
         self.cost = cost
@@ -581,24 +669,40 @@ class DasPolicy:
         self._bounds_stale = False
         self._groups: dict[str, _Fitted] = {}
         self._pooled = _Fitted(AcceptanceEstimator(self.config.decay))
+        self._rates: dict[str, ContinuationRate] = {}
+        self._pooled_rate = ContinuationRate(self.config.decay)
+
+    @property
+    def name(self) -> str:
+        return "das" if self.config.rule == "marginal" else f"das-{self.config.rule}"
 
     def request(self, group: str) -> RequestView:
         return RequestView(group, 0, initial_class(self._group_lengths(group), self.bounds()))
 
     def budgets(self, requests: Sequence[RequestView]) -> list[int]:
         remaining: list[float] = []
-        models: list[Acceptance] = []
         drafting: list[bool] = []
         for view in requests:
             prediction = self.predict(view)
             remaining.append(max(1.0, prediction.length - view.generated))
-            models.append(self.acceptance(view.group))
             drafting.append(prediction.length_class != LengthClass.SHORT)
-        return step_budgets(remaining, models, drafting, self.cost, self.config.max_budget)
+        cfg = self.config
+        if cfg.rule == "marginal":
+            rates = [self.rate(view.group) for view in requests]
+            return marginal_budgets(remaining, rates, drafting, self.cost, cfg.max_budget)
+        models = [self.acceptance(view.group) for view in requests]
+        return step_budgets(remaining, models, drafting, self.cost, cfg.max_budget)
 
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
         _check_step(drafted, accepted)
         if drafted == 0:
+            return
+        if self.config.rule == "marginal":
+            rate = self._rates.get(group)
+            if rate is None:
+                rate = self._rates[group] = ContinuationRate(self.config.decay)
+            rate.observe(drafted, accepted)
+            self._pooled_rate.observe(drafted, accepted)
             return
         fitted = self._groups.get(group)
         if fitted is None:
@@ -624,6 +728,13 @@ class DasPolicy:
             view.initial_class, view.generated, lengths, self.bounds(), cfg.length_quantile
         )
         return Prediction(length, cls)
+
+    def rate(self, group: str) -> float:
+        """The group's per-token acceptance; its prior is the rate of all groups."""
+        cfg = self.config
+        pooled = self._pooled_rate.rate(cfg.prior_rate, cfg.prior_weight)
+        rate = self._rates.get(group)
+        return pooled if rate is None else rate.rate(pooled, cfg.prior_weight)
 
     def acceptance(self, group: str) -> Acceptance:
         """The group's fitted acceptance model; its prior is the model fitted to all groups."""
@@ -668,9 +779,9 @@ _MAX_FIXED = 1024
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
-    """A parsed policy name: "none", "fixed:K" (1 <= K <= 1024) or "das"."""
+    """A parsed policy name: "none", "fixed:K" (1 <= K <= 1024), "das" or "das-eq7"."""
 
-    kind: str  # "none", "fixed" or "das"
+    kind: str  # "none", "fixed", "das" or "das-eq7"
     budget: int = 0  # K of fixed:K
 
     def __str__(self) -> str:
@@ -679,7 +790,7 @@ class PolicySpec:
 
 def parse_policy_spec(spec: str) -> PolicySpec:
     text = spec.strip()
-    if text in ("none", "das"):
+    if text in ("none", "das", "das-eq7"):
         return PolicySpec(text)
     name, sep, arg = text.partition(":")
     if name == "fixed" and sep:
@@ -689,14 +800,16 @@ def parse_policy_spec(spec: str) -> PolicySpec:
         if not 1 <= budget <= _MAX_FIXED:
             raise ValueError(f"fixed:K needs 1 <= K <= {_MAX_FIXED} (none for 0), got {spec!r}")
         return PolicySpec("fixed", budget)
-    raise ValueError(f"unknown policy {spec!r}: expected none, fixed:K or das")
+    raise ValueError(f"unknown policy {spec!r}: expected none, fixed:K, das or das-eq7")
 
 
 def parse_policy(
     spec: str, cost: CostModel = SMOLLM2_CPU, config: DasConfig | None = None
 ) -> Policy:
-    """A fresh policy object from its name: "none", "fixed:K" or "das"."""
+    """A fresh policy object from its name: "none", "fixed:K", "das" or "das-eq7" (das with the
+    closed-form rule; `config`'s rule is overridden by the name)."""
     parsed = parse_policy_spec(spec)
-    if parsed.kind == "das":
-        return DasPolicy(cost, config)
+    if parsed.kind.startswith("das"):
+        rule = "eq7" if parsed.kind == "das-eq7" else "marginal"
+        return DasPolicy(cost, replace(config or DasConfig(), rule=rule))
     return FixedPolicy(parsed.budget)

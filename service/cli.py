@@ -1,6 +1,6 @@
 """The `das` command line.
 
-    das simulate --trace T.jsonl [--policy das|fixed:K|none] [--c-base S --c-tok S]
+    das simulate --trace T.jsonl [--policy das|das-eq7|fixed:K|none] [--c-base S --c-tok S]
                  [--json OUT] [--max-depth D --window W]
     das synth-trace --out T.jsonl [--groups G --samples N --epochs E --seed S]
     das trace --out T.jsonl [--model M --prompts P --samples N --epochs E --temperature T
@@ -79,7 +79,10 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     sim.add_argument("--trace", required=True, help="JSON-lines rollout trace")
     sim.add_argument(
-        "--policy", default="das", type=_policy_spec, help="das, fixed:K or none (default: das)"
+        "--policy",
+        default="das",
+        type=_policy_spec,
+        help="das, das-eq7, fixed:K or none (default: das)",
     )
     sim.add_argument("--c-base", type=_seconds, default=None, help="seconds per forward pass")
     sim.add_argument("--c-tok", type=_seconds, default=None, help="seconds per token in one")
@@ -291,7 +294,7 @@ def _add_trace(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--policy",
         default="none",
         type=_policy_spec,
-        help="speculation while recording: none, fixed:K or das; the tokens are the same "
+        help="speculation while recording: none, fixed:K, das or das-eq7; the tokens are the same "
         "(default none)",
     )
     trace.set_defaults(handler=_trace, command_parser=trace)

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     device: str = "cpu"  # cpu, cuda or cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     speculation: bool = True  # False: no drafts at all, whatever spec_policy says
-    spec_policy: str = "das"  # engine budget policy: das, fixed:K or none
+    spec_policy: str = "das"  # engine budget policy: das, das-eq7, fixed:K or none
     spec_budget: int = Field(8, ge=0, le=64)  # FakeWorker: draft tokens per forward pass
     max_batch: int = Field(16, ge=1)  # engine: sequences decoding at once (KV cache slots)
     max_model_len: int = Field(1024, ge=2)  # engine: prompt + output tokens of one sequence

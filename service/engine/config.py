@@ -22,7 +22,7 @@ class EngineConfig:
     max_batch: int = 16  # sequences decoding at once (KV cache slots)
     max_model_len: int = 1024  # prompt + output tokens of one sequence (KV positions per slot)
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step (one prompt always fits)
-    speculation: str = "none"  # budget policy: none, fixed:K or das
+    speculation: str = "none"  # budget policy: none, fixed:K, das or das-eq7
     max_draft: int = 16  # cap on draft tokens per sequence per step, whatever the policy says
     # Batch-invariant numerics: a token's logits are bitwise the same whatever its batch
     # companions or draft length, so speculation is bitwise lossless (see runner.py); slower.

@@ -5,6 +5,8 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drafter.policy import (
     SMOLLM2_CPU,
@@ -12,6 +14,7 @@ from drafter.policy import (
     Acceptance,
     AcceptanceEstimator,
     ClassBounds,
+    ContinuationRate,
     CostModel,
     DasConfig,
     DasPolicy,
@@ -25,6 +28,7 @@ from drafter.policy import (
     fit_acceptance,
     forwards_needed,
     initial_class,
+    marginal_budgets,
     modeled_time,
     optimal_forwards,
     parse_policy,
@@ -355,9 +359,10 @@ def test_estimator_and_fit_reject_bad_input() -> None:
 # -- policies ------------------------------------------------------------------------------
 
 
-def test_parse_policy_spec_accepts_the_three_policies() -> None:
+def test_parse_policy_spec_accepts_the_policies() -> None:
     assert parse_policy_spec("none") == PolicySpec("none")
     assert parse_policy_spec(" das ") == PolicySpec("das")
+    assert parse_policy_spec("das-eq7") == PolicySpec("das-eq7")
     assert parse_policy_spec("fixed:8") == PolicySpec("fixed", 8)
     assert str(parse_policy_spec("fixed:8")) == "fixed:8"
     assert str(parse_policy_spec("das")) == "das"
@@ -385,6 +390,10 @@ def test_parse_policy_builds_fresh_policies() -> None:
     assert das.cost == SMOLLM2_CPU
     assert das.config == DasConfig()
     assert parse_policy("das") is not das
+    eq7 = parse_policy("das-eq7", COST, DasConfig(max_budget=4))
+    assert isinstance(eq7, DasPolicy)
+    assert eq7.name == "das-eq7"
+    assert eq7.config == DasConfig(rule="eq7", max_budget=4)
 
 
 def test_fixed_policy_checks_what_it_observes() -> None:
@@ -408,6 +417,9 @@ def test_request_view_advances_and_checks_itself() -> None:
         RequestView("g", -1)
 
 
+RULES = pytest.mark.parametrize("rule", ["marginal", "eq7"])
+
+
 def _trained_das(config: DasConfig | None = None) -> DasPolicy:
     """A DAS policy that has seen a Short, a Medium and a Long group finish, and good drafts."""
     policy = DasPolicy(COST, config)
@@ -419,8 +431,9 @@ def _trained_das(config: DasConfig | None = None) -> DasPolicy:
     return policy
 
 
-def test_das_gives_short_requests_nothing_and_long_ones_drafts() -> None:
-    policy = _trained_das()
+@RULES
+def test_das_gives_short_requests_nothing_and_long_ones_drafts(rule: str) -> None:
+    policy = _trained_das(DasConfig(rule=rule))
     short, long = policy.request("short"), policy.request("long")
     assert short.initial_class == LengthClass.SHORT
     assert long.initial_class == LengthClass.LONG
@@ -431,8 +444,9 @@ def test_das_gives_short_requests_nothing_and_long_ones_drafts() -> None:
     assert policy.budgets([]) == []
 
 
-def test_das_budgets_grow_as_the_batch_drains() -> None:
-    policy = _trained_das()
+@RULES
+def test_das_budgets_grow_as_the_batch_drains(rule: str) -> None:
+    policy = _trained_das(DasConfig(rule=rule))
     long = policy.request("long")
     crowd = [policy.request("medium") for _ in range(40)]
     drained = policy.budgets([long])[0]
@@ -441,8 +455,9 @@ def test_das_budgets_grow_as_the_batch_drains() -> None:
     assert drained == policy.config.max_budget
 
 
-def test_das_upgrades_a_short_request_that_keeps_going() -> None:
-    policy = _trained_das()
+@RULES
+def test_das_upgrades_a_short_request_that_keeps_going(rule: str) -> None:
+    policy = _trained_das(DasConfig(rule=rule))
     view = policy.request("short")
     assert policy.predict(view).length_class == LengthClass.SHORT
     assert policy.budgets([view])[0] == 0
@@ -451,8 +466,26 @@ def test_das_upgrades_a_short_request_that_keeps_going() -> None:
     assert policy.budgets([grown])[0] > 0
 
 
-def test_das_learns_acceptance_per_group() -> None:
-    policy = DasPolicy(COST, DasConfig(refit_every=1))
+def test_das_learns_the_per_token_rate_per_group() -> None:
+    policy = DasPolicy(COST, DasConfig(prior_rate=0.5, prior_weight=16))
+    assert policy.rate("g") == 0.5
+    for _ in range(200):
+        policy.observe_step("good", 8, 7)  # 8 positions tried, 7 accepted
+        policy.observe_step("bad", 8, 0)  # 1 tried, none accepted
+    policy.observe_step("good", 0, 0)  # nothing drafted: ignored
+    good, bad = policy.rate("good"), policy.rate("bad")
+    assert good == pytest.approx(7 / 8, abs=0.02)
+    assert bad < 0.1
+    # An unseen group starts from the rate of all groups.
+    assert policy.rate("new") == pytest.approx((1400 + 8) / (1800 + 16), rel=0.05)
+    bad_alone = policy.budgets([policy.request("bad")])[0]
+    assert policy.budgets([policy.request("good")]) == [policy.config.max_budget]
+    assert bad_alone <= 1  # a lone request's token costs 3% of a step: one may still pay
+    assert policy.budgets([policy.request("bad")] * 40) == [0] * 40
+
+
+def test_das_eq7_learns_acceptance_per_group() -> None:
+    policy = DasPolicy(COST, DasConfig(rule="eq7", refit_every=1))
     prior = policy.acceptance("g")
     assert (prior.k, prior.alpha) == pytest.approx((0.5, 1.0), rel=0.01)
     for _ in range(200):
@@ -499,6 +532,8 @@ def test_das_class_bounds_follow_finished_rollouts() -> None:
         {"prior_weight": 0.0},
         {"decay": 1.5},
         {"refit_every": 0},
+        {"rule": "closed"},
+        {"prior_rate": 1.5},
     ],
 )
 def test_das_config_checks_itself(knobs: dict[str, float]) -> None:
@@ -512,3 +547,99 @@ def test_das_config_defaults_are_the_documented_ones() -> None:
     assert config.max_budget == 16
     assert config.short_quantile < config.long_quantile
     assert _trained_das(config).budgets([RequestView("long", 0, LengthClass.LONG)])[0] > 0
+
+
+# -- the per-step rule ---------------------------------------------------------------------
+
+
+def test_continuation_rate_counts_the_positions_a_chain_tried() -> None:
+    rate = ContinuationRate(decay=1.0)
+    assert rate.rate(0.3, 10.0) == pytest.approx(0.3)
+    rate.observe(4, 2)  # tried 3 (two accepted, the third rejected)
+    rate.observe(4, 4)  # tried 4, all accepted
+    rate.observe(0, 0)  # nothing drafted: no evidence
+    assert rate.rate(0.0, 1e-12) == pytest.approx(6 / 7)
+    assert rate.rate(0.5, 7.0) == pytest.approx((6 + 3.5) / 14)
+    with pytest.raises(ValueError):
+        rate.observe(2, 3)
+    with pytest.raises(ValueError):
+        ContinuationRate(0.0)
+
+
+def _best_by_enumeration(
+    length: float, total: float, rate: float, flag: bool, cost: CostModel, live: int, cap: int
+) -> int:
+    """The draft size that maximises expected saved time minus verify cost, by trying all."""
+    if not flag:
+        return 0
+    weight = length / total
+    step = cost.c_base + cost.c_tok * live
+    gains = [
+        sum(rate**j * weight * step - cost.c_tok for j in range(1, n + 1)) for n in range(cap + 1)
+    ]
+    best = max(gains)
+    # Ties (zero-gain tokens) go to the larger draft, as the rule includes them.
+    return max(n for n, gain in enumerate(gains) if gain >= best - 1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.floats(1.0, 2000.0),
+            st.floats(0.0, 1.0),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=24,
+    ),
+    c_base=st.floats(0.001, 0.2),
+    c_tok=st.floats(1e-5, 0.01),
+    cap=st.integers(0, 32),
+)
+def test_marginal_budgets_are_the_best_draft_sizes(
+    rows: list[tuple[float, float, bool]], c_base: float, c_tok: float, cap: int
+) -> None:
+    cost = CostModel(c_base, c_tok)
+    lengths, rates, flags = (list(column) for column in zip(*rows, strict=True))
+    budgets = marginal_budgets(lengths, rates, flags, cost, cap)
+    total = sum(lengths)
+    for length, rate, flag, budget in zip(lengths, rates, flags, budgets, strict=True):
+        expected = _best_by_enumeration(length, total, rate, flag, cost, len(rows), cap)
+        if budget != expected:
+            # Only where a token's gain is zero to rounding may the two disagree.
+            weight, step = length / total, cost.step_time(len(rows))
+            edge = rate ** max(budget, expected) * weight * step
+            assert edge == pytest.approx(c_tok, rel=1e-6)
+
+
+def test_marginal_budgets_favour_the_long_and_the_alone() -> None:
+    cost = CostModel(c_base=0.06, c_tok=0.002)
+    long, short = marginal_budgets([400.0, 40.0], [0.6, 0.6], [True, True], cost, 16)
+    assert long > short
+    crowded = marginal_budgets([400.0] * 16, [0.6] * 16, [True] * 16, cost, 16)[0]
+    alone = marginal_budgets([400.0], [0.6], [True], cost, 16)[0]
+    assert alone > crowded
+    # Alone, a token is worth drafting while 0.6 ** n >= c_tok / t_step = 0.002 / 0.062.
+    assert alone == math.floor(math.log(0.002 / 0.062) / math.log(0.6))
+    assert marginal_budgets([400.0], [1.0], [True], cost, 16) == [16]
+    assert marginal_budgets([400.0], [0.0], [True], cost, 16) == [0]
+    assert marginal_budgets([400.0], [0.9], [False], cost, 16) == [0]
+    assert marginal_budgets([], [], [], cost, 16) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([1.0], [0.5, 0.5], [True], 4),  # ragged
+        ([0.0], [0.5], [True], 4),  # no remaining length
+        ([1.0], [1.5], [True], 4),  # not a probability
+        ([1.0], [0.5], [True], -1),  # negative cap
+    ],
+)
+def test_marginal_budgets_reject_bad_arguments(
+    args: tuple[list[float], list[float], list[bool], int],
+) -> None:
+    lengths, rates, flags, cap = args
+    with pytest.raises(ValueError):
+        marginal_budgets(lengths, rates, flags, COST, cap)
