@@ -1,10 +1,11 @@
 # Set-up and checks. `make run` and `make test` work on a fresh machine: they create .venv
-# and install everything (the native suffix tree is compiled by the package build).
+# and install everything (the native suffix tree and matmul kernel are compiled by the package
+# build).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-NATIVE := CMakeLists.txt $(wildcard drafter/_native/*)
+NATIVE := CMakeLists.txt $(wildcard drafter/_native/*) $(wildcard service/engine/_native/*)
 
 .PHONY: install run test lint pytest bench-drafter bench-rollout bench-gateway clean
 

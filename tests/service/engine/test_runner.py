@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.engine import _kernels
 from service.engine.models import Tokenizer
 from service.engine.runner import Runner
 
@@ -13,10 +14,16 @@ def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
     return logits
 
 
-def check_ragged_steps(model: torch.nn.Module, atol: float, batched_max_chunk: int = 32) -> None:
+def check_ragged_steps(
+    model: torch.nn.Module, atol: float, batched_max_chunk: int = 32, small_matmul: bool = True
+) -> None:
     """Prefill three slots with different prompt lengths, then ragged steps with rollback
-    and re-feeding; every logit row must equal Hugging Face's forward of the full prefix."""
-    runner = Runner(model, slots=4, max_len=64, batched_max_chunk=batched_max_chunk)
+    and re-feeding; every logit row must equal Hugging Face's forward of the full prefix.
+    Steps of at most 64 tokens take the native small-batch matmul where it applies."""
+    runner = Runner(
+        model, slots=4, max_len=64, batched_max_chunk=batched_max_chunk, small_matmul=small_matmul
+    )
+    assert runner.small_matmul == (small_matmul and _kernels.available())
     generator = torch.Generator().manual_seed(0)
     vocab = runner.vocab_size
     seqs = [torch.randint(0, vocab, (48,), generator=generator).tolist() for _ in range(3)]
@@ -46,11 +53,12 @@ def check_ragged_steps(model: torch.nn.Module, atol: float, batched_max_chunk: i
     assert runner.lengths[1] == 0
 
 
+@pytest.mark.parametrize("small_matmul", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("batched_max_chunk", [32, 0], ids=["batched", "looped"])
 def test_runner_matches_hf_on_ragged_batches_with_rollback(
-    tiny_model: torch.nn.Module, batched_max_chunk: int
+    tiny_model: torch.nn.Module, batched_max_chunk: int, small_matmul: bool
 ) -> None:
-    check_ragged_steps(tiny_model, 1e-4, batched_max_chunk)
+    check_ragged_steps(tiny_model, 1e-4, batched_max_chunk, small_matmul)
 
 
 def test_num_logits_returns_the_last_rows(tiny_model: torch.nn.Module) -> None:
