@@ -120,18 +120,17 @@ bool cpu_supported() { return false; }
 // job (the next matmul of a forward follows within microseconds), then sleeps on its counter.
 class Pool {
  public:
-  ~Pool() { resize(0); }
+  ~Pool() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    forget_if_forked();
+    resize(0);
+  }
 
+  // `threads` slices of the weight rows, the caller's thread taking the first.
   void run(const Problem& p, int threads) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (pid_ != getpid()) {
-      // A forked child has none of the parent's helper threads: forget them (their objects
-      // are leaked, not destroyed, since there is no thread to join).
-      for (auto& helper : helpers_) helper.release();
-      helpers_.clear();
-      pid_ = getpid();
-    }
-    resize(threads - 1);
+    forget_if_forked();
+    if (int(helpers_.size()) < threads - 1) resize(threads - 1);  // only ever grows
     const int parts = threads;
     // Slices of whole weight-row pairs, so the split does not change any output's arithmetic.
     const int64_t pairs = (p.N + 1) / 2;
@@ -164,6 +163,15 @@ class Pool {
     std::thread thread;
   };
 
+  // A forked child has none of the parent's helper threads: forget them (their objects are
+  // leaked, not destroyed, since there is no thread to join).
+  void forget_if_forked() {
+    if (pid_ == getpid()) return;
+    for (auto& helper : helpers_) helper.release();
+    helpers_.clear();
+    pid_ = getpid();
+  }
+
   void resize(int count) {
     while (int(helpers_.size()) > count) {
       Helper& h = *helpers_.back();
@@ -185,7 +193,7 @@ class Pool {
     uint64_t seen = 0;
     while (true) {
       uint64_t job = h.job.load(std::memory_order_acquire);
-      for (int spin = 0; job == seen && spin < 20000; ++spin) {  // about 100 us
+      for (int spin = 0; job == seen && spin < 4000; ++spin) {  // tens of microseconds
 #if DAS_X86
         _mm_pause();
 #endif
@@ -223,12 +231,12 @@ void linear(In x, In w, Out y, int threads) {
   if (int64_t(y.shape(0)) != M || int64_t(y.shape(1)) != N)
     throw std::invalid_argument("y must be [x rows, w rows]");
   if (K % 8 != 0) throw std::invalid_argument("K must be a multiple of 8");
-  if (threads < 1 || threads > 64) throw std::invalid_argument("threads must be in [1, 64]");
+  if (threads < 1) throw std::invalid_argument("threads must be >= 1");
   if (M == 0 || N == 0) return;
   const Problem p{x.data(), w.data(), y.data(), M, K, N};
   nb::gil_scoped_release release;
-  // Below ~64 weight rows a slice is not worth a helper.
-  pool().run(p, N >= 64 * threads ? threads : 1);
+  // A slice of fewer than 64 weight rows is not worth a helper.
+  pool().run(p, int(std::clamp<int64_t>(N / 64, 1, std::min(threads, 64))));
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 200])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 16, 33, 64])
 @pytest.mark.parametrize("out_features", [1, 2, 63, 129, 1000])
 def test_linear_matches_torch(rows: int, out_features: int, threads: int) -> None:
