@@ -118,9 +118,10 @@ class Runner:
         """Take (and fuse) the weights of a Hugging Face Llama-family model of this shape."""
         hf: Any = model  # a Hugging Face *ForCausalLM: its submodules are read by name
         inner = hf.model
-        self.embed: Tensor = inner.embed_tokens.weight
-        self.lm_head: Tensor = hf.get_output_embeddings().weight
-        self.final_norm: Tensor = inner.norm.weight
+        # Detached: the native matmul refuses tensors that require grad.
+        self.embed: Tensor = inner.embed_tokens.weight.detach()
+        self.lm_head: Tensor = hf.get_output_embeddings().weight.detach()
+        self.final_norm: Tensor = inner.norm.weight.detach()
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -131,10 +132,10 @@ class Runner:
                     input_norm=layer.input_layernorm.weight,
                     qkv=torch.cat([p.weight for p in projections]),
                     qkv_bias=None if biases[0] is None else torch.cat(biases),
-                    o=attn.o_proj.weight,
+                    o=attn.o_proj.weight.detach(),
                     post_norm=layer.post_attention_layernorm.weight,
                     gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down=mlp.down_proj.weight,
+                    down=mlp.down_proj.weight.detach(),
                 )
             )
         # cos/sin for every position, from the model's own rotary module (so its rope
@@ -227,6 +228,9 @@ class Runner:
             [torch.arange(s, s + n, device=device) for s, n in zip(starts, sizes, strict=True)]
         )
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
+        token_slots = torch.repeat_interleave(
+            torch.tensor(slots, device=device), torch.tensor(sizes, device=device)
+        )
         batched = None
         masks: list[Tensor | None] = []
         buckets: list[_Bucket] = []
@@ -246,11 +250,9 @@ class Runner:
             k = _rope(k.view(-1, kv_heads, dim), cos, sin)
             v = v.view(-1, kv_heads, dim)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            offset = 0
-            for slot, start, size in zip(slots, starts, sizes, strict=True):
-                k_cache[slot, :, start : start + size] = k[offset : offset + size].transpose(0, 1)
-                v_cache[slot, :, start : start + size] = v[offset : offset + size].transpose(0, 1)
-                offset += size
+            # Indices on dims 0 and 2 around a slice: the indexed view is [T, kv_heads, dim].
+            k_cache[token_slots, :, positions] = k
+            v_cache[token_slots, :, positions] = v
             if self.deterministic:
                 attended = _bucketed_attention(q, k_cache, v_cache, buckets)
             elif batched is not None:
