@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NATIVE := CMakeLists.txt $(wildcard drafter/_native/*) $(wildcard service/engine/_native/*)
 
-.PHONY: install run test lint pytest bench-drafter bench-rollout bench-gateway clean
+.PHONY: install run test lint pytest bench-drafter bench-rollout bench-gateway bench-steps clean
 
 install: $(STAMP)
 
@@ -40,13 +40,17 @@ test: lint pytest
 bench-drafter: $(STAMP)
 	$(BIN)/python -m bench.drafter --json bench/results/drafter.json
 
-# The RL-like workload on SmolLM2 under none, fixed:8 and das (about 30 min at the defaults).
+# The RL-like workload on SmolLM2 under none, fixed:8 and das (about 20 min at the defaults).
 bench-rollout: $(STAMP)
-	$(BIN)/das bench rollout --threads 1 --json bench/results/rollout.json \
+	$(BIN)/das bench rollout --json bench/results/rollout.json \
 		--plot bench/results/rollout.png --trace bench/results/rollout-trace.jsonl
 
 bench-gateway: $(STAMP)
 	$(BIN)/python -m bench.gateway --json bench/results/gateway.json
+
+# SmolLM2 verify-step times over batch sizes and draft lengths (about 1 min).
+bench-steps: $(STAMP)
+	$(BIN)/python -m bench.steps --json bench/results/steps.json
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
