@@ -306,8 +306,9 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rollout = kinds.add_parser(
         "rollout",
         help="RL rollout makespan per epoch under each speculation mode",
-        description="For each mode (none first: the reference), a fresh engine and history "
-        "run every epoch, each epoch's prompts x samples submitted at once as one RL step. "
+        description="Each mode (none first: the reference) has its own engine and history "
+        "and runs every epoch, the modes taking turns epoch by epoch; each epoch's prompts x "
+        "samples are submitted at once as one RL step. "
         "Reports makespan, tokens per forward, acceptance, tokens/s and the batch size over "
         "time per epoch, and the rollouts whose tokens differ from none's (must be 0).",
     )

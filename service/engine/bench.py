@@ -6,8 +6,10 @@ on after each epoch as a weight update would). Every (epoch, prompt) request get
 and the sample index is part of the sampling RNG key, so each rollout draws its own stream, the
 same in every mode: with lossless speculation the outputs must be identical across modes.
 
-For each speculation mode (none, fixed:K, das) a fresh engine with a fresh history runs every
-epoch and the benchmark records, per epoch:
+Each speculation mode (none, fixed:K, das) has its own engine with its own history, and runs
+every epoch. The modes take turns epoch by epoch (epoch 0 of every mode, then epoch 1, ...), so
+a slow stretch of a shared machine falls on all of them rather than on one mode's whole run.
+The benchmark records, per mode and epoch:
     makespan_s            wall time from submission until the last rollout finished
     tokens                output tokens generated
     steps                 engine forward passes (batch steps; each serves the whole batch)
@@ -255,6 +257,41 @@ def run_epoch(
     )
 
 
+def mode_engine(
+    config: RolloutConfig,
+    mode: str,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    workload: Workload,
+    cost: CostModel,
+) -> Engine:
+    """A fresh engine with a fresh history for one mode of the benchmark."""
+    longest = max(len(prompt) for prompt in workload.prompts)
+    engine_config = EngineConfig(
+        model=config.model,
+        max_batch=config.max_batch or workload.rollouts_per_epoch,
+        max_model_len=longest + config.max_tokens,
+        max_prefill_tokens=max(2048, longest),
+        speculation=mode,
+    )
+    return Engine(engine_config, model=model, tokenizer=tokenizer, policy=parse_policy(mode, cost))
+
+
+def run_next_epoch(
+    engine: Engine,
+    workload: Workload,
+    config: RolloutConfig,
+    mode: str,
+    epoch: int,
+    progress: Progress | None = None,
+) -> EpochRun:
+    """One epoch, then the training step between epochs: the rollouts just made join the
+    history under this policy version, and the next epoch samples under the next one."""
+    run = run_epoch(engine, workload.requests(epoch, config.seed), mode, epoch, progress)
+    engine.history.set_version(epoch + 1)
+    return run
+
+
 def run_mode(
     config: RolloutConfig,
     mode: str,
@@ -265,25 +302,11 @@ def run_mode(
     progress: Progress | None = None,
 ) -> list[EpochRun]:
     """Every epoch in order on a fresh engine with a fresh history."""
-    longest = max(len(prompt) for prompt in workload.prompts)
-    engine_config = EngineConfig(
-        model=config.model,
-        max_batch=config.max_batch or workload.rollouts_per_epoch,
-        max_model_len=longest + config.max_tokens,
-        max_prefill_tokens=max(2048, longest),
-        speculation=mode,
-    )
-    engine = Engine(
-        engine_config, model=model, tokenizer=tokenizer, policy=parse_policy(mode, cost)
-    )
-    runs = []
-    for epoch in range(config.epochs):
-        requests = workload.requests(epoch, config.seed)
-        runs.append(run_epoch(engine, requests, mode, epoch, progress))
-        # A training step happens between epochs: the rollouts just made join the history
-        # under this policy version, the next epoch samples under the next one.
-        engine.history.set_version(epoch + 1)
-    return runs
+    engine = mode_engine(config, mode, model, tokenizer, workload, cost)
+    return [
+        run_next_epoch(engine, workload, config, mode, epoch, progress)
+        for epoch in range(config.epochs)
+    ]
 
 
 def count_mismatches(runs: Sequence[EpochRun], reference: Sequence[EpochRun]) -> None:
@@ -492,7 +515,8 @@ def run_bench(
     progress: Progress | None = None,
     on_calibrated: Callable[[Calibration], None] | None = None,
 ) -> BenchResult:
-    """Every mode (none first) over every epoch; see the module docstring."""
+    """Every mode (none first: the reference) over every epoch, the modes taking turns epoch
+    by epoch; see the module docstring."""
     vocab_size = _vocab_size(model)
     workload = build_workload(config, tokenizer, vocab_size)
     machine = machine_info()
@@ -504,14 +528,23 @@ def run_bench(
     if on_calibrated is not None:
         on_calibrated(calibration)
     result = BenchResult(config, workload, calibration, machine)
-    reference: list[EpochRun] | None = None
-    for mode in config.ordered_modes:
-        runs = run_mode(config, mode, model, tokenizer, workload, calibration.cost, progress)
-        if reference is None:
-            reference = runs
-        count_mismatches(runs, reference)
-        result.runs.extend(runs)
-        gc.collect()
+    modes = config.ordered_modes
+    engines = {
+        mode: mode_engine(config, mode, model, tokenizer, workload, calibration.cost)
+        for mode in modes
+    }
+    runs: dict[str, list[EpochRun]] = {mode: [] for mode in modes}
+    for epoch in range(config.epochs):
+        for mode in modes:
+            runs[mode].append(
+                run_next_epoch(engines[mode], workload, config, mode, epoch, progress)
+            )
+            gc.collect()
+    for mode in modes:
+        count_mismatches(runs[mode], runs[modes[0]])
+        result.runs.extend(runs[mode])  # listed mode by mode
+    del engines
+    gc.collect()
     if hasattr(os, "getloadavg"):
         machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
