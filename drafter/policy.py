@@ -493,11 +493,7 @@ class ContinuationRate:
 
 
 def marginal_budgets(
-    remaining: Sequence[float],
-    rates: Sequence[float],
-    drafting: Sequence[bool],
-    cost: CostModel,
-    max_budget: int,
+    remaining: Sequence[float], rates: Sequence[float], cost: CostModel, max_budget: int
 ) -> list[int]:
     """Draft tokens per request for the next verify step, each the most that pays for itself.
 
@@ -509,9 +505,12 @@ def marginal_budgets(
         rate_i ** n * w_i * t_step >= c_tok,   t_step = c_base + c_tok * (live requests),
     that is n_i = floor(ln(c_tok / (w_i * t_step)) / ln(rate_i)), capped at max_budget. A full
     batch spreads w thin and makes every step dear, so drafts shrink; as it drains to its last
-    few requests, w_i goes to 1 and their drafts grow. 0 for requests that may not draft."""
-    if not len(remaining) == len(rates) == len(drafting):
-        raise ValueError("need one remaining length, rate and drafting flag per request")
+    few requests, w_i goes to 1 and their drafts grow. Short requests are not excluded, unlike
+    in the closed form: a small w already keeps their drafts short, and where drafts are nearly
+    always accepted (greedy decoding of a prompt seen before) a long request can finish sooner
+    than an undrafted short one, which would then decide the makespan."""
+    if len(remaining) != len(rates):
+        raise ValueError("need one remaining length and rate per request")
     if max_budget < 0:
         raise ValueError(f"max_budget must be >= 0, got {max_budget}")
     if any(length <= 0 for length in remaining):
@@ -521,9 +520,9 @@ def marginal_budgets(
     total = sum(remaining)
     step = cost.step_time(len(remaining))
     budgets = []
-    for length, rate, flag in zip(remaining, rates, drafting, strict=True):
+    for length, rate in zip(remaining, rates, strict=True):
         floor = cost.c_tok / (length / total * step)  # least acceptance a token must have
-        if not flag or rate <= 0.0 or floor > rate:
+        if rate <= 0.0 or floor > rate:
             budgets.append(0)
         elif rate >= 1.0 or floor <= 0.0:
             budgets.append(max_budget)
@@ -689,7 +688,7 @@ class DasPolicy:
         cfg = self.config
         if cfg.rule == "marginal":
             rates = [self.rate(view.group) for view in requests]
-            return marginal_budgets(remaining, rates, drafting, self.cost, cfg.max_budget)
+            return marginal_budgets(remaining, rates, self.cost, cfg.max_budget)
         models = [self.acceptance(view.group) for view in requests]
         return step_budgets(remaining, models, drafting, self.cost, cfg.max_budget)
 
