@@ -292,23 +292,6 @@ def run_next_epoch(
     return run
 
 
-def run_mode(
-    config: RolloutConfig,
-    mode: str,
-    model: torch.nn.Module,
-    tokenizer: Tokenizer | None,
-    workload: Workload,
-    cost: CostModel,
-    progress: Progress | None = None,
-) -> list[EpochRun]:
-    """Every epoch in order on a fresh engine with a fresh history."""
-    engine = mode_engine(config, mode, model, tokenizer, workload, cost)
-    return [
-        run_next_epoch(engine, workload, config, mode, epoch, progress)
-        for epoch in range(config.epochs)
-    ]
-
-
 def count_mismatches(runs: Sequence[EpochRun], reference: Sequence[EpochRun]) -> None:
     """Set each run's mismatched_rollouts: rollouts whose tokens differ from the reference
     run of the same epoch (a rollout missing from either counts as mismatched)."""
@@ -560,7 +543,11 @@ def record_trace(
     vocab_size = _vocab_size(model)
     workload = build_workload(config, tokenizer, vocab_size)
     mode = str(parse_policy_spec(config.modes[0]))
-    runs = run_mode(config, mode, model, tokenizer, workload, SMOLLM2_CPU, progress)
+    engine = mode_engine(config, mode, model, tokenizer, workload, SMOLLM2_CPU)
+    runs = [
+        run_next_epoch(engine, workload, config, mode, epoch, progress)
+        for epoch in range(config.epochs)
+    ]
     return trace_records(runs, workload), runs
 
 
