@@ -40,7 +40,8 @@ test: lint pytest
 bench-drafter: $(STAMP)
 	$(BIN)/python -m bench.drafter --json bench/results/drafter.json
 
-# The RL-like workload on SmolLM2 under none, fixed:8 and das (about 20 min at the defaults).
+# The RL-like workload on SmolLM2 under none, fixed:8 and das (about 20 min at the defaults,
+# estimated from 4-prompt runs).
 bench-rollout: $(STAMP)
 	$(BIN)/das bench rollout --json bench/results/rollout.json \
 		--plot bench/results/rollout.png --trace bench/results/rollout-trace.jsonl

@@ -198,9 +198,11 @@ def test_n_samples_and_streaming(servers: dict[str, Server]) -> None:
                     finish[choice["index"]] = choice["finish_reason"]
     assert streamed == token_ids and chunks > 3  # deltas, not one chunk per sample
     assert finish == {c["index"]: c["finish_reason"] for c in whole["choices"]}
+    # The streamed run drafts from the first one's rollouts: the same tokens, and logprobs
+    # within the lossless contract's 1e-4 (verify chunks round differently from single steps).
     for choice in whole["choices"]:
         want = choice["logprobs"]["token_logprobs"]
-        assert logprobs[choice["index"]] == pytest.approx(want, abs=1e-6)
+        assert logprobs[choice["index"]] == pytest.approx(want, abs=1e-4)
 
 
 def test_text_prompts_need_a_tokenizer(servers: dict[str, Server]) -> None:
