@@ -10,8 +10,10 @@ the live batch) into budgets:
 - "das" (the default, marginal_budgets): per step, each request drafts the tokens that pay for
   themselves. Its n-th draft token is accepted with probability rate ** n, where rate is its
   group's measured per-token acceptance, and is worth a whole step if the request is the one the
-  batch waits for (its chance: its share of the predicted remaining tokens). On real SmolLM2
-  traces this rule beat the closed form below by 5-7% of makespan (README).
+  batch waits for (its chance: its share of the predicted remaining tokens). Replaying real
+  SmolLM2 traces (das simulate) it beat the closed form below by 3-6% of makespan on this CPU's
+  cost model and 19% on the 7B-on-H100 one; in measured engine runs on a 2-core CPU the two
+  were within that machine's noise of each other (README).
 - "das-eq7": the closed form of DESIGN.md, described next. Its acceptance model saturates at
   k * l, which for suffix drafts (accepted per verify step, not per token drafted over a
   request's life) made it draft too little.
