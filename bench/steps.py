@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from service.engine.bench import machine_info
+from service.engine.bench import machine_info, primed_runner, time_verify_step
 from service.engine.models import load_model
 from service.engine.runner import Runner
-from service.engine.sampling import sample
 from service.worker import SamplingParams
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "steps.json"
@@ -35,22 +33,10 @@ def measure(
     runner: Runner, rows: int, per_row: int, context: int, repeats: int
 ) -> tuple[float, float]:
     """(median forward seconds, median sampling seconds) of one rows x per_row verify step."""
-    vocab = runner.vocab_size
-    slots = list(range(rows))
-    chunks = [[3 + (5 * i) % (vocab - 3) for i in range(per_row)]] * rows
-    params = SamplingParams(temperature=0.7)
-    forward, sampling = [], []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        logits = runner.forward(slots, chunks)
-        middle = time.perf_counter()
-        for row in range(rows):
-            sample(logits[row * per_row : (row + 1) * per_row], params, 0, row, 0)
-        forward.append(middle - start)
-        sampling.append(time.perf_counter() - middle)
-        for slot in slots:
-            runner.truncate(slot, context)
-    return statistics.median(forward[1:]), statistics.median(sampling[1:])
+    timings = time_verify_step(
+        runner, rows, per_row, context, repeats, SamplingParams(temperature=0.7)
+    )
+    return statistics.median(f for f, _ in timings), statistics.median(s for _, s in timings)
 
 
 def main() -> None:
@@ -67,13 +53,9 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)
-    runner = Runner(
-        model, max(ROWS), args.context + max(TOKENS_PER_ROW), small_matmul=not args.torch_matmul
+    runner = primed_runner(
+        model, max(ROWS), args.context, max(TOKENS_PER_ROW), small_matmul=not args.torch_matmul
     )
-    vocab = runner.vocab_size
-    runner.forward([0], [[3 + (17 * i) % (vocab - 3) for i in range(args.context)]], [1])
-    for slot in range(1, max(ROWS)):
-        runner.copy_prefix(0, slot, args.context)
     matmul = "native small-batch kernel" if runner.small_matmul else "torch"
     print(f"{args.model} | torch threads {torch.get_num_threads()} | matmul: {matmul}")
     print("| rows x tokens per row | forward ms | sampling ms | step ms |")

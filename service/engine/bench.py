@@ -354,6 +354,40 @@ class Calibration:
         }
 
 
+def primed_runner(
+    model: torch.nn.Module, slots: int, context: int, room: int, small_matmul: bool = True
+) -> Runner:
+    """A runner whose every slot caches the same `context` tokens, with `room` positions more."""
+    runner = Runner(model, slots, context + room, small_matmul=small_matmul)
+    vocab = runner.vocab_size
+    runner.forward([0], [[3 + (17 * i) % (vocab - 3) for i in range(context)]], [1])
+    for slot in range(1, slots):
+        runner.copy_prefix(0, slot, context)
+    return runner
+
+
+def time_verify_step(
+    runner: Runner, rows: int, per_row: int, context: int, repeats: int, params: SamplingParams
+) -> list[tuple[float, float]]:
+    """(forward seconds, sampling seconds) of `repeats` verify steps of `rows` slots x `per_row`
+    tokens, after one untimed warm-up: the runner's forward, then sampling every logits row, as
+    the engine does. Each step is rolled back to `context` cached tokens."""
+    vocab = runner.vocab_size
+    slots = list(range(rows))
+    chunks = [[3 + (5 * i) % (vocab - 3) for i in range(per_row)]] * rows
+    timings = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        logits = runner.forward(slots, chunks, [per_row] * rows)
+        middle = time.perf_counter()
+        for row in range(rows):
+            sample(logits[row * per_row : (row + 1) * per_row], params, 0, row, 0)
+        timings.append((middle - start, time.perf_counter() - middle))
+        for slot in slots:
+            runner.truncate(slot, context)
+    return timings[1:]
+
+
 def calibrate_cost(
     model: torch.nn.Module,
     max_batch: int,
@@ -368,28 +402,13 @@ def calibrate_cost(
     positive (noise on a tiny model) falls back to SMOLLM2_CPU."""
     if max_batch < 1 or context < 1 or repeats < 1:
         raise ValueError("max_batch, context and repeats must be >= 1")
-    runner = Runner(model, max_batch, context + 9)
-    vocab = runner.vocab_size
-    prefix = [3 + (17 * i) % (vocab - 3) for i in range(context)]
-    runner.forward([0], [prefix], [1])
-    for slot in range(1, max_batch):
-        runner.copy_prefix(0, slot, context)
+    runner = primed_runner(model, max_batch, context, 9)
     params = SamplingParams(temperature=temperature)
     points = []
     for rows in sorted({1, max_batch}):
-        slots = list(range(rows))
         for per_row in (1, 9):
-            chunks = [[3 + (5 * i) % (vocab - 3) for i in range(per_row)]] * rows
-            times = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                logits = runner.forward(slots, chunks, [per_row] * rows)
-                for row in range(rows):
-                    sample(logits[row * per_row : (row + 1) * per_row], params, 0, row, 0)
-                times.append(time.perf_counter() - start)
-                for slot in slots:
-                    runner.truncate(slot, context)
-            points.append((rows, per_row, min(times[1:])))
+            timings = time_verify_step(runner, rows, per_row, context, repeats, params)
+            points.append((rows, per_row, min(f + s for f, s in timings)))
     del runner
     gc.collect()
     try:
