@@ -681,16 +681,17 @@ class DasPolicy:
         return RequestView(group, 0, initial_class(self._group_lengths(group), self.bounds()))
 
     def budgets(self, requests: Sequence[RequestView]) -> list[int]:
-        remaining: list[float] = []
-        drafting: list[bool] = []
-        for view in requests:
-            prediction = self.predict(view)
-            remaining.append(max(1.0, prediction.length - view.generated))
-            drafting.append(prediction.length_class != LengthClass.SHORT)
+        predictions = [self.predict(view) for view in requests]
+        remaining = [
+            max(1.0, prediction.length - view.generated)
+            for prediction, view in zip(predictions, requests, strict=True)
+        ]
         cfg = self.config
         if cfg.rule == "marginal":
             rates = [self.rate(view.group) for view in requests]
             return marginal_budgets(remaining, rates, self.cost, cfg.max_budget)
+        # The closed form keeps the paper's rule: Short requests draft nothing.
+        drafting = [prediction.length_class != LengthClass.SHORT for prediction in predictions]
         models = [self.acceptance(view.group) for view in requests]
         return step_budgets(remaining, models, drafting, self.cost, cfg.max_budget)
 
