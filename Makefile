@@ -43,6 +43,7 @@ bench-drafter: $(STAMP)
 # The RL-like workload on SmolLM2 under none, fixed:8 and das (about 20 min at the defaults,
 # estimated from 4-prompt runs).
 bench-rollout: $(STAMP)
+	mkdir -p bench/results
 	$(BIN)/das bench rollout --json bench/results/rollout.json \
 		--plot bench/results/rollout.png --trace bench/results/rollout-trace.jsonl
 
