@@ -1,0 +1,141 @@
+"""How far any history drafter could go on a trace: the makespan of an oracle drafter.
+
+    python -m bench.oracle --trace T.jsonl [--max-draft 16] [--context 2] [--json OUT]
+
+At every step each live rollout drafts exactly the longest correct run of its next tokens (at
+most --max-draft) that occurs, right after the rollout's last --context tokens, somewhere in
+what a history drafter can see: its group's rollouts of earlier epochs (prompt and output),
+its own prompt and its own output so far. It knows the future, so it is never rejected and never
+drafts a token in vain; a real drafter picks one continuation without knowing which is right.
+Each epoch is one batch as in `das simulate`. Reports per epoch the oracle's steps against the
+longest rollout's length (the makespan ratio when verifying drafts is free, the limit a GPU
+cost model approaches) and the modeled makespan ratio under --c-base/--c-tok, where the
+oracle's drafts are priced like any others. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from drafter.policy import H100_7B, CostModel
+from drafter.simulator import baseline_time
+from drafter.traces import TraceRecord, read_trace
+
+DEFAULT_JSON = Path(__file__).parent / "results" / "oracle.json"
+_SEPARATOR = "\x00"  # between sequences; token t is chr(t + 1), never chr(0)
+
+
+def _text(tokens: Sequence[int]) -> str:
+    return "".join(chr(token + 1) for token in tokens)
+
+
+def oracle_runs(
+    earlier: Sequence[Sequence[int]],
+    prompt: Sequence[int],
+    output: Sequence[int],
+    max_draft: int,
+    context: int,
+) -> list[int]:
+    """The oracle's accepted draft tokens at each of the rollout's steps (module docstring):
+    one step per entry, each emitting run + 1 tokens (the run and the target's own token)."""
+    if max_draft < 0 or context < 1:
+        raise ValueError("need max_draft >= 0 and context >= 1")
+    seen = _SEPARATOR.join(_text(sequence) for sequence in earlier)
+    full = _text([*prompt, *output])
+    start = len(prompt)
+    runs = []
+    position = 0
+    while position < len(output):
+        at = start + position
+        corpus = seen + _SEPARATOR + full[:at]
+        anchor = full[max(0, at - context) : at]
+        # The longest run occurring after the anchor: occurrence is monotone in the run's
+        # length (a prefix occurs wherever the run does), so bisect it.
+        low, high = 0, min(max_draft, len(output) - position - 1)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if anchor + full[at : at + middle] in corpus:
+                low = middle
+            else:
+                high = middle - 1
+        runs.append(low)
+        position += low + 1
+    return runs
+
+
+def oracle_epochs(
+    trace: Sequence[TraceRecord], max_draft: int, context: int, cost: CostModel
+) -> list[dict[str, float | int]]:
+    """Per epoch: rollouts, longest length, oracle steps, tokens per forward and the modeled
+    makespan ratio under cost (oracle drafts on every row, priced c_tok each)."""
+    epochs = []
+    for epoch in sorted({record.epoch for record in trace}):
+        batch = [record for record in trace if record.epoch == epoch]
+        all_runs = []
+        for record in batch:
+            earlier = [
+                [*r.prompt, *r.output] for r in trace if r.group == record.group and r.epoch < epoch
+            ]
+            all_runs.append(oracle_runs(earlier, record.prompt, record.output, max_draft, context))
+        steps = max(len(runs) for runs in all_runs)
+        # Step s verifies 1 + run tokens for every rollout still running at it.
+        processed = sum(len(runs) + sum(runs) for runs in all_runs)
+        lengths = [len(record.output) for record in batch]
+        makespan = cost.c_base * steps + cost.c_tok * processed
+        epochs.append(
+            {
+                "epoch": epoch,
+                "rollouts": len(batch),
+                "longest": max(lengths),
+                "steps": steps,
+                "steps_ratio": steps / max(lengths),
+                "tokens_per_forward": sum(lengths) / sum(len(runs) for runs in all_runs),
+                "makespan_ratio": makespan / baseline_time(lengths, cost),
+            }
+        )
+    return epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", type=Path, required=True, help="JSON-lines rollout trace")
+    parser.add_argument("--max-draft", type=int, default=16, help="most tokens per draft")
+    parser.add_argument("--context", type=int, default=2, help="tokens the run must follow")
+    parser.add_argument("--c-base", type=float, default=H100_7B.c_base, help="s per step")
+    parser.add_argument("--c-tok", type=float, default=H100_7B.c_tok, help="s per token")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    args = parser.parse_args()
+    cost = CostModel(args.c_base, args.c_tok)
+    epochs = oracle_epochs(read_trace(args.trace), args.max_draft, args.context, cost)
+    print(
+        f"oracle drafter on {args.trace}: runs of <= {args.max_draft} tokens after a "
+        f"{args.context}-token match; cost c_base {cost.c_base * 1e3:g} ms + "
+        f"c_tok {cost.c_tok * 1e3:g} ms"
+    )
+    print("| epoch | longest | oracle steps | steps ratio | tokens/forward | makespan ratio |")
+    print("|---|---|---|---|---|---|")
+    for e in epochs:
+        print(
+            f"| {e['epoch']} | {e['longest']} | {e['steps']} | {e['steps_ratio']:.3f} "
+            f"| {e['tokens_per_forward']:.2f} | {e['makespan_ratio']:.3f} |"
+        )
+    steps, longest = sum(e["steps"] for e in epochs), sum(e["longest"] for e in epochs)
+    print(f"all epochs: steps ratio {steps / longest:.3f}")
+    payload = {
+        "trace": str(args.trace),
+        "max_draft": args.max_draft,
+        "context": args.context,
+        "cost_model": {"c_base": cost.c_base, "c_tok": cost.c_tok},
+        "epochs": epochs,
+        "steps_ratio": steps / longest,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

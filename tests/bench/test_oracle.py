@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import oracle
+from drafter.policy import CostModel
+from drafter.simulator import baseline_time
+from drafter.traces import TraceRecord, write_trace
+
+
+def test_a_rollout_seen_before_is_drafted_in_full_runs() -> None:
+    prompt, output = [7, 8], list(range(100, 140))
+    runs = oracle.oracle_runs([[*prompt, *output]], prompt, output, max_draft=16, context=2)
+    # 16 + 1 tokens per step, the last step's run limited by the tokens left.
+    assert runs == [16, 16, 5]
+
+
+def test_nothing_to_copy_means_one_token_per_step() -> None:
+    runs = oracle.oracle_runs([[1, 2, 3]], [4], [10, 11, 12, 13], max_draft=16, context=1)
+    assert runs == [0, 0, 0, 0]
+
+
+def test_runs_come_from_the_rollouts_own_past_only() -> None:
+    # At position 4 the anchor [1] was followed by 2, 3, 1 earlier in the output; position 8
+    # is the last token, with nothing left to draft.
+    output = [1, 2, 3, 1, 2, 3, 1, 2, 3]
+    assert oracle.oracle_runs([], [9], output, max_draft=16, context=1) == [0, 0, 0, 0, 3, 0]
+    assert oracle.oracle_runs([], [9], output, max_draft=2, context=1) == [0, 0, 0, 0, 2, 1]
+
+
+def test_the_context_must_match_too() -> None:
+    # The earlier sequence holds 5, 6 after 4 but not after 3.
+    assert oracle.oracle_runs([[4, 5, 6]], [3], [5, 6], max_draft=4, context=1) == [0, 0]
+    assert oracle.oracle_runs([[4, 5, 6]], [4], [5, 6], max_draft=4, context=1) == [1]
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        oracle.oracle_runs([], [1], [2], max_draft=-1, context=1)
+    with pytest.raises(ValueError):
+        oracle.oracle_runs([], [1], [2], max_draft=4, context=0)
+
+
+def _repeated_trace() -> list[TraceRecord]:
+    outputs = {"a": tuple(range(100, 130)), "b": tuple(range(200, 210))}
+    return [
+        TraceRecord(group, epoch, (1, 2), output)
+        for epoch in (0, 1)
+        for group, output in outputs.items()
+    ]
+
+
+def test_epochs_report_steps_and_modeled_makespan() -> None:
+    cost = CostModel(0.01, 0.001)
+    first, second = oracle.oracle_epochs(_repeated_trace(), max_draft=8, context=2, cost=cost)
+    # Epoch 0 has no history and distinct tokens: no drafts, as slow as no speculation.
+    assert first["steps"] == first["longest"] == 30
+    assert first["steps_ratio"] == 1.0
+    assert first["makespan_ratio"] == pytest.approx(1.0)
+    # Epoch 1 repeats epoch 0: group a takes 9-token steps (30 = 9 + 9 + 9 + 3) and b 10 = 9 + 1.
+    assert second["steps"] == 4
+    assert second["tokens_per_forward"] == pytest.approx(40 / 6)
+    processed = (4 + 26) + (2 + 8)  # forwards plus accepted drafts, both rollouts
+    expected = (0.01 * 4 + 0.001 * processed) / baseline_time([30, 10], cost)
+    assert second["makespan_ratio"] == pytest.approx(expected)
+
+
+def test_main_prints_a_table_and_writes_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace, out = tmp_path / "t.jsonl", tmp_path / "oracle.json"
+    write_trace(trace, _repeated_trace())
+    monkeypatch.setattr(sys, "argv", ["oracle", "--trace", str(trace), "--json", str(out)])
+    oracle.main()
+    assert "| 1 | 30 | 2 | 0.067 |" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert [e["steps"] for e in payload["epochs"]] == [30, 2]
+    assert payload["steps_ratio"] == pytest.approx(32 / 60)
