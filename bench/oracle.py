@@ -4,20 +4,21 @@
 
 At every step each live rollout drafts exactly the longest correct run of its next tokens (at
 most --max-draft) that occurs, right after the rollout's last --context tokens, somewhere in
-what a history drafter can see: its group's rollouts of earlier epochs (prompt and output),
-its own prompt and its own output so far. It knows the future, so it is never rejected and never
-drafts a token in vain; a real drafter picks one continuation without knowing which is right.
-Each epoch is one batch as in `das simulate`. Reports per epoch the oracle's steps against the
-longest rollout's length (the makespan ratio when verifying drafts is free, the limit a GPU
-cost model approaches) and the modeled makespan ratio under --c-base/--c-tok, where the
-oracle's drafts are priced like any others. Prints a table and writes JSON.
+what a history drafter can see: its group's rollouts of earlier epochs and those of its own
+epoch that have finished (prompt and output), its own prompt and its own output so far. It
+knows the future, so it is never rejected and never drafts a token in vain; a real drafter
+picks one continuation without knowing which is right. Each epoch is one batch, all rollouts
+decoding in lockstep. Reports per epoch the oracle's steps against the longest rollout's
+length (the makespan ratio when verifying drafts is free, the limit a GPU cost model
+approaches) and the modeled makespan ratio under --c-base/--c-tok, where the oracle's drafts
+are priced like any others. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from drafter.policy import H100_7B, CostModel
@@ -32,37 +33,53 @@ def _text(tokens: Sequence[int]) -> str:
     return "".join(chr(token + 1) for token in tokens)
 
 
-def oracle_runs(
-    earlier: Sequence[Sequence[int]],
-    prompt: Sequence[int],
-    output: Sequence[int],
+def _longest_run(corpus: str, full: str, at: int, limit: int, context: int) -> int:
+    """The most tokens of full[at:] (at most limit) that occur in corpus right after the
+    context tokens before `at`. Occurrence is monotone in the run's length (a prefix occurs
+    wherever the run does), so bisect it."""
+    anchor = full[max(0, at - context) : at]
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if anchor + full[at : at + middle] in corpus:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def oracle_batch(
+    batch: Sequence[TraceRecord],
+    earlier: Mapping[str, Sequence[Sequence[int]]],
     max_draft: int,
     context: int,
-) -> list[int]:
-    """The oracle's accepted draft tokens at each of the rollout's steps (module docstring):
-    one step per entry, each emitting run + 1 tokens (the run and the target's own token)."""
+) -> list[list[int]]:
+    """The oracle's accepted draft tokens at each step of each rollout of one batch (module
+    docstring), all decoding in lockstep: one entry per step, each emitting run + 1 tokens.
+    earlier: per group, the token sequences its drafts may copy (earlier epochs' prompt and
+    output); a rollout joins its group's as soon as it finishes, as in the engine."""
     if max_draft < 0 or context < 1:
         raise ValueError("need max_draft >= 0 and context >= 1")
-    seen = _SEPARATOR.join(_text(sequence) for sequence in earlier)
-    full = _text([*prompt, *output])
-    start = len(prompt)
-    runs = []
-    position = 0
-    while position < len(output):
-        at = start + position
-        corpus = seen + _SEPARATOR + full[:at]
-        anchor = full[max(0, at - context) : at]
-        # The longest run occurring after the anchor: occurrence is monotone in the run's
-        # length (a prefix occurs wherever the run does), so bisect it.
-        low, high = 0, min(max_draft, len(output) - position - 1)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if anchor + full[at : at + middle] in corpus:
-                low = middle
-            else:
-                high = middle - 1
-        runs.append(low)
-        position += low + 1
+    seen = {group: [_text(tokens) for tokens in sequences] for group, sequences in earlier.items()}
+    fulls = [_text([*record.prompt, *record.output]) for record in batch]
+    positions = [0] * len(batch)
+    runs: list[list[int]] = [[] for _ in batch]
+    live = list(range(len(batch)))
+    while live:
+        finished = []
+        for i in live:
+            record, full = batch[i], fulls[i]
+            at = len(record.prompt) + positions[i]
+            corpus = _SEPARATOR.join([*seen.get(record.group, []), full[:at]])
+            left = len(record.output) - positions[i] - 1  # the target's own token comes last
+            run = _longest_run(corpus, full, at, min(max_draft, left), context)
+            runs[i].append(run)
+            positions[i] += run + 1
+            if positions[i] == len(record.output):
+                finished.append(i)
+        for i in finished:
+            seen.setdefault(batch[i].group, []).append(fulls[i])
+        live = [i for i in live if i not in finished]
     return runs
 
 
@@ -74,12 +91,11 @@ def oracle_epochs(
     epochs = []
     for epoch in sorted({record.epoch for record in trace}):
         batch = [record for record in trace if record.epoch == epoch]
-        all_runs = []
-        for record in batch:
-            earlier = [
-                [*r.prompt, *r.output] for r in trace if r.group == record.group and r.epoch < epoch
-            ]
-            all_runs.append(oracle_runs(earlier, record.prompt, record.output, max_draft, context))
+        earlier: dict[str, list[Sequence[int]]] = {}
+        for record in trace:
+            if record.epoch < epoch:
+                earlier.setdefault(record.group, []).append([*record.prompt, *record.output])
+        all_runs = oracle_batch(batch, earlier, max_draft, context)
         steps = max(len(runs) for runs in all_runs)
         # Step s verifies 1 + run tokens for every rollout still running at it.
         processed = sum(len(runs) + sum(runs) for runs in all_runs)

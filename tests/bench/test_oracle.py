@@ -12,37 +12,55 @@ from drafter.simulator import baseline_time
 from drafter.traces import TraceRecord, write_trace
 
 
+def _runs(
+    earlier: list[list[int]], prompt: list[int], output: list[int], max_draft: int, context: int
+) -> list[int]:
+    """The oracle's runs for one rollout alone in its batch, of group "g"."""
+    record = TraceRecord("g", 1, tuple(prompt), tuple(output))
+    return oracle.oracle_batch([record], {"g": earlier}, max_draft, context)[0]
+
+
 def test_a_rollout_seen_before_is_drafted_in_full_runs() -> None:
     prompt, output = [7, 8], list(range(100, 140))
-    runs = oracle.oracle_runs([[*prompt, *output]], prompt, output, max_draft=16, context=2)
+    runs = _runs([[*prompt, *output]], prompt, output, max_draft=16, context=2)
     # 16 + 1 tokens per step, the last step's run limited by the tokens left.
     assert runs == [16, 16, 5]
 
 
 def test_nothing_to_copy_means_one_token_per_step() -> None:
-    runs = oracle.oracle_runs([[1, 2, 3]], [4], [10, 11, 12, 13], max_draft=16, context=1)
-    assert runs == [0, 0, 0, 0]
+    assert _runs([[1, 2, 3]], [4], [10, 11, 12, 13], max_draft=16, context=1) == [0, 0, 0, 0]
 
 
 def test_runs_come_from_the_rollouts_own_past_only() -> None:
     # At position 4 the anchor [1] was followed by 2, 3, 1 earlier in the output; position 8
     # is the last token, with nothing left to draft.
     output = [1, 2, 3, 1, 2, 3, 1, 2, 3]
-    assert oracle.oracle_runs([], [9], output, max_draft=16, context=1) == [0, 0, 0, 0, 3, 0]
-    assert oracle.oracle_runs([], [9], output, max_draft=2, context=1) == [0, 0, 0, 0, 2, 1]
+    assert _runs([], [9], output, max_draft=16, context=1) == [0, 0, 0, 0, 3, 0]
+    assert _runs([], [9], output, max_draft=2, context=1) == [0, 0, 0, 0, 2, 1]
 
 
 def test_the_context_must_match_too() -> None:
     # The earlier sequence holds 5, 6 after 4 but not after 3.
-    assert oracle.oracle_runs([[4, 5, 6]], [3], [5, 6], max_draft=4, context=1) == [0, 0]
-    assert oracle.oracle_runs([[4, 5, 6]], [4], [5, 6], max_draft=4, context=1) == [1]
+    assert _runs([[4, 5, 6]], [3], [5, 6], max_draft=4, context=1) == [0, 0]
+    assert _runs([[4, 5, 6]], [4], [5, 6], max_draft=4, context=1) == [1]
+
+
+def test_a_finished_sibling_joins_the_history_of_its_group_only() -> None:
+    # The short rollout finishes at step 1, so at step 3 the long one (anchor 1) may copy the
+    # 5 that followed 1 in it; alone, or in another group, nothing is ever copyable.
+    short = TraceRecord("g", 0, (1,), (5,))
+    long = TraceRecord("g", 0, (1,), (9, 1, 5, 3))
+    other = TraceRecord("h", 0, (1,), (9, 1, 5, 3))
+    runs = oracle.oracle_batch([short, long, other], {}, max_draft=8, context=1)
+    assert runs == [[0], [0, 0, 1], [0, 0, 0, 0]]
+    assert oracle.oracle_batch([long], {}, max_draft=8, context=1) == [[0, 0, 0, 0]]
 
 
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
-        oracle.oracle_runs([], [1], [2], max_draft=-1, context=1)
+        _runs([], [1], [2], max_draft=-1, context=1)
     with pytest.raises(ValueError):
-        oracle.oracle_runs([], [1], [2], max_draft=4, context=0)
+        _runs([], [1], [2], max_draft=4, context=0)
 
 
 def _repeated_trace() -> list[TraceRecord]:
