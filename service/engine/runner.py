@@ -2,7 +2,8 @@
 
 One `forward` serves a ragged batch: each active slot brings its new tokens (the tokens not
 yet in its cache, then its draft), of any count. Projections and MLP run once over all tokens
-concatenated; only attention loops over the slots, each against its own cache. Rolling back
+concatenated; attention runs in padded calls shared by chunks of a similar width, each
+token against its own slot's cache (long chunks attend one slot at a time). Rolling back
 rejected draft tokens is setting the slot's length back: the stale K/V beyond it is
 overwritten by the next forward.
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,9 +70,9 @@ class Runner:
         deterministic: bool = False,
         small_matmul: bool = True,
     ) -> None:
-        """`batched_max_chunk`: when every chunk of a forward has at most this many tokens
-        (decode and verify steps), attention runs as one padded batched call instead of one
-        call per slot; 0 always loops. `deterministic`: batch-invariant numerics (see the
+        """`batched_max_chunk`: chunks of at most this many tokens (decode and verify steps)
+        attend in padded batched calls, one per width class (_AttentionPlan.by_width), longer
+        ones one slot at a time; 0 always loops. `deterministic`: batch-invariant numerics (see the
         module docstring); RuntimeError where this machine's matmuls cannot give them.
         `small_matmul`: multiply few-row batches with the native kernel (_SmallMatmul) where it
         applies (fp32 on an AVX2 CPU, default mode); False always uses torch."""
@@ -231,15 +232,10 @@ class Runner:
         token_slots = torch.repeat_interleave(
             torch.tensor(slots, device=device), torch.tensor(sizes, device=device)
         )
-        batched = None
-        masks: list[Tensor | None] = []
-        buckets: list[_Bucket] = []
         if self.deterministic:
-            buckets = _Bucket.build_all(slots, starts, sizes, self.max_len, device)
-        elif len(slots) > 1 and max(sizes) <= self.batched_max_chunk:
-            batched = _Padding.build(slots, starts, sizes, device)
+            plan = _AttentionPlan(_Bucket.build_all(slots, starts, sizes, self.max_len, device))
         else:
-            masks = [_causal_mask(s, n, device) for s, n in zip(starts, sizes, strict=True)]
+            plan = _AttentionPlan.by_width(slots, starts, sizes, self.batched_max_chunk, device)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed[ids]
         for index, layer in enumerate(self.layers):
@@ -253,12 +249,7 @@ class Runner:
             # Indices on dims 0 and 2 around a slice: the indexed view is [T, kv_heads, dim].
             k_cache[token_slots, :, positions] = k
             v_cache[token_slots, :, positions] = v
-            if self.deterministic:
-                attended = _bucketed_attention(q, k_cache, v_cache, buckets)
-            elif batched is not None:
-                attended = _batched_attention(q, k_cache, v_cache, batched)
-            else:
-                attended = _looped_attention(q, k_cache, v_cache, slots, starts, sizes, masks)
+            attended = plan.attend(q, k_cache, v_cache)
             x = x + linear(attended.reshape(-1, heads * dim), layer.o)
             h = _rms_norm(x, layer.post_norm, self.eps)
             gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
@@ -329,30 +320,97 @@ def _batched_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pad: _Paddin
     return out.transpose(1, 2)[pad.token_rows, pad.token_cols]
 
 
-def _looped_attention(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slots: Sequence[int],
-    starts: Sequence[int],
-    sizes: Sequence[int],
-    masks: Sequence[Tensor | None],
-) -> Tensor:
-    """Attention one slot at a time over exactly its cached positions (long prefills)."""
-    outputs = []
-    offset = 0
-    for slot, start, size, mask in zip(slots, starts, sizes, masks, strict=True):
-        end = start + size
-        out = F.scaled_dot_product_attention(
-            q[offset : offset + size].transpose(0, 1)[None],
-            k_cache[slot, :, :end][None],
-            v_cache[slot, :, :end][None],
-            attn_mask=mask,
-            enable_gqa=True,
-        )
-        outputs.append(out[0].transpose(0, 1))
-        offset += size
-    return torch.cat(outputs)
+@dataclass(frozen=True, slots=True)
+class _Looped:
+    """One slot's chunk attending alone over exactly its cached positions."""
+
+    offset: int  # index of its first token among the forward's tokens
+    slot: int
+    start: int
+    size: int
+    mask: Tensor | None
+
+
+def _width_class(size: int) -> int:
+    """Chunks of 1, 2, 3-4, 5-8, ... tokens: one padded call wastes less than half its grid."""
+    return (size - 1).bit_length()
+
+
+@dataclass(frozen=True, slots=True)
+class _AttentionPlan:
+    """Which tokens of a forward attend in which call: padded batched calls (grids: the
+    tokens' indices and their grid, as a _Bucket holds them) and slots attending one at a
+    time (loops). attend() returns [T, heads, head_dim]."""
+
+    grids: list[_Bucket]
+    loops: list[_Looped] = field(default_factory=list)
+
+    @staticmethod
+    def by_width(
+        slots: Sequence[int],
+        starts: Sequence[int],
+        sizes: Sequence[int],
+        max_chunk: int,
+        device: torch.device,
+    ) -> _AttentionPlan:
+        """Default mode: a padded call is as wide as its longest chunk and as tall as its slot
+        span, so chunks of one width class share a call (measured here: one 9-token draft
+        among 31 one-token rows padded all 32 to 9 queries and nearly doubled the forward),
+        where they are at least 2 and fill at least half of their span; the rest (long
+        prefill chunks, lone or scattered widths) attend one slot at a time."""
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        classes: dict[int, list[int]] = {}
+        for i, size in enumerate(sizes):
+            if size <= max_chunk:
+                classes.setdefault(_width_class(size), []).append(i)
+        grids = []
+        grouped: set[int] = set()
+        for rows in classes.values():
+            span = max(slots[i] for i in rows) - min(slots[i] for i in rows) + 1
+            if len(rows) < 2 or 2 * len(rows) < span:
+                continue
+            tokens = torch.cat(
+                [torch.arange(offsets[i], offsets[i + 1], device=device) for i in rows]
+            )
+            grid = _Padding.build(
+                [slots[i] for i in rows],
+                [starts[i] for i in rows],
+                [sizes[i] for i in rows],
+                device,
+            )
+            grids.append(_Bucket(tokens, grid))
+            grouped.update(rows)
+        loops = [
+            _Looped(
+                offsets[i], slots[i], starts[i], sizes[i], _causal_mask(starts[i], sizes[i], device)
+            )
+            for i in range(len(slots))
+            if i not in grouped
+        ]
+        return _AttentionPlan(grids, loops)
+
+    def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        if not self.loops and len(self.grids) == 1 and len(self.grids[0].tokens) == len(q):
+            # Every token in one call (a plain decode step): no gather or scatter.
+            return _batched_attention(q, k_cache, v_cache, self.grids[0].grid)
+        attended = torch.empty_like(q)
+        for bucket in self.grids:
+            attended[bucket.tokens] = _batched_attention(
+                q[bucket.tokens], k_cache, v_cache, bucket.grid
+            )
+        for loop in self.loops:
+            end = loop.start + loop.size
+            out = F.scaled_dot_product_attention(
+                q[loop.offset : loop.offset + loop.size].transpose(0, 1)[None],
+                k_cache[loop.slot, :, :end][None],
+                v_cache[loop.slot, :, :end][None],
+                attn_mask=loop.mask,
+                enable_gqa=True,
+            )
+            attended[loop.offset : loop.offset + loop.size] = out[0].transpose(0, 1)
+        return attended
 
 
 # Deterministic attention: a query at position p attends over the key block [0, KEY_BLOCK *
@@ -405,18 +463,6 @@ class _Bucket:
             grid = _Padding(first, rows, token_rows, token_cols, width, keys, mask[:, None])
             buckets.append(_Bucket(tokens, grid))
         return buckets
-
-
-def _bucketed_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, buckets: Sequence[_Bucket]
-) -> Tensor:
-    """Deterministic mode: one padded call per key block. Returns [T, heads, head_dim]."""
-    attended = torch.empty_like(q)
-    for bucket in buckets:
-        attended[bucket.tokens] = _batched_attention(
-            q[bucket.tokens], k_cache, v_cache, bucket.grid
-        )
-    return attended
 
 
 class _SmallMatmul:

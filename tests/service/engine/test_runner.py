@@ -5,7 +5,7 @@ import torch
 
 from service.engine import _kernels
 from service.engine.models import Tokenizer
-from service.engine.runner import Runner
+from service.engine.runner import Runner, _AttentionPlan
 
 
 def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
@@ -34,6 +34,9 @@ def check_ragged_steps(
         ([1, 5, 3], {3: 9, 2: 19}),  # reject part of the chunk: re-fed below
         ([6, 1, 9], {0: 10}),
         ([2, 8, 1], {}),
+        # Chunks of one width class share a padded call, the odd one out attends alone.
+        ([1, 1, 9], {2: 33}),
+        ([3, 4, 1], {}),
     ]
     fed = {slot: 0 for slot in slots}
     for sizes, rollbacks in steps:
@@ -103,3 +106,21 @@ def test_copy_prefix_shares_a_prompt(tiny_model: torch.nn.Module) -> None:
     torch.testing.assert_close(logits, hf_logits(tiny_model, [*prompt, 2])[-2:], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="holds"):
         runner.copy_prefix(1, 2, 1)
+
+
+def _plan_groups(slots: list[int], sizes: list[int]) -> tuple[list[list[int]], list[int]]:
+    """The token indices of each padded call, and the slots attending alone."""
+    plan = _AttentionPlan.by_width(slots, [20] * len(slots), sizes, 32, torch.device("cpu"))
+    return [g.tokens.tolist() for g in plan.grids], [loop.slot for loop in plan.loops]
+
+
+def test_attention_plan_groups_chunks_by_width() -> None:
+    # A decode step: every token in one call.
+    assert _plan_groups([0, 1, 2], [1, 1, 1]) == ([[0, 1, 2]], [])
+    # One draft among one-token rows: it must not widen their call.
+    assert _plan_groups([0, 1, 2, 3], [1, 9, 1, 1]) == ([[0, 10, 11]], [1])
+    # Two drafts of one width class (9 and 12 tokens) share a call.
+    assert _plan_groups([0, 1, 2], [9, 12, 1]) == ([list(range(21))], [2])
+    # Rows filling less than half of their slot span, or past max_chunk, attend alone.
+    assert _plan_groups([0, 7], [1, 1]) == ([], [0, 7])
+    assert _plan_groups([0, 1], [40, 40]) == ([], [0, 1])
