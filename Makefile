@@ -40,8 +40,8 @@ test: lint pytest
 bench-drafter: $(STAMP)
 	$(BIN)/python -m bench.drafter --json bench/results/drafter.json
 
-# The RL-like workload on SmolLM2 under none, fixed:8 and das (about 20 min at the defaults,
-# estimated from 4-prompt runs).
+# The RL-like workload on SmolLM2 under none, fixed:8 and das (26-33 min at the defaults on
+# the 2-core development machine).
 bench-rollout: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/das bench rollout --json bench/results/rollout.json \
