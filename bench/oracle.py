@@ -97,10 +97,9 @@ def oracle_epochs(
                 earlier.setdefault(record.group, []).append([*record.prompt, *record.output])
         all_runs = oracle_batch(batch, earlier, max_draft, context)
         steps = max(len(runs) for runs in all_runs)
-        # Step s verifies 1 + run tokens for every rollout still running at it.
-        processed = sum(len(runs) + sum(runs) for runs in all_runs)
         lengths = [len(record.output) for record in batch]
-        makespan = cost.c_base * steps + cost.c_tok * processed
+        # An oracle draft is never rejected: every verified token is an output token.
+        makespan = cost.c_base * steps + cost.c_tok * sum(lengths)
         epochs.append(
             {
                 "epoch": epoch,
