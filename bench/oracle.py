@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from drafter.policy import H100_7B, CostModel
+from drafter.cost import H100_7B, CostModel
 from drafter.simulator import baseline_time
 from drafter.traces import TraceRecord, read_trace
 

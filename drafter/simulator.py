@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from drafter.config import DrafterConfig
+from drafter.cost import CostModel
+from drafter.das import DasConfig
 from drafter.draft import Draft
 from drafter.history import RolloutHistory, TreeFactory
-from drafter.policy import CostModel, DasConfig, Policy, RequestView, parse_policy
+from drafter.policy import Policy, RequestView
+from drafter.policy_spec import parse_policy
 from drafter.suffix_tree import SuffixTree
 from drafter.traces import TraceRecord
 

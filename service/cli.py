@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from drafter.config import DrafterConfig
-from drafter.policy import SMOLLM2_CPU, CostModel, parse_policy_spec
+from drafter.cost import SMOLLM2_CPU, CostModel
+from drafter.policy_spec import parse_policy_spec
 from drafter.simulator import EpochReport, SimulationResult, simulate
 from drafter.traces import read_trace, synthetic_trace, write_trace
 from service.commands import add_gateway_parser, add_serve_parser, add_worker_parser

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from drafter.policy import parse_policy_spec
+from drafter.policy_spec import parse_policy_spec
 
 
 class Settings(BaseSettings):

@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-from drafter.policy import SMOLLM2_CPU, CostModel, parse_policy, parse_policy_spec
+from drafter.cost import SMOLLM2_CPU, CostModel
+from drafter.policy_spec import parse_policy, parse_policy_spec
 from drafter.traces import TraceRecord
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine

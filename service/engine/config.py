@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafter.config import DrafterConfig
-from drafter.policy import parse_policy_spec
+from drafter.policy_spec import parse_policy_spec
 from service.engine.models import DEFAULT_MODEL
 from service.engine.sampling import LogprobsMode
 

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from drafter.das import DasPolicy
 from drafter.history import RolloutHistory
-from drafter.policy import DasPolicy, Policy, RequestView, parse_policy
+from drafter.policy import Policy, RequestView
+from drafter.policy_spec import parse_policy
 from service.engine.config import EngineConfig
 from service.engine.models import Tokenizer, load_model
 from service.engine.runner import Runner

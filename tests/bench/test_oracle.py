@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import oracle
-from drafter.policy import CostModel
+from drafter.cost import CostModel
 from drafter.simulator import baseline_time
 from drafter.traces import TraceRecord, write_trace
 

@@ -8,35 +8,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drafter.policy import (
-    SMOLLM2_CPU,
-    SMOLLM2_CPU_STEPS,
-    Acceptance,
-    AcceptanceEstimator,
-    ClassBounds,
-    ContinuationRate,
-    CostModel,
-    DasConfig,
-    DasPolicy,
-    FixedPolicy,
-    LengthClass,
-    PolicySpec,
-    RequestView,
+from drafter.acceptance import Acceptance, AcceptanceEstimator, ContinuationRate, fit_acceptance
+from drafter.budgets import (
     budget_for_forwards,
-    class_bounds,
-    current_class,
-    fit_acceptance,
     forwards_needed,
-    initial_class,
     marginal_budgets,
     modeled_time,
     optimal_forwards,
-    parse_policy,
-    parse_policy_spec,
-    predict_length,
-    quantile,
     step_budgets,
 )
+from drafter.cost import SMOLLM2_CPU, SMOLLM2_CPU_STEPS, CostModel
+from drafter.das import DasConfig, DasPolicy
+from drafter.lengths import (
+    ClassBounds,
+    LengthClass,
+    class_bounds,
+    current_class,
+    initial_class,
+    predict_length,
+    quantile,
+)
+from drafter.policy import FixedPolicy, RequestView
+from drafter.policy_spec import PolicySpec, parse_policy, parse_policy_spec
 
 COST = CostModel(c_base=0.06, c_tok=0.002)
 
@@ -469,16 +462,16 @@ def test_das_eq7_upgrades_a_short_request_that_keeps_going() -> None:
 
 def test_das_learns_the_per_token_rate_per_group() -> None:
     policy = DasPolicy(COST, DasConfig(prior_rate=0.5, prior_weight=16))
-    assert policy.rate("g") == 0.5
+    assert policy.rule.rate("g") == 0.5
     for _ in range(200):
         policy.observe_step("good", 8, 7)  # 8 positions tried, 7 accepted
         policy.observe_step("bad", 8, 0)  # 1 tried, none accepted
     policy.observe_step("good", 0, 0)  # nothing drafted: ignored
-    good, bad = policy.rate("good"), policy.rate("bad")
+    good, bad = policy.rule.rate("good"), policy.rule.rate("bad")
     assert good == pytest.approx(7 / 8, abs=0.02)
     assert bad < 0.1
     # An unseen group starts from the rate of all groups.
-    assert policy.rate("new") == pytest.approx((1400 + 8) / (1800 + 16), rel=0.05)
+    assert policy.rule.rate("new") == pytest.approx((1400 + 8) / (1800 + 16), rel=0.05)
     bad_alone = policy.budgets([policy.request("bad")])[0]
     assert policy.budgets([policy.request("good")]) == [policy.config.max_budget]
     assert bad_alone <= 1  # a lone request's token costs 3% of a step: one may still pay
@@ -487,13 +480,13 @@ def test_das_learns_the_per_token_rate_per_group() -> None:
 
 def test_das_eq7_learns_acceptance_per_group() -> None:
     policy = DasPolicy(COST, DasConfig(rule="eq7", refit_every=1))
-    prior = policy.acceptance("g")
+    prior = policy.rule.acceptance("g")
     assert (prior.k, prior.alpha) == pytest.approx((0.5, 1.0), rel=0.01)
     for _ in range(200):
         policy.observe_step("good", 8, 7)
         policy.observe_step("bad", 8, 0)
     policy.observe_step("good", 0, 0)  # nothing drafted: ignored
-    good, bad = policy.acceptance("good"), policy.acceptance("bad")
+    good, bad = policy.rule.acceptance("good"), policy.rule.acceptance("bad")
     assert good.k * good.alpha > 0.5
     assert bad.k < 0.1
     assert policy.budgets([policy.request("bad")]) == [0]

@@ -5,9 +5,9 @@ from collections.abc import Callable
 import pytest
 
 from drafter import DrafterConfig, ReferenceSuffixTree, SuffixTree
+from drafter.cost import CostModel
 from drafter.draft import Draft
 from drafter.history import TokenTree
-from drafter.policy import CostModel
 from drafter.simulator import (
     EpochReport,
     SimulationResult,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drafter.policy import SMOLLM2_CPU
+from drafter.cost import SMOLLM2_CPU
 from drafter.traces import TraceRecord, read_trace, write_trace
 from service.cli import main
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafter.policy import SMOLLM2_CPU
+from drafter.cost import SMOLLM2_CPU
 from drafter.simulator import simulate
 from drafter.traces import read_trace, write_trace
 from service.engine.bench import (
