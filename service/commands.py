@@ -1,138 +1,176 @@
-"""`das serve`, `das worker` and `das gateway`: argparse front ends over Settings.
+"""`das serve`, `das worker` and `das gateway`: argparse front ends derived from Settings.
+
+Every Settings field is one flag (service/settings.py's Flag says which commands take it):
+`das serve` and `das worker` take the process and worker flags, `das gateway` the process and
+gateway ones. The flag's name, type, choices and help come from the field; a flag left out
+falls back to its DAS_* environment variable, then to the field's default. A value that
+Settings refuses exits 2 naming the flag and the variable.
 
 Wire into service/cli.py with:
     add_serve_parser(subparsers); add_worker_parser(subparsers); add_gateway_parser(subparsers)
 and dispatch with `args.handler(args)` (each parser sets `handler`), or call serve(argv),
-worker(argv), gateway(argv) directly. A flag left out falls back to DAS_* environment variables,
-then to Settings' defaults.
+worker(argv), gateway(argv) directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from service.settings import Settings
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from service.settings import Flag, Role, Settings
 
 Handler = Callable[[argparse.Namespace], int]
 
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--api-key", dest="api_key", default=None, help="require this Bearer key")
-    parser.add_argument(
-        "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"], default=None
-    )
-
-
-def _worker_flags(parser: argparse.ArgumentParser, redis_default_help: str) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="smollm2-135m (default), tiny-random, a model directory, a .gguf file, "
-        "or 'fake' for the deterministic FakeWorker",
-    )
-    parser.add_argument("--served-model-name", dest="served_model_name", default=None)
-    parser.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
-    parser.add_argument(
-        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32"
-    )
-    parser.add_argument("--redis-url", dest="redis_url", default=None, help=redis_default_help)
-    parser.add_argument(
-        "--spec-policy",
-        dest="spec_policy",
-        default=None,
-        metavar="POLICY",
-        help="speculation budget policy: das (default), fixed:K or none",
-    )
-    parser.add_argument(
-        "--no-speculation",
-        dest="speculation",
-        action="store_const",
-        const=False,
-        default=None,
-        help="no drafts (= --spec-policy none)",
-    )
-    parser.add_argument(
-        "--spec-budget", dest="spec_budget", type=int, default=None, help="FakeWorker budget"
-    )
-    parser.add_argument("--max-batch", dest="max_batch", type=int, default=None)
-    parser.add_argument("--max-model-len", dest="max_model_len", type=int, default=None)
-    parser.add_argument(
-        "--deterministic",
-        action="store_const",
-        const=True,
-        default=None,
-        help="batch-invariant engine numerics: logits bitwise independent of batch and drafts",
-    )
-    parser.add_argument("--worker-id", dest="worker_id", default=None)
-    parser.add_argument("--fake-step-delay", dest="fake_step_delay_s", type=float, default=None)
+# The flags of each command, by role: serve is a worker with the whole API in one process.
+COMMAND_ROLES: dict[str, tuple[Role, ...]] = {
+    "serve": ("process", "worker"),
+    "worker": ("process", "worker"),
+    "gateway": ("process", "gateway"),
+}
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "serve", help="the API and one embedded worker in one process"
+    return _add_command(
+        subparsers, "serve", "the API and one embedded worker in one process", run_worker
     )
-    _common(parser)
-    _worker_flags(parser, "share the history through Redis (default: in process)")
-    parser.set_defaults(handler=run_worker)
-    return parser
 
 
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "worker", help="one worker behind the HTTP API (for a gateway)"
+    return _add_command(
+        subparsers, "worker", "one worker behind the HTTP API (for a gateway)", run_worker
     )
-    _common(parser)
-    _worker_flags(parser, "the shared history service")
-    parser.set_defaults(handler=run_worker)
-    return parser
 
 
 def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
+    return _add_command(
+        subparsers, "gateway", "route requests to workers by prompt group", run_gateway
+    )
+
+
+def _add_command(
+    subparsers: Any, command: str, help_text: str, handler: Handler
+) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "gateway", help="route requests to workers by prompt group"
+        command, help=help_text, description=f"{help_text[0].upper()}{help_text[1:]}."
     )
-    _common(parser)
-    parser.add_argument(
-        "--worker",
-        dest="worker_urls",
-        action="append",
-        default=None,
-        metavar="URL",
-        help="a worker's base URL (repeat for each worker)",
-    )
-    parser.add_argument("--worker-api-key", dest="worker_api_key", default=None)
-    parser.add_argument("--load-factor", dest="routing_load_factor", type=float, default=None)
-    parser.add_argument("--health-interval", dest="health_interval_s", type=float, default=None)
-    parser.set_defaults(handler=run_gateway)
+    for name, field in Settings.model_fields.items():
+        if field_flag(field).role in COMMAND_ROLES[command]:
+            _add_flag(parser, name, field)
+    parser.set_defaults(handler=handler, command_parser=parser)
     return parser
 
 
+def field_flag(field: FieldInfo) -> Flag:
+    flags = [item for item in field.metadata if isinstance(item, Flag)]
+    if len(flags) != 1:
+        raise TypeError(f"a Settings field needs one Flag beside its type, got {flags}")
+    return flags[0]
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of Settings field `name` (see settings.Flag)."""
+    field = Settings.model_fields[name]
+    flag = field_flag(field)
+    if flag.name is not None:
+        return flag.name
+    kebab = name.replace("_", "-")
+    if field.annotation is bool:
+        return f"--no-{kebab}" if field.default else f"--{kebab}"
+    return f"--{kebab.removesuffix('-s')}"
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    option, help_text = flag_name(name), _help(name, field)
+    if field.annotation is bool:  # the flag flips the default
+        parser.add_argument(
+            option, dest=name, action="store_const", const=not field.default, help=help_text
+        )
+        return
+    kind, choices, repeated = _value_type(name, field.annotation)
+    metavar = field_flag(field).metavar or option.removeprefix("--").upper().replace("-", "_")
+    parser.add_argument(
+        option,
+        dest=name,
+        type=kind,
+        choices=choices,
+        action="append" if repeated else "store",
+        metavar=None if choices else metavar,  # choices show as {a,b,...}
+        help=help_text,
+    )
+
+
+def _value_type(name: str, annotation: Any) -> tuple[type, tuple[str, ...] | None, bool]:
+    """(argparse type, choices, repeated) of a field's annotation."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str, tuple(str(arg) for arg in args), False
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = (arg for arg in args if arg is not type(None))
+        return _value_type(name, inner)
+    if origin is list and args in ((str,), (int,), (float,)):
+        return args[0], None, True
+    if annotation in (str, int, float):
+        return annotation, None, False
+    raise TypeError(f"Settings.{name}: no command-line flag for a {annotation}")
+
+
+def _help(name: str, field: FieldInfo) -> str:
+    notes = [f"env DAS_{name.upper()}"]
+    if field.annotation is not bool and field.default not in (None, PydanticUndefined):
+        notes.insert(0, f"default {field.default}")
+    text = f"{field.description or name} ({'; '.join(notes)})"
+    return text.replace("%", "%%")  # argparse %-formats help
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from parsed flags: each flag given wins over its DAS_* variable."""
     overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in ("handler", "command") and value is not None
+        name: value
+        for name in Settings.model_fields
+        if (value := getattr(args, name, None)) is not None
     }
     return Settings(**overrides)
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    from service.app import create_app
+def _settings(args: argparse.Namespace) -> Settings:
+    """settings_from(args), exiting 2 with one line per value that Settings refuses."""
+    try:
+        return settings_from(args)
+    except ValidationError as error:
+        parser: argparse.ArgumentParser = args.command_parser
+        parser.error("; ".join(_problem(problem) for problem in error.errors()))
 
-    settings = settings_from(args)
+
+def _problem(problem: Any) -> str:
+    message = str(problem["msg"]).removeprefix("Value error, ")
+    loc = problem["loc"]
+    name = str(loc[0]) if loc else ""
+    if name not in Settings.model_fields:
+        return message
+    return f"argument {flag_name(name)} (or DAS_{name.upper()}): {message}"
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # bad flags exit before the app's imports
+    from service.worker_app import create_app
+
     _serve(create_app(settings), settings)
     return 0
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    from service.app import create_gateway_app
+    settings = _settings(args)
+    from service.gateway_app import create_gateway_app
 
-    settings = settings_from(args)
     if not settings.worker_urls:
         raise SystemExit("das gateway: give at least one --worker URL (or DAS_WORKER_URLS)")
     _serve(create_gateway_app(settings), settings)

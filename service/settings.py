@@ -1,66 +1,175 @@
-"""Deployment configuration: the one source of service settings (flags and DAS_* environment).
+"""Deployment configuration: the one source of service settings, flags and DAS_* environment.
 
-Command-line flags are passed as keyword arguments and win over the environment; the
-environment wins over the defaults here.
+Every field is one DAS_<FIELD> environment variable and one command-line flag, which
+service/commands.py derives from the field: its name, type, default and help (the field's
+description); the Flag beside the type says which commands take it. Flags are passed as
+keyword arguments and win over the environment; the environment wins over the defaults here.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostModel, parse_cost_model
 from drafter.policy_spec import parse_policy_spec
+
+Role = Literal["process", "worker", "gateway"]
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """A field's command-line flag. role: process flags belong to every command, worker flags
+    to `das serve` and `das worker`, gateway flags to `das gateway`. name: the flag where it
+    is not the field's name in kebab case less a trailing "-s" (seconds), nor, for a bool,
+    --no-NAME (default True) or --NAME (default False). metavar: the value in --help."""
+
+    role: Role
+    name: str | None = None
+    metavar: str | None = None
+
+
+PROCESS = Flag("process")
+WORKER = Flag("worker")
+GATEWAY = Flag("gateway")
+
+
+def _ms(cost: CostModel) -> str:
+    return f"c_base {cost.c_base * 1e3:g} ms, c_tok {cost.c_tok * 1e3:g} ms"
+
+
+_COST_MODEL_HELP = (
+    "the cost model pricing a forward pass: calibrate (time the engine's own verify step at "
+    f"start-up), smollm2-cpu (SmolLM2-135M on the 2-core development CPU, {_ms(SMOLLM2_CPU)}), "
+    f"h100-7b (a 7B model on one H100, projected: {_ms(H100_7B)}) or C_BASE,C_TOK (seconds "
+    "per forward pass, and per token in it)"
+)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DAS_", extra="forbid", frozen=True)
 
     # -- process ----------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)  # 0: pick a free port (tests)
-    api_key: str | None = None  # Bearer key required on every endpoint but /health, /metrics
-    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    host: Annotated[str, PROCESS] = Field("127.0.0.1", description="address to listen on")
+    port: Annotated[int, PROCESS] = Field(
+        8000, ge=0, le=65535, description="port to listen on (0: a free one)"
+    )
+    api_key: Annotated[str | None, PROCESS] = Field(
+        None, description="Bearer key required on every endpoint but /health and /metrics"
+    )
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], PROCESS] = Field(
+        "warning", description="log level"
+    )
 
     # -- worker -----------------------------------------------------------------------
-    # The embedded engine's model: "smollm2-135m" (packaged GGUF), "tiny-random", a model
-    # directory or a .gguf file; "fake": the deterministic FakeWorker, no model at all.
-    model: str = "smollm2-135m"
-    served_model_name: str | None = None  # the name clients send (default: model)
-    device: str = "cpu"  # cpu, cuda or cuda:N
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    speculation: bool = True  # False: no drafts at all, whatever spec_policy says
-    spec_policy: str = "das"  # engine budget policy: das, das-eq7, fixed:K or none
-    spec_budget: int = Field(8, ge=0, le=64)  # FakeWorker: draft tokens per forward pass
-    max_batch: int = Field(16, ge=1)  # engine: sequences decoding at once (KV cache slots)
-    max_model_len: int = Field(1024, ge=2)  # engine: prompt + output tokens of one sequence
-    deterministic: bool = False  # engine: batch-invariant numerics (bitwise lossless, slower)
-    worker_id: str | None = None  # names this worker in metrics and Redis (default: host:port)
-    fake_step_delay_s: float = Field(0.0, ge=0.0)  # FakeWorker: sleep per forward pass
+    model: Annotated[str, WORKER] = Field(
+        "smollm2-135m",
+        description="the embedded engine's model: smollm2-135m (the packaged GGUF), "
+        "tiny-random, a model directory or a .gguf file; fake: the deterministic FakeWorker, "
+        "no model at all",
+    )
+    served_model_name: Annotated[str | None, WORKER] = Field(
+        None, description="the model name clients send (default: the model)"
+    )
+    device: Annotated[str, WORKER] = Field("cpu", description="cpu, cuda or cuda:N")
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], WORKER] = Field(
+        "float32", description="engine weights and activations"
+    )
+    speculation: Annotated[bool, WORKER] = Field(
+        True,
+        description="speculative decoding; off: no drafts at all, whatever the speculation "
+        "policy says",
+    )
+    spec_policy: Annotated[str, Flag("worker", metavar="POLICY")] = Field(
+        "das", description="the engine's speculation budget policy: das, das-eq7, fixed:K or none"
+    )
+    cost_model: Annotated[str, Flag("worker", metavar="COST_MODEL")] = Field(
+        "calibrate", description=_COST_MODEL_HELP
+    )
+    spec_budget: Annotated[int, WORKER] = Field(
+        8, ge=0, le=64, description="FakeWorker: draft tokens per forward pass"
+    )
+    max_batch: Annotated[int, WORKER] = Field(
+        16, ge=1, description="engine: sequences decoding at once (KV cache slots)"
+    )
+    max_model_len: Annotated[int, WORKER] = Field(
+        1024, ge=2, description="engine: prompt + output tokens of one sequence"
+    )
+    deterministic: Annotated[bool, WORKER] = Field(
+        False,
+        description="batch-invariant engine numerics: logits bitwise independent of batch "
+        "and drafts (bitwise lossless speculation, slower)",
+    )
+    worker_id: Annotated[str | None, WORKER] = Field(
+        None, description="names this worker in metrics and Redis (default: host:port)"
+    )
+    fake_step_delay_s: Annotated[float, WORKER] = Field(
+        0.0, ge=0.0, description="FakeWorker: seconds of sleep per forward pass"
+    )
 
-    # -- history ----------------------------------------------------------------------
-    redis_url: str | None = None  # None: the history lives in this process only
-    history_window: int = Field(4, ge=1)  # policy versions of rollouts kept
-    history_max_rollouts_per_group: int = Field(64, ge=1)
-    history_buffer_size: int = Field(10_000, ge=1)  # rollouts held while Redis is down
-    history_sync_interval_s: float = Field(0.05, gt=0.0)  # Redis flush and poll period
-    redis_timeout_s: float = Field(0.5, gt=0.0)
+    # -- history (a worker's) -----------------------------------------------------------
+    redis_url: Annotated[str | None, Flag("worker", metavar="URL")] = Field(
+        None,
+        description="share the rollout history through this Redis (default: the history "
+        "lives in this process only)",
+    )
+    history_window: Annotated[int, WORKER] = Field(
+        4, ge=1, description="policy versions of rollouts kept per prompt group"
+    )
+    history_max_rollouts_per_group: Annotated[int, WORKER] = Field(
+        64, ge=1, description="newest rollouts kept per prompt group, whatever their version"
+    )
+    history_buffer_size: Annotated[int, WORKER] = Field(
+        10_000, ge=1, description="rollouts held for Redis while it is down"
+    )
+    history_sync_interval_s: Annotated[float, WORKER] = Field(
+        0.05, gt=0.0, description="seconds between Redis flushes and polls"
+    )
+    redis_timeout_s: Annotated[float, WORKER] = Field(
+        0.5, gt=0.0, description="seconds a Redis call may take"
+    )
 
     # -- gateway ----------------------------------------------------------------------
-    worker_urls: list[str] = Field(default_factory=list)
-    worker_api_key: str | None = None  # key the gateway sends to its workers
-    routing_load_factor: float = Field(0.25, ge=0.0)  # bounded load: (1 + eps) * average
-    routing_vnodes: int = Field(64, ge=1)
-    health_interval_s: float = Field(1.0, gt=0.0)
-    health_failures: int = Field(2, ge=1)  # consecutive failed checks that remove a worker
-    upstream_timeout_s: float = Field(600.0, gt=0.0)
+    worker_urls: Annotated[list[str], Flag("gateway", name="--worker", metavar="URL")] = Field(
+        default_factory=list,
+        description="a worker's base URL; repeat the flag for each worker (DAS_WORKER_URLS: "
+        "a JSON list)",
+    )
+    worker_api_key: Annotated[str | None, GATEWAY] = Field(
+        None, description="Bearer key the gateway sends to its workers"
+    )
+    routing_load_factor: Annotated[float, Flag("gateway", name="--load-factor")] = Field(
+        0.25,
+        ge=0.0,
+        description="bounded-load routing: a worker takes at most (1 + this) x the average load",
+    )
+    routing_vnodes: Annotated[int, GATEWAY] = Field(
+        64, ge=1, description="points per worker on the consistent-hash ring"
+    )
+    health_interval_s: Annotated[float, GATEWAY] = Field(
+        1.0, gt=0.0, description="seconds between health checks of every worker"
+    )
+    health_failures: Annotated[int, GATEWAY] = Field(
+        2, ge=1, description="consecutive failed health checks that take a worker out"
+    )
+    upstream_timeout_s: Annotated[float, GATEWAY] = Field(
+        600.0, gt=0.0, description="seconds a request to a worker may take"
+    )
 
     @field_validator("spec_policy")
     @classmethod
     def _known_policy(cls, spec: str) -> str:
         parse_policy_spec(spec)  # ValueError (a validation error) for an unknown policy
         return spec.strip()
+
+    @field_validator("cost_model")
+    @classmethod
+    def _known_cost_model(cls, spec: str) -> str:
+        parse_cost_model(spec)  # ValueError for an unknown name or bad seconds
+        return spec.strip().lower()
 
     @field_validator("worker_urls")
     @classmethod

@@ -9,8 +9,10 @@ from service.commands import (
     add_gateway_parser,
     add_serve_parser,
     add_worker_parser,
+    flag_name,
     settings_from,
 )
+from service.commands import worker as worker_main
 from service.settings import Settings
 
 
@@ -62,3 +64,139 @@ def test_invalid_settings() -> None:
         Settings(spec_budget=1000)
     with pytest.raises(ValidationError):
         Settings(unknown_knob=1)  # type: ignore[call-arg]
+
+
+def _flags(command: str) -> dict[str, list[str]]:
+    """dest -> option strings of one command's parser (help left out)."""
+    parser = argparse.ArgumentParser(prog="das")
+    sub = parser.add_subparsers(dest="command", required=True)
+    adders = {"serve": add_serve_parser, "worker": add_worker_parser, "gateway": add_gateway_parser}
+    command_parser = adders[command](sub)
+    return {
+        action.dest: list(action.option_strings)
+        for action in command_parser._actions
+        if action.dest != "help"
+    }
+
+
+def test_every_setting_is_one_flag_and_every_flag_a_setting() -> None:
+    serve, worker, gateway = _flags("serve"), _flags("worker"), _flags("gateway")
+    assert serve == worker  # one definition: serve is a worker with the API in one process
+    for flags in (serve, gateway):
+        assert set(flags) <= set(Settings.model_fields)
+        assert all(len(options) == 1 for options in flags.values())
+    assert set(serve) | set(gateway) == set(Settings.model_fields)
+    common = set(serve) & set(gateway)
+    assert common == {"host", "port", "api_key", "log_level"}
+    for name in common:
+        assert serve[name] == gateway[name] == [flag_name(name)]
+    options = [options[0] for options in (*serve.values(), *gateway.values())]
+    assert len(set(options)) == len(Settings.model_fields)  # no two settings share a flag
+
+
+def test_the_flags_keep_their_names() -> None:
+    names = {name: flag_name(name) for name in Settings.model_fields}
+    assert {
+        "speculation": "--no-speculation",
+        "deterministic": "--deterministic",
+        "fake_step_delay_s": "--fake-step-delay",
+        "worker_urls": "--worker",
+        "routing_load_factor": "--load-factor",
+        "health_interval_s": "--health-interval",
+        "served_model_name": "--served-model-name",
+        "cost_model": "--cost-model",
+        "redis_timeout_s": "--redis-timeout",
+    }.items() <= names.items()
+
+
+def test_help_is_the_field_description(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("cost_model", "max_batch", "redis_url", "speculation"):
+        description = Settings.model_fields[name].description
+        assert description is not None and " ".join(description.split()) in out
+    assert "(default 16; env DAS_MAX_BATCH)" in out
+
+
+def test_every_setting_is_exercised_through_its_flag() -> None:
+    # A value unlike the default for each field, given on the command line.
+    values = {
+        "host": "0.0.0.0", "port": "9", "api_key": "k", "log_level": "debug", "model": "fake",
+        "served_model_name": "m", "device": "cuda:1", "dtype": "bfloat16",
+        "spec_policy": "fixed:3", "cost_model": "h100-7b", "spec_budget": "2",
+        "max_batch": "3", "max_model_len": "99", "worker_id": "w", "fake_step_delay_s": "0.5",
+        "redis_url": "redis://r:1/0", "history_window": "2",
+        "history_max_rollouts_per_group": "5", "history_buffer_size": "6",
+        "history_sync_interval_s": "0.25", "redis_timeout_s": "0.125", "worker_api_key": "w-k",
+        "routing_load_factor": "0.5", "routing_vnodes": "8", "health_interval_s": "2.5",
+        "health_failures": "4", "upstream_timeout_s": "30",
+    }  # fmt: skip
+    defaults = Settings()
+    for command in ("serve", "gateway"):
+        argv = [command]
+        for name in _flags(command):
+            if name in ("speculation", "deterministic"):
+                argv.append(flag_name(name))
+            elif name == "worker_urls":
+                argv += ["--worker", "http://a:1/", "--worker", "http://b:2"]
+            else:
+                argv += [flag_name(name), values[name]]
+        settings = settings_from(parse(argv))
+        for name in _flags(command):
+            assert getattr(settings, name) != getattr(defaults, name), name
+    assert settings_from(parse(["gateway", "--worker", "http://a:1/"])).worker_urls == [
+        "http://a:1"
+    ]
+
+
+def test_environment_fills_in_below_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DAS_COST_MODEL", "smollm2-cpu")
+    monkeypatch.setenv("DAS_MAX_BATCH", "7")
+    assert settings_from(parse(["serve"])).cost_model == "smollm2-cpu"
+    settings = settings_from(parse(["serve", "--cost-model", "0.01,0.002"]))
+    assert (settings.cost_model, settings.max_batch) == ("0.01,0.002", 7)
+    assert Settings().cost_model == "smollm2-cpu"
+    monkeypatch.delenv("DAS_COST_MODEL")
+    assert Settings().cost_model == "calibrate"  # the default: the worker times its own step
+
+
+@pytest.mark.parametrize("value", ["calibrate", "smollm2-cpu", "h100-7b", " H100-7B ", "1e-2,3e-5"])
+def test_cost_models_the_setting_takes(value: str) -> None:
+    assert Settings(cost_model=value).cost_model == value.strip().lower()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--cost-model", "a100"], "argument --cost-model (or DAS_COST_MODEL): unknown"),
+        (["worker", "--cost-model", "0.01"], "unknown cost model '0.01'"),
+        (["worker", "--cost-model", "0,0.1"], "c_base must be a positive number of seconds"),
+        (["serve", "--port", "70000"], "argument --port (or DAS_PORT): Input should be less"),
+        (["serve", "--spec-policy", "often"], "argument --spec-policy (or DAS_SPEC_POLICY)"),
+        (["gateway", "--health-interval", "0", "--worker", "http://a:1"], "--health-interval"),
+        (["serve", "--port", "x"], "argument --port: invalid int value: 'x'"),
+        (["serve", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["gateway", "--model", "fake"], "unrecognized arguments: --model fake"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        args = parse(argv)
+        args.handler(args)  # validates before serving anything
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"das {argv[0]}: error: " in err or "das: error: " in err
+    assert message in err
+
+
+def test_a_bad_environment_value_exits_2_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DAS_COST_MODEL", "guess")
+    with pytest.raises(SystemExit) as exit_info:
+        worker_main(["--model", "fake"])
+    assert exit_info.value.code == 2
+    assert "(or DAS_COST_MODEL): unknown cost model 'guess'" in capsys.readouterr().err
