@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from service.engine.bench import machine_info, primed_runner, time_verify_step
+from bench.rollout import machine_info
+from service.engine.calibration import primed_runner, time_verify_step
 from service.engine.models import load_model
 from service.engine.runner import Runner
 from service.worker import SamplingParams

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drafter.cost import SMOLLM2_CPU
+from drafter.cost import H100_7B, SMOLLM2_CPU
 from drafter.traces import TraceRecord, read_trace, write_trace
 from service.cli import main
 
@@ -138,6 +138,45 @@ def test_simulate_takes_cost_and_drafter_knobs(
     assert data["total"]["makespan_ratio"] == 1.0
 
 
+@pytest.mark.parametrize(
+    ("flags", "cost"),
+    [
+        (["--cost-model", "h100-7b"], {"c_base": H100_7B.c_base, "c_tok": H100_7B.c_tok}),
+        (["--cost-model", "0.02,0.003"], {"c_base": 0.02, "c_tok": 0.003}),
+        (
+            ["--cost-model", "H100-7B", "--c-tok", "0.001"],
+            {"c_base": H100_7B.c_base, "c_tok": 0.001},
+        ),
+        (["--c-base", "0.5"], {"c_base": 0.5, "c_tok": SMOLLM2_CPU.c_tok}),
+    ],
+)
+def test_simulate_takes_a_cost_model_and_overrides_of_its_parts(
+    small_trace: Path, tmp_path: Path, flags: list[str], cost: dict[str, float]
+) -> None:
+    out_path = tmp_path / "result.json"
+    argv = ["simulate", "--trace", str(small_trace), "--json", str(out_path), "--no-progress"]
+    assert main([*argv, *flags]) == 0
+    assert json.loads(out_path.read_text())["cost_model"] == cost
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("calibrate", "calibrate times an engine's verify step"),
+        ("a100", "unknown cost model 'a100'"),
+        ("0.01,0", "c_tok must be a positive number of seconds"),
+    ],
+)
+def test_simulate_refuses_a_bad_cost_model(
+    small_trace: Path, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--trace", str(small_trace), "--cost-model", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --cost-model" in err and message in err
+
+
 def test_simulate_labels_a_recorded_trace_as_such(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,6 +195,7 @@ def test_simulate_labels_a_recorded_trace_as_such(
         ["simulate", "--trace", "t.jsonl", "--policy", "fixed:0"],
         ["simulate", "--trace", "t.jsonl", "--c-base", "-1"],
         ["simulate", "--trace", "t.jsonl", "--c-tok", "abc"],
+        ["simulate", "--trace", "t.jsonl", "--extra"],
         ["simulate", "--trace", "t.jsonl", "--max-depth", "1"],
         ["simulate", "--trace", "t.jsonl", "--window", "0"],
         ["simulate", "--trace", "t.jsonl", "--min-prob", "2"],
@@ -243,3 +283,31 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     )
     assert usage.returncode == 2
     assert "unknown policy 'nope'" in usage.stderr
+
+
+# Everything the wheel installs (pyproject: wheel.packages = drafter, service).
+_IMPORT_THE_PACKAGE = """
+import importlib, pkgutil, sys
+import drafter, service
+import service.cli
+at_start = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "bench"))
+for package in (drafter, service):
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
+benches = sorted(m for m in sys.modules if m.split(".")[0] == "bench")
+print(at_start, benches, "matplotlib" in sys.modules)
+"""
+
+
+def test_the_installed_package_imports_no_benchmark_code() -> None:
+    # bench/ and matplotlib stay out of the wheel: no module of drafter or service imports
+    # them, and `das` itself starts without the engine (simulate and the service's flags).
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORT_THE_PACKAGE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[]", "[]", "False"]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import cli as bench_cli
+from bench.rollout import DEFAULT_MODES, RolloutConfig
 from drafter.traces import read_trace
-from service import cli
 from service.cli import main
-from service.engine import bench, models
+from service.engine import models
 
 TINY = ["--model", "tiny-random", "--samples", "2", "--epochs", "2", "--max-tokens", "16"]
 
@@ -26,11 +28,42 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def test_cli_constants_match_the_engine_s() -> None:
-    # cli.py keeps copies so that `das simulate` need not import torch.
-    assert cli.SMOLLM2 == models.SMOLLM2
-    assert cli.DEFAULT_MODES == bench.DEFAULT_MODES
-    assert cli.COST_SOURCES == bench.COST_SOURCES
+def test_the_flag_defaults_are_the_benchmark_s() -> None:
+    # One definition: bench/cli.py's defaults are RolloutConfig's, whose model is the engine's.
+    parser = bench_cli.build_parser("das")
+    for command in (["trace", "--out", "t.jsonl"], ["rollout"]):
+        args = parser.parse_args(command)
+        config = bench_cli._rollout_config(args, RolloutConfig().modes, RolloutConfig().cost)
+        assert config == RolloutConfig()
+    rollout = parser.parse_args(["rollout"])
+    assert rollout.modes == DEFAULT_MODES and rollout.cost == "calibrate"
+    assert RolloutConfig().model == models.SMOLLM2
+
+
+def test_without_a_checkout_s_bench_the_commands_exit_1_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An installed wheel carries drafter and service only: `import bench` fails.
+    monkeypatch.setitem(sys.modules, "bench", None)
+    monkeypatch.setitem(sys.modules, "bench.cli", None)
+    for argv, command in (
+        (["trace", "--out", "t.jsonl"], "das trace"),
+        (["bench", "rollout", "--help"], "das bench rollout"),
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert err.startswith(f"das: error: `{command}` runs bench/ of a repository checkout")
+        assert f"python -m bench.cli {command.split()[-1]}" in err
+
+
+def test_help_comes_from_the_benchmark_s_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "rollout", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: das bench rollout")
+    assert "--cost-model COST_MODEL, --cost COST_MODEL" in out and "h100-7b" in out
 
 
 def test_trace_then_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,6 +137,15 @@ def test_bench_rollout_modes_and_cost_flags(
     assert max(n for run in data["runs"] for _, n in run["batch_size_over_time"]) == 2
 
 
+def test_bench_rollout_takes_a_cost_model_in_seconds(tmp_path: Path) -> None:
+    json_out = tmp_path / "b.json"
+    argv = ["bench", "rollout", *TINY, "--prompts", "math:1", "--samples", "1", "--epochs", "1"]
+    argv += ["--modes", "das", "--cost-model", "0.01,0.0005", "--json", str(json_out)]
+    assert main([*argv, "--no-progress"]) == 0
+    cost = json.loads(json_out.read_text())["config"]["cost_model"]
+    assert (cost["source"], cost["c_base"], cost["c_tok"]) == ("0.01,0.0005", 0.01, 0.0005)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -117,6 +159,9 @@ def test_bench_rollout_modes_and_cost_flags(
         ["bench", "rollout", "--modes", "fixed:0"],
         ["bench", "rollout", "--prompts", "math:0"],
         ["bench", "rollout", "--cost", "guess"],
+        ["bench", "rollout", "--cost-model", "h100"],
+        ["bench", "rollout", "--cost-model", "0.01,-1"],
+        ["bench", "rollout", "--cost-model", "0.01"],
         ["bench", "rollout", "--max-batch", "0"],
         ["bench", "rollout", "--seed", "-2"],
         ["trace"],

@@ -6,16 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafter.cost import SMOLLM2_CPU
-from drafter.simulator import simulate
-from drafter.traces import read_trace, write_trace
-from service.engine.bench import (
-    COST_SOURCES,
+from bench.rollout import (
     DEFAULT_MODES,
     BenchResult,
     RolloutConfig,
     build_workload,
-    calibrate_cost,
     count_mismatches,
     format_table,
     record_trace,
@@ -24,6 +19,9 @@ from service.engine.bench import (
     trace_records,
     write_plot,
 )
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostModel
+from drafter.simulator import simulate
+from drafter.traces import read_trace, write_trace
 
 # 2 prompts x 2 samples x 2 epochs x 16 tokens on the tiny random model.
 TINY = RolloutConfig(
@@ -80,7 +78,23 @@ def test_defaults_are_the_documented_workload() -> None:
     assert (config.max_tokens, config.temperature, config.max_batch) == (512, 0.7, None)
     assert config.modes == DEFAULT_MODES == ("none", "fixed:8", "das")
     assert config.cost == "calibrate"
-    assert COST_SOURCES == ("calibrate", "smollm2-cpu")
+
+
+@pytest.mark.parametrize(
+    ("cost", "source", "model"),
+    [
+        ("smollm2-cpu", "smollm2-cpu", SMOLLM2_CPU),
+        ("h100-7b", "h100-7b", H100_7B),
+        ("0.01,0.001", "0.01,0.001", CostModel(0.01, 0.001)),
+    ],
+)
+def test_a_given_cost_model_reaches_the_result_unmeasured(
+    tiny_model: torch.nn.Module, cost: str, source: str, model: CostModel
+) -> None:
+    config = RolloutConfig(**{**_fields(TINY), "cost": cost, "modes": ("das",), "epochs": 1})
+    result = run_bench(config, tiny_model, None)
+    assert (result.calibration.cost, result.calibration.source) == (model, source)
+    assert result.calibration.points == ()
 
 
 @pytest.mark.parametrize(
@@ -96,6 +110,7 @@ def test_defaults_are_the_documented_workload() -> None:
         {"modes": ("fixed:8", " fixed:8")},
         {"max_batch": 0},
         {"cost": "guess"},
+        {"cost": "0,1"},
     ],
 )
 def test_bad_configs_raise(change: dict[str, object]) -> None:
@@ -205,20 +220,6 @@ def test_table_has_a_row_per_mode_and_epoch(greedy_result: BenchResult) -> None:
         (mode, epoch) for mode in ("none", "fixed:8", "das") for epoch in ("0", "1")
     ]
     assert all(row[-1] == "0" for row in rows)
-
-
-def test_calibration_times_four_points(tiny_model: torch.nn.Module) -> None:
-    calibration = calibrate_cost(tiny_model, max_batch=3, context=8, repeats=1)
-    assert [(rows, per_row) for rows, per_row, _ in calibration.points] == [
-        (1, 1),
-        (1, 9),
-        (3, 1),
-        (3, 9),
-    ]
-    assert all(seconds > 0 for _, _, seconds in calibration.points)
-    assert calibration.source in ("calibrated", "smollm2-cpu (calibration fit unusable)")
-    assert calibration.cost.c_base > 0 and calibration.cost.c_tok > 0
-    assert set(calibration.to_json()) == {"source", "c_base", "c_tok", "context", "points"}
 
 
 def test_calibrate_is_the_default_cost_and_reaches_the_das_policy(

@@ -1,4 +1,4 @@
-"""Rollout benchmark and trace recording on the embedded engine (no argparse: see service/cli.py).
+"""Rollout benchmark and trace recording on the embedded engine (no argparse: see bench/cli.py).
 
 The workload is RL rollout: P prompts x N samples per epoch, the whole epoch submitted at once
 as one RL step, epochs in order (the rollout history carries over, the policy version moves
@@ -39,18 +39,16 @@ from typing import Any
 
 import torch
 
-from drafter.cost import SMOLLM2_CPU, CostModel
+from bench.prompts import encode_prompt, load_prompts
+from drafter.cost import CALIBRATE, SMOLLM2_CPU, CostModel, parse_cost_model
 from drafter.policy_spec import parse_policy, parse_policy_spec
 from drafter.traces import TraceRecord
+from service.engine.calibration import Calibration, calibrate_cost, cost_model_name
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.models import SMOLLM2, Tokenizer
-from service.engine.prompts import encode_prompt, load_prompts
-from service.engine.runner import Runner
-from service.engine.sampling import sample
 from service.worker import GenerateRequest, SamplingParams
 
-COST_SOURCES = ("calibrate", "smollm2-cpu")
 DEFAULT_MODES = ("none", "fixed:8", "das")
 _SEED_MIX = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
@@ -63,7 +61,7 @@ class RolloutConfig:
     """One benchmark (or trace) run; checks itself."""
 
     model: str = SMOLLM2
-    prompts: str = "math"  # see service.engine.prompts.load_prompts
+    prompts: str = "math"  # see bench.prompts.load_prompts
     samples: int = 4  # rollouts per prompt per epoch
     epochs: int = 4
     max_tokens: int = 512
@@ -72,7 +70,8 @@ class RolloutConfig:
     seed: int = 0
     modes: tuple[str, ...] = DEFAULT_MODES
     max_batch: int | None = None  # None: every rollout of an epoch decodes at once
-    cost: str = "calibrate"  # cost model for das: measured at start-up or SMOLLM2_CPU
+    # The cost model das plans with: "calibrate" (timed at start-up), a preset or C_BASE,C_TOK.
+    cost: str = CALIBRATE
 
     def __post_init__(self) -> None:
         for name in ("samples", "epochs", "max_tokens"):
@@ -88,8 +87,7 @@ class RolloutConfig:
             raise ValueError(f"modes must be distinct, got {', '.join(self.modes)}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.cost not in COST_SOURCES:
-            raise ValueError(f"cost must be one of {', '.join(COST_SOURCES)}, got {self.cost!r}")
+        parse_cost_model(self.cost)  # ValueError for an unknown cost model
 
     @property
     def ordered_modes(self) -> tuple[str, ...]:
@@ -332,93 +330,6 @@ def trace_records(runs: Sequence[EpochRun], workload: Workload) -> list[TraceRec
     return records
 
 
-# -- the cost model ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    cost: CostModel
-    source: str  # "calibrated", "smollm2-cpu", or "smollm2-cpu (calibration fit unusable)"
-    points: tuple[tuple[int, int, float], ...] = ()  # (rows, tokens per row, fastest seconds)
-    context: int = 0  # cached tokens per row while timing
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "c_base": self.cost.c_base,
-            "c_tok": self.cost.c_tok,
-            "context": self.context,
-            "points": [
-                {"rows": rows, "tokens_per_row": per_row, "seconds": seconds}
-                for rows, per_row, seconds in self.points
-            ],
-        }
-
-
-def primed_runner(
-    model: torch.nn.Module, slots: int, context: int, room: int, small_matmul: bool = True
-) -> Runner:
-    """A runner whose every slot caches the same `context` tokens, with `room` positions more."""
-    runner = Runner(model, slots, context + room, small_matmul=small_matmul)
-    vocab = runner.vocab_size
-    runner.forward([0], [[3 + (17 * i) % (vocab - 3) for i in range(context)]], [1])
-    for slot in range(1, slots):
-        runner.copy_prefix(0, slot, context)
-    return runner
-
-
-def time_verify_step(
-    runner: Runner, rows: int, per_row: int, context: int, repeats: int, params: SamplingParams
-) -> list[tuple[float, float]]:
-    """(forward seconds, sampling seconds) of `repeats` verify steps of `rows` slots x `per_row`
-    tokens, after one untimed warm-up: the runner's forward, then sampling every logits row, as
-    the engine does. Each step is rolled back to `context` cached tokens."""
-    vocab = runner.vocab_size
-    slots = list(range(rows))
-    chunks = [[3 + (5 * i) % (vocab - 3) for i in range(per_row)]] * rows
-    timings = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        logits = runner.forward(slots, chunks, [per_row] * rows)
-        middle = time.perf_counter()
-        for row in range(rows):
-            sample(logits[row * per_row : (row + 1) * per_row], params, 0, row, 0)
-        timings.append((middle - start, time.perf_counter() - middle))
-        for slot in slots:
-            runner.truncate(slot, context)
-    return timings[1:]
-
-
-def calibrate_cost(
-    model: torch.nn.Module,
-    max_batch: int,
-    context: int = 128,
-    repeats: int = 5,
-    temperature: float = 0.7,
-) -> Calibration:
-    """Time verify steps (the runner's forward, then sampling every logits row, as the engine
-    does) at batch 1 and max_batch with 1 and 9 tokens per row over `context` cached tokens,
-    and fit t = c_base + c_tok * tokens. Each point is the fastest of `repeats` timings after
-    one warm-up (the least disturbed by other work on a shared machine). A fit that is not
-    positive (noise on a tiny model) falls back to SMOLLM2_CPU."""
-    if max_batch < 1 or context < 1 or repeats < 1:
-        raise ValueError("max_batch, context and repeats must be >= 1")
-    runner = primed_runner(model, max_batch, context, 9)
-    params = SamplingParams(temperature=temperature)
-    points = []
-    for rows in sorted({1, max_batch}):
-        for per_row in (1, 9):
-            timings = time_verify_step(runner, rows, per_row, context, repeats, params)
-            points.append((rows, per_row, min(f + s for f, s in timings)))
-    del runner
-    gc.collect()
-    try:
-        cost = CostModel.fit([(rows * per_row, seconds) for rows, per_row, seconds in points])
-    except ValueError:
-        return Calibration(SMOLLM2_CPU, "smollm2-cpu (calibration fit unusable)", tuple(points))
-    return Calibration(cost, "calibrated", tuple(points), context)
-
-
 # -- the benchmark -------------------------------------------------------------------------
 
 
@@ -524,10 +435,11 @@ def run_bench(
     workload = build_workload(config, tokenizer, vocab_size)
     machine = machine_info()
     max_batch = config.max_batch or workload.rollouts_per_epoch
-    if config.cost == "calibrate":
+    cost = parse_cost_model(config.cost)
+    if cost is None:
         calibration = calibrate_cost(model, max_batch, temperature=config.temperature)
     else:
-        calibration = Calibration(SMOLLM2_CPU, "smollm2-cpu")
+        calibration = Calibration(cost, cost_model_name(cost))
     if on_calibrated is not None:
         on_calibrated(calibration)
     result = BenchResult(config, workload, calibration, machine)

@@ -17,9 +17,12 @@ import random
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from drafter.traces import parse_json_object
-from service.engine.models import Tokenizer
+
+if TYPE_CHECKING:  # the models module imports torch; prompts need no engine
+    from service.engine.models import Tokenizer
 
 Messages = list[dict[str, str]]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from service.engine.prompts import (
+from bench.prompts import (
     DEFAULT_COUNT,
     check_prompt_spec,
     code_prompts,

@@ -1,0 +1,127 @@
+"""Calibrating the cost model on the engine's own runner: time verify steps (the runner's
+forward, then sampling every logits row, as the engine does) and fit t = c_base + c_tok * n.
+
+A worker calibrates at start-up with `--cost-model calibrate`; bench.steps times the same step
+over a grid. A fit that is not positive (timing noise on a tiny model) falls back to a given
+cost model, or raises where none is given: a GPU worker must never plan with a CPU's constants.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from drafter.cost import COST_PRESETS, SMOLLM2_CPU, CostModel
+from service.engine.runner import Runner
+from service.engine.sampling import sample
+from service.worker import SamplingParams
+
+CALIBRATED = "calibrated"
+# Tokens per row timed: a plain decode step and a step verifying an 8-token draft.
+_TOKENS_PER_ROW = (1, 9)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    cost: CostModel
+    source: str  # "calibrated", a preset name, or "<fallback> (calibration fit unusable)"
+    points: tuple[tuple[int, int, float], ...] = ()  # (rows, tokens per row, fastest seconds)
+    context: int = 0  # cached tokens per row while timing
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "c_base": self.cost.c_base,
+            "c_tok": self.cost.c_tok,
+            "context": self.context,
+            "points": [
+                {"rows": rows, "tokens_per_row": per_row, "seconds": seconds}
+                for rows, per_row, seconds in self.points
+            ],
+        }
+
+
+def primed_runner(
+    model: torch.nn.Module, slots: int, context: int, room: int, small_matmul: bool = True
+) -> Runner:
+    """A runner whose every slot caches the same `context` tokens, with `room` positions more."""
+    runner = Runner(model, slots, context + room, small_matmul=small_matmul)
+    vocab = runner.vocab_size
+    runner.forward([0], [[3 + (17 * i) % (vocab - 3) for i in range(context)]], [1])
+    for slot in range(1, slots):
+        runner.copy_prefix(0, slot, context)
+    return runner
+
+
+def time_verify_step(
+    runner: Runner, rows: int, per_row: int, context: int, repeats: int, params: SamplingParams
+) -> list[tuple[float, float]]:
+    """(forward seconds, sampling seconds) of `repeats` verify steps of `rows` slots x `per_row`
+    tokens, after one untimed warm-up: the runner's forward, then sampling every logits row, as
+    the engine does. Each step is rolled back to `context` cached tokens."""
+    vocab = runner.vocab_size
+    slots = list(range(rows))
+    chunks = [[3 + (5 * i) % (vocab - 3) for i in range(per_row)]] * rows
+    timings = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        logits = runner.forward(slots, chunks, [per_row] * rows)
+        _synchronize(runner.device)  # a GPU forward returns before its kernels finish
+        middle = time.perf_counter()
+        for row in range(rows):
+            sample(logits[row * per_row : (row + 1) * per_row], params, 0, row, 0)
+        _synchronize(runner.device)
+        timings.append((middle - start, time.perf_counter() - middle))
+        for slot in slots:
+            runner.truncate(slot, context)
+    return timings[1:]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate_cost(
+    model: torch.nn.Module,
+    max_batch: int,
+    context: int = 128,
+    repeats: int = 5,
+    temperature: float = 0.7,
+    *,
+    fallback: CostModel | None = SMOLLM2_CPU,
+) -> Calibration:
+    """Time verify steps at batch 1 and max_batch with 1 and 9 tokens per row over `context`
+    cached tokens, and fit t = c_base + c_tok * tokens. Each point is the fastest of `repeats`
+    timings after one warm-up (the least disturbed by other work on a shared machine). A fit
+    that is not positive returns `fallback`, or raises ValueError if it is None."""
+    if max_batch < 1 or context < 1 or repeats < 1:
+        raise ValueError("max_batch, context and repeats must be >= 1")
+    runner = primed_runner(model, max_batch, context, max(_TOKENS_PER_ROW))
+    params = SamplingParams(temperature=temperature)
+    points = []
+    for rows in sorted({1, max_batch}):
+        for per_row in _TOKENS_PER_ROW:
+            timings = time_verify_step(runner, rows, per_row, context, repeats, params)
+            points.append((rows, per_row, min(f + s for f, s in timings)))
+    del runner
+    gc.collect()
+    try:
+        cost = CostModel.fit([(rows * per_row, seconds) for rows, per_row, seconds in points])
+    except ValueError as error:
+        if fallback is None:
+            timed = ", ".join(f"{rows}x{per_row}: {s * 1e3:.2f} ms" for rows, per_row, s in points)
+            raise ValueError(f"the calibration fit is unusable ({error}; timed {timed})") from None
+        source = f"{cost_model_name(fallback)} (calibration fit unusable)"
+        return Calibration(fallback, source, tuple(points), context)
+    return Calibration(cost, CALIBRATED, tuple(points), context)
+
+
+def cost_model_name(cost: CostModel) -> str:
+    """A preset's name, else "C_BASE,C_TOK" (what --cost-model takes for it)."""
+    name = next((name for name, preset in COST_PRESETS.items() if preset == cost), None)
+    return name if name is not None else f"{cost.c_base},{cost.c_tok}"

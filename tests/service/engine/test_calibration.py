@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostModel
+from service.engine import calibration
+from service.engine.calibration import calibrate_cost, cost_model_name
+from service.engine.runner import Runner
+from service.worker import SamplingParams
+
+
+def test_calibration_times_four_points(tiny_model: torch.nn.Module) -> None:
+    result = calibrate_cost(tiny_model, max_batch=3, context=8, repeats=1)
+    assert [(rows, per_row) for rows, per_row, _ in result.points] == [
+        (1, 1),
+        (1, 9),
+        (3, 1),
+        (3, 9),
+    ]
+    assert all(seconds > 0 for _, _, seconds in result.points)
+    assert result.source in ("calibrated", "smollm2-cpu (calibration fit unusable)")
+    assert result.cost.c_base > 0 and result.cost.c_tok > 0
+    assert set(result.to_json()) == {"source", "c_base", "c_tok", "context", "points"}
+
+
+def _timed_as(
+    monkeypatch: pytest.MonkeyPatch, seconds_of: CostModel | None
+) -> list[tuple[int, int]]:
+    """Replace the timed step: each takes seconds_of's time, or less the more tokens it holds
+    (None: a fit with a negative slope, as noise gives on a tiny model)."""
+    steps: list[tuple[int, int]] = []
+
+    def fake(
+        runner: Runner, rows: int, per_row: int, context: int, repeats: int, _: SamplingParams
+    ) -> list[tuple[float, float]]:
+        steps.append((rows, per_row))
+        tokens = rows * per_row
+        total = 0.1 - 0.001 * tokens if seconds_of is None else seconds_of.step_time(tokens)
+        return [(total * 0.9, total * 0.1)] * repeats
+
+    monkeypatch.setattr(calibration, "time_verify_step", fake)
+    return steps
+
+
+def test_a_line_of_timings_is_fitted(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = _timed_as(monkeypatch, CostModel(0.02, 0.001))
+    result = calibrate_cost(tiny_model, max_batch=4, context=8, repeats=2, fallback=None)
+    assert steps == [(1, 1), (1, 9), (4, 1), (4, 9)]
+    assert result.source == "calibrated" and result.context == 8
+    assert result.cost.c_base == pytest.approx(0.02)
+    assert result.cost.c_tok == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize(
+    ("fallback", "source"),
+    [
+        (SMOLLM2_CPU, "smollm2-cpu (calibration fit unusable)"),
+        (H100_7B, "h100-7b (calibration fit unusable)"),
+        (CostModel(0.5, 0.25), "0.5,0.25 (calibration fit unusable)"),
+    ],
+)
+def test_an_unusable_fit_falls_back(
+    tiny_model: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    fallback: CostModel,
+    source: str,
+) -> None:
+    _timed_as(monkeypatch, None)
+    result = calibrate_cost(tiny_model, max_batch=2, context=8, repeats=1, fallback=fallback)
+    assert (result.cost, result.source) == (fallback, source)
+    assert len(result.points) == 4
+
+
+def test_the_default_fallback_is_the_cpu_preset(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _timed_as(monkeypatch, None)
+    assert calibrate_cost(tiny_model, max_batch=2, context=8, repeats=1).cost == SMOLLM2_CPU
+
+
+def test_an_unusable_fit_without_a_fallback_raises(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A GPU worker passes fallback=None: it must not plan with this CPU's constants.
+    _timed_as(monkeypatch, None)
+    with pytest.raises(ValueError, match="calibration fit is unusable"):
+        calibrate_cost(tiny_model, max_batch=2, context=8, repeats=1, fallback=None)
+
+
+@pytest.mark.parametrize("change", [{"max_batch": 0}, {"context": 0}, {"repeats": 0}])
+def test_bad_arguments_raise(tiny_model: torch.nn.Module, change: dict[str, int]) -> None:
+    arguments = {"max_batch": 2, "context": 8, "repeats": 1, **change}
+    with pytest.raises(ValueError, match="must be >= 1"):
+        calibrate_cost(tiny_model, **arguments)
+
+
+def test_cost_model_names() -> None:
+    assert cost_model_name(SMOLLM2_CPU) == "smollm2-cpu"
+    assert cost_model_name(H100_7B) == "h100-7b"
+    assert cost_model_name(CostModel(0.01, 0.002)) == "0.01,0.002"
