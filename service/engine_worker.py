@@ -41,6 +41,7 @@ from drafter.history import GroupStats, length_stats
 from service.engine import Engine, EngineConfig, RequestOutput
 from service.engine.engine import SampleProgress
 from service.engine.models import load_model
+from service.errors import EngineFailure, InvalidRequest, Unavailable
 from service.fake_worker import prompt_group
 from service.history_store import HistoryStore
 from service.metrics import Metrics
@@ -50,7 +51,6 @@ from service.worker import (
     SampleDelta,
     SampleResult,
     SamplingParams,
-    WorkerError,
 )
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class EngineWorker:
                 self._commands.put(_STOP)
                 await asyncio.to_thread(self._thread.join)
         for live in list(self._requests.values()):  # never reached the engine
-            live.events.put_nowait(WorkerError("the worker is shutting down"))
+            live.events.put_nowait(Unavailable("the worker is shutting down"))
         await self.store.close()
 
     # -- state --------------------------------------------------------------------------
@@ -288,7 +288,7 @@ class EngineWorker:
     def _tokenizer(self) -> Any:
         tokenizer = self._loaded().tokenizer
         if tokenizer is None:
-            raise WorkerError(
+            raise InvalidRequest(
                 f"model {self._config.model!r} has no tokenizer: send prompt token ids"
             )
         return tokenizer
@@ -308,7 +308,7 @@ class EngineWorker:
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
         tokenizer = self._tokenizer()
         if tokenizer.chat_template is None:
-            raise WorkerError(f"model {self._config.model!r} has no chat template")
+            raise InvalidRequest(f"model {self._config.model!r} has no chat template")
         ids = tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
         )
@@ -330,14 +330,15 @@ class EngineWorker:
 
     async def update_weights(self, path: str) -> int:
         if not path:
-            raise WorkerError("model_path must not be empty")
+            raise InvalidRequest("model_path must not be empty", "model_path")
         config = self._config
         try:
             # Loaded off both threads: the engine keeps stepping meanwhile.
             model, _ = await asyncio.to_thread(load_model, path, config.device, config.torch_dtype)
-        except (ValueError, OSError) as error:
-            raise WorkerError(f"cannot load weights from {path!r}: {error}") from error
-        version: int = await self._call(lambda engine: self._load_weights(engine, model))
+            version: int = await self._call(lambda engine: self._load_weights(engine, model))
+        except (ValueError, OSError) as error:  # no checkpoint there, or one of another shape
+            message = f"cannot load weights from {path!r}: {error}"
+            raise InvalidRequest(message, "model_path") from error
         self._version = version
         await self.store.set_version(version)  # trims the shared streams to the window
         return version
@@ -390,7 +391,7 @@ class EngineWorker:
     async def _submit(self, request: GenerateRequest, stream: bool) -> _Live:
         rid = request.request_id
         if rid in self._requests:
-            raise WorkerError(f"request id {rid!r} is already running")
+            raise InvalidRequest(f"request id {rid!r} is already running")
         self._ready()
         live = _Live(request, stream)
         self._requests[rid] = live
@@ -398,7 +399,7 @@ class EngineWorker:
             # The group's shared rollouts are queued for the history ahead of the request.
             await self.store.ensure_group(request.group or prompt_group(request.prompt_token_ids))
             if self._closed:
-                raise WorkerError("the worker is shutting down")
+                raise Unavailable("the worker is shutting down")
             self._put(_Command(lambda engine: self._admit(engine, live)))
         except BaseException:
             self._requests.pop(rid, None)
@@ -438,13 +439,13 @@ class EngineWorker:
 
     def _loaded(self) -> Engine:
         if self._engine is None:
-            raise WorkerError("the model is not loaded yet")
+            raise Unavailable("the model is not loaded yet")
         return self._engine
 
     def _ready(self) -> Engine:
         """The engine, if it still takes commands."""
         if self._closed:
-            raise WorkerError("the worker is shutting down")
+            raise Unavailable("the worker is shutting down")
         return self._loaded()
 
     def _put(self, command: _Command) -> None:
@@ -508,7 +509,9 @@ class EngineWorker:
             engine.abort_all()
             engine.flush_cache()
             for live in list(self._live.values()):
-                self._send(live, WorkerError(f"generation failed: {error}"))
+                failure = EngineFailure()  # its message is fixed: the cause is for the log
+                failure.__cause__ = error
+                self._send(live, failure)
             self._live.clear()
             self._load = (0, 0)
             return
@@ -525,7 +528,7 @@ class EngineWorker:
         try:
             engine.add_request(live.request)
         except ValueError as error:
-            self._send(live, WorkerError(str(error)))
+            self._send(live, InvalidRequest(str(error)))
             return
         n = live.request.params.n
         live.sent, live.final = [0] * n, [False] * n
@@ -555,7 +558,7 @@ class EngineWorker:
             while True:
                 command = self._commands.get_nowait()
                 if command is not None and command.done is not None:
-                    self._answer(command.done, None, WorkerError("the worker is shutting down"))
+                    self._answer(command.done, None, Unavailable("the worker is shutting down"))
 
     def _finish(self, output: RequestOutput) -> None:
         live = self._live.pop(output.request_id, None)

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from drafter import RolloutHistory
+from service.errors import InvalidRequest
 from service.history_store import HistoryStore
 from service.metrics import length_class
 from service.worker import (
@@ -43,7 +44,6 @@ from service.worker import (
     SampleResult,
     SamplingParams,
     SpecCounters,
-    WorkerError,
 )
 
 BOS = 256
@@ -204,7 +204,7 @@ class FakeWorker:
 
     async def update_weights(self, path: str) -> int:
         if not path:
-            raise WorkerError("model_path must not be empty")
+            raise InvalidRequest("model_path must not be empty", "model_path")
         self._version += 1  # the fake has no weights: a new path is a new policy
         await self.store.set_version(self._version)
         return self._version
@@ -249,10 +249,10 @@ class FakeWorker:
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[SampleDelta]:
         if request.request_id in self._live:
-            raise WorkerError(f"request id {request.request_id!r} is already running")
+            raise InvalidRequest(f"request id {request.request_id!r} is already running")
         prompt = request.prompt_token_ids
         if min(prompt) < 0 or max(prompt) >= VOCAB_SIZE:
-            raise WorkerError(f"prompt token ids must be in [0, {VOCAB_SIZE})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {VOCAB_SIZE})")
         live = self._live[request.request_id] = _Live(asyncio.Event())
         history = self.history
         started: list[Hashable] = []

@@ -7,7 +7,7 @@ body come back unchanged); the gateway parses the JSON only to find the routing 
 worker; `health_failures` failed checks in a row (or one refused connection while forwarding)
 take a worker out of the ring, and its groups move to their ring successors until it passes a
 check again. A request whose connection to a worker is refused is retried once on the next
-choice. No FastAPI here: app.py wraps these results in responses.
+choice. No FastAPI here: gateway_app.py wraps these results in responses.
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ from typing import Any
 
 import httpx
 
+from service.errors import (
+    InvalidRequest,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    error_for_status,
+)
 from service.metrics import Metrics
 from service.routing import build_ring, pick_worker, routing_key
-from service.serving import APIError
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -106,7 +112,7 @@ class Gateway:
         loads = {url: w.inflight for url, w in self.workers.items()}
         url = pick_worker(self.ring, key, loads, healthy, self.settings.routing_load_factor)
         if url is None:
-            raise APIError(503, "no healthy worker")
+            raise Unavailable("no healthy worker")
         return self.workers[url]
 
     # -- generation ---------------------------------------------------------------------
@@ -115,9 +121,9 @@ class Gateway:
         try:
             parsed = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise APIError(400, f"invalid JSON body: {error}") from error
+            raise InvalidRequest(f"invalid JSON body: {error}") from error
         if not isinstance(parsed, dict):
-            raise APIError(400, "the body must be a JSON object")
+            raise InvalidRequest("the body must be a JSON object")
         key = routing_key(headers.get("x-session-id"), parsed)
         stream = bool(parsed.get("stream"))
         upstream_headers = dict(self._headers)
@@ -135,7 +141,7 @@ class Gateway:
             return await self._send(retry, path, body, upstream_headers, stream)
         except httpx.ConnectError as error:
             self._mark_down(retry, "connection refused")
-            raise APIError(502, f"worker {retry.url} is unreachable") from error
+            raise UpstreamError(f"worker {retry.url} is unreachable") from error
 
     async def _send(
         self, worker: Upstream, path: str, body: bytes, headers: dict[str, str], stream: bool
@@ -155,7 +161,7 @@ class Gateway:
             worker.inflight -= 1
             inflight.dec()
             self.metrics.upstream_requests.labels(worker=url, status="error").inc()
-            raise APIError(502, f"worker {url} failed: {type(error).__name__}") from error
+            raise _upstream_error(url, error) from error
         self.metrics.upstream_requests.labels(worker=url, status=str(response.status_code)).inc()
         content_type = response.headers.get("content-type", "application/json")
         if not stream:
@@ -179,7 +185,7 @@ class Gateway:
         try:
             response = await self.client.get(worker.url + path, headers=self._headers)
         except httpx.HTTPError as error:
-            raise APIError(502, f"worker {worker.url} failed: {type(error).__name__}") from error
+            raise _upstream_error(worker.url, error) from error
         return Forwarded(
             response.status_code,
             response.headers.get("content-type", "application/json"),
@@ -191,7 +197,8 @@ class Gateway:
 
     async def broadcast(self, method: str, path: str, body: bytes = b"") -> dict[str, Any]:
         """Send a control call to every worker; {"success", "workers": {url: reply}}, or an
-        APIError (the workers' own status if they all agree it is a client error, else 502)."""
+        error: the workers' own (by status) if they all agree it is a client error, else
+        UpstreamError (502)."""
 
         async def one(url: str) -> tuple[str, int, Any]:
             try:
@@ -215,7 +222,9 @@ class Gateway:
             detail = "; ".join(
                 f"{url}: {status} {_message(reply)}" for url, status, reply in failed
             )
-            raise APIError(status, f"{len(failed)} of {len(replies)} workers failed: {detail}")
+            raise error_for_status(status)(
+                f"{len(failed)} of {len(replies)} workers failed: {detail}"
+            )
         return {"success": True, "workers": {url: reply for url, _, reply in replies}}
 
     async def check_health(self) -> None:
@@ -247,6 +256,12 @@ class Gateway:
             log.warning("worker %s removed: %s", worker.url, why)
         worker.healthy = False
         self.metrics.worker_up.labels(worker=worker.url).set(0)
+
+
+def _upstream_error(url: str, error: httpx.HTTPError) -> UpstreamError | UpstreamTimeout:
+    if isinstance(error, httpx.TimeoutException):
+        return UpstreamTimeout(f"worker {url} did not answer in time: {type(error).__name__}")
+    return UpstreamError(f"worker {url} failed: {type(error).__name__}")
 
 
 def _message(reply: Any) -> str:

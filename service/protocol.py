@@ -2,7 +2,8 @@
 vLLM's token-in/token-out /inference/v1/generate, the control endpoints, and ErrorResponse.
 
 Requests ignore unknown fields (trainers send many engine-specific knobs); values the service
-cannot honour are rejected in serving with a 400. Extensions on every generation response:
+cannot honour are rejected by their dialect (service.entrypoints) with a 400. Extensions on
+every generation response:
 - `spec` (OpenAI and vLLM shapes): this request's speculation counters, SpecInfo; per choice
   and summed over choices. SGLang's meta_info carries spec_verify_ct (forward passes),
   spec_accept_length (output tokens per forward pass), spec_draft_tokens, spec_accepted_tokens.
@@ -64,7 +65,7 @@ class StreamOptions(_Request):
 # -- OpenAI completions -------------------------------------------------------------------
 
 
-class _SamplingFields(_Request):
+class OpenAISamplingFields(_Request):
     model: str | None = None
     n: int = 1
     temperature: float | None = None
@@ -86,7 +87,7 @@ class _SamplingFields(_Request):
     best_of: int | None = None
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(OpenAISamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = 16
     logprobs: int | None = None  # top-k alternatives to return; 0: the sampled token only
@@ -137,7 +138,7 @@ class ChatMessage(_Request):
     content: str | list[ContentPart] | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(OpenAISamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None

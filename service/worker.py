@@ -4,6 +4,10 @@ FakeWorker implements it now, the embedded torch engine (and the SGLang adapter)
 request is a list of prompt token ids (chat messages are rendered with apply_chat_template
 before this point) plus SamplingParams; the worker returns one SampleResult per sample, or
 streams SampleDelta increments.
+
+Errors are those of service.errors, raised where they happen: a request the worker cannot run
+as sent is InvalidRequest, a worker that cannot take it now (shutting down, model not loaded)
+Unavailable, and a failed engine step EngineFailure (its cause chained, for the log).
 """
 
 from __future__ import annotations
@@ -16,10 +20,6 @@ FinishReason = Literal["stop", "length", "abort"]
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
-
-
-class WorkerError(Exception):
-    """A request the worker cannot run; the API layer maps it to a 400."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,9 @@ import httpx
 import pytest
 import uvicorn
 
-from service.app import create_app, create_gateway_app
+from service.gateway_app import create_gateway_app
 from service.settings import Settings
+from service.worker_app import create_app
 
 
 def free_port() -> int:

@@ -16,10 +16,11 @@ from service.commands import add_serve_parser, settings_from
 from service.engine import Engine
 from service.engine.models import tiny_random_model
 from service.engine_worker import EngineWorker
+from service.errors import EngineFailure, InvalidRequest, Unavailable
 from service.history_store import HistoryStore, connect_redis
 from service.metrics import Metrics
 from service.settings import Settings
-from service.worker import GenerateRequest, SampleDelta, SamplingParams, WorkerError
+from service.worker import GenerateRequest, SampleDelta, SamplingParams
 from tests.service.conftest import RedisServer
 
 PROMPT = [3, 14, 15, 92, 65]
@@ -77,7 +78,7 @@ def test_close_ends_running_requests_with_abort() -> None:
         assert deltas[-1].finish_reason == "abort"
         assert sum(len(d.token_ids) for d in deltas) < 400
         assert worker.health()["status"] == "stopped"
-        with pytest.raises(WorkerError, match="shutting down"):
+        with pytest.raises(Unavailable, match="shutting down"):
             await worker.generate(request("c"))
 
     asyncio.run(main())
@@ -88,20 +89,20 @@ def test_errors_reach_the_caller_and_the_thread_survives() -> None:
         worker = make_worker()
         await worker.start()
         try:
-            with pytest.raises(WorkerError, match="no tokenizer"):
+            with pytest.raises(InvalidRequest, match="no tokenizer"):
                 worker.tokenize("hello")
-            with pytest.raises(WorkerError, match="no tokenizer"):
+            with pytest.raises(InvalidRequest, match="no tokenizer"):
                 worker.apply_chat_template([{"role": "user", "content": "hi"}])
             assert worker.detokenize([5, 6]) == ""
-            with pytest.raises(WorkerError, match="max_model_len"):
+            with pytest.raises(InvalidRequest, match="max_model_len"):
                 await worker.generate(request("long", SamplingParams(max_tokens=600)))
-            with pytest.raises(WorkerError, match="token ids"):
+            with pytest.raises(InvalidRequest, match="token ids"):
                 await worker.generate(GenerateRequest("vocab", [1, 10_000]))
-            with pytest.raises(WorkerError, match="cannot load"):
+            with pytest.raises(InvalidRequest, match="cannot load"):
                 await worker.update_weights("/nonexistent/weights")
             first = asyncio.create_task(worker.generate(request("dup")))
             await asyncio.sleep(0)
-            with pytest.raises(WorkerError, match="already running"):
+            with pytest.raises(InvalidRequest, match="already running"):
                 await worker.generate(request("dup"))
             assert (await first)[0].finish_reason == "length"
 
@@ -117,8 +118,9 @@ def test_errors_reach_the_caller_and_the_thread_survives() -> None:
                 return Engine.step(self)
 
             engine.step = broken_step.__get__(engine)  # type: ignore[method-assign]
-            with pytest.raises(WorkerError, match="device lost"):
+            with pytest.raises(EngineFailure, match="generation failed") as failed:
                 await worker.generate(request("x"))
+            assert str(failed.value.__cause__) == "device lost"  # for the log only
             after = SamplingParams(max_tokens=8, ignore_eos=True)  # no seed: EOS could come early
             (sample,) = await worker.generate(request("y", after))
             assert len(sample.token_ids) == 8

@@ -6,10 +6,11 @@ from typing import Any
 import pytest
 
 from drafter import DrafterConfig
+from service.errors import InvalidRequest
 from service.fake_worker import EOS, FakeWorker, prompt_group
 from service.history_store import HistoryStore
 from service.metrics import Metrics
-from service.worker import GenerateRequest, SampleResult, SamplingParams, WorkerError
+from service.worker import GenerateRequest, SampleResult, SamplingParams
 
 PROMPT = list(b"What is 2 + 2?")
 
@@ -161,9 +162,9 @@ def test_abort_returns_partial_output_and_pause_holds() -> None:
 
 def test_worker_errors() -> None:
     worker = make_worker()
-    with pytest.raises(WorkerError):
+    with pytest.raises(InvalidRequest):
         run(worker, prompt=[1, 999])
-    with pytest.raises(WorkerError):
+    with pytest.raises(InvalidRequest):
         asyncio.run(worker.update_weights(""))
     assert asyncio.run(worker.update_weights("/new")) == 1
     assert worker.weight_version == 1

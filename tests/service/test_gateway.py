@@ -148,3 +148,16 @@ def test_gateway_api_key(
         )
         lines = [line for line in stream.text.split("\n") if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["choices"]
+
+
+def test_a_worker_too_slow_is_a_504(
+    serve: Callable[..., Server], serve_gateway: Callable[..., Server]
+) -> None:
+    worker = serve(fake_step_delay_s=0.02, speculation=False)
+    gateway = serve_gateway([worker.url], upstream_timeout_s=0.2)
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        slow = completion(http, "g", max_tokens=40, ignore_eos=True)  # about 0.8 s
+        assert slow.status_code == 504
+        error = slow.json()["error"]
+        assert error["code"] == 504 and error["type"] == "upstream_timeout"
+        assert completion(http, "g", max_tokens=2).status_code == 200

@@ -17,9 +17,9 @@ import openai
 import pytest
 import torch
 
-from service.app import create_app
 from service.engine.models import tiny_random_model
 from service.settings import Settings
+from service.worker_app import create_app
 from tests.service.conftest import Server, free_port, start_server
 
 PROMPT = [5, 6, 7, 8, 9, 10]

@@ -1,0 +1,143 @@
+"""The gateway app (`das gateway`): generation calls forwarded to one worker (service.gateway
+routes them), control calls broadcast to every worker, and the gateway's own health, info
+and metrics. A worker's status and error body come back unchanged; the gateway's own errors
+are those of service.errors (no healthy worker 503, worker unreachable 502, timeout 504).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from service.errors import Unavailable
+from service.gateway import BROADCAST_PATHS, Gateway
+from service.metrics import Metrics
+from service.settings import Settings
+from service.web import finish_app, json_response, require_api_key
+
+GENERATION_PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/generate",
+    "/inference/v1/generate",
+)
+
+
+@dataclass(slots=True)
+class GatewayState:
+    settings: Settings
+    metrics: Metrics
+    gateway: Gateway
+
+
+async def get_gateway(request: Request) -> Gateway:
+    state: GatewayState = request.app.state.das
+    return state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+async def _forward(request: Request) -> Response:
+    # A plain Starlette endpoint: the hot path skips FastAPI's dependency solving.
+    await require_api_key(request)
+    state: GatewayState = request.app.state.das
+    forwarded = await state.gateway.forward(request.url.path, await request.body(), request.headers)
+    headers = {"x-das-worker": forwarded.worker}
+    if forwarded.stream is not None:
+        return StreamingResponse(
+            forwarded.stream, forwarded.status, headers, media_type=forwarded.content_type
+        )
+    return Response(forwarded.body, forwarded.status, headers, media_type=forwarded.content_type)
+
+
+forward_router = APIRouter()
+for _path in GENERATION_PATHS:
+    forward_router.add_route(_path, _forward, methods=["POST"], name=f"forward{_path}")
+
+
+def _broadcaster(path: str) -> Callable[[Request, GatewayDep], Awaitable[Response]]:
+    async def broadcast(request: Request, gateway: GatewayDep) -> Response:
+        reply = await gateway.broadcast("POST", path, await request.body())
+        if path == "/update_weights_from_disk":
+            versions = [w.get("weight_version", "0") for w in reply["workers"].values()]
+            reply["weight_version"] = max(versions, key=int)
+        return json_response(reply)
+
+    return broadcast
+
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+for _path in BROADCAST_PATHS:
+    router.add_api_route(_path, _broadcaster(_path), methods=["POST"])
+
+
+@router.get("/get_weight_version")
+async def weight_version(gateway: GatewayDep) -> Response:
+    reply = await gateway.broadcast("GET", "/get_weight_version")
+    versions = {url: w["weight_version"] for url, w in reply["workers"].items()}
+    return json_response({"weight_version": max(versions.values(), key=int), "workers": versions})
+
+
+@router.get("/v1/models")
+async def models(gateway: GatewayDep) -> Response:
+    forwarded = await gateway.get("/v1/models")
+    return Response(forwarded.body, forwarded.status, media_type=forwarded.content_type)
+
+
+@router.get("/health_generate")
+async def health_generate(gateway: GatewayDep) -> Response:
+    forwarded = await gateway.get("/health_generate", "__health__")
+    return Response(forwarded.body, forwarded.status, media_type=forwarded.content_type)
+
+
+@router.get("/get_server_info")
+async def server_info(gateway: GatewayDep) -> Response:
+    return json_response(
+        {
+            "role": "gateway",
+            "routing": {
+                "policy": "consistent-hashing-bounded-load",
+                "load_factor": gateway.settings.routing_load_factor,
+                "vnodes": gateway.settings.routing_vnodes,
+            },
+            "workers": [
+                {"url": w.url, "healthy": w.healthy, "inflight": w.inflight}
+                for w in gateway.workers.values()
+            ],
+        }
+    )
+
+
+public = APIRouter()  # no API key: probes
+
+
+@public.get("/health")
+async def health(gateway: GatewayDep) -> Response:
+    workers = {url: w.healthy for url, w in gateway.workers.items()}
+    if not any(workers.values()):
+        raise Unavailable("no healthy worker")
+    return json_response({"status": "ok", "workers": workers})
+
+
+def create_gateway_app(settings: Settings) -> FastAPI:
+    """Routes to settings.worker_urls."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = Gateway(settings, metrics)
+        await gateway.start()
+        app.state.das = GatewayState(settings, metrics, gateway)
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = FastAPI(title="DAS rollout gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    return finish_app(app, metrics, "gateway", (forward_router, router, public))

@@ -1,0 +1,192 @@
+"""The HTTP layer both apps share (service.worker_app, service.gateway_app): JSON responses,
+the API-key check, the error handlers, the middleware and /metrics.
+
+Every error leaves as an OpenAI-shaped ErrorResponse whose code is the HTTP status, its class
+chosen where it was raised (service.errors). Request validation failures are InvalidRequest
+(400, never a raw 422); Starlette's own routing errors (unknown route 404, wrong method 405)
+take the class of their status. An exception nothing expected is logged with its traceback
+and answered 500 "internal server error", its text never sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import (
+    EngineFailure,
+    InternalError,
+    InvalidRequest,
+    ServiceError,
+    Unauthorized,
+    error_for_status,
+    error_response,
+    status_of,
+)
+from service.metrics import CONTENT_TYPE_LATEST, Metrics
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def json_response(model: BaseModel | list[Any] | dict[str, Any], status: int = 200) -> Response:
+    if isinstance(model, BaseModel):
+        body = model.model_dump_json()
+    elif isinstance(model, list) and all(isinstance(m, BaseModel) for m in model):
+        body = "[" + ",".join(m.model_dump_json() for m in model) + "]"
+    else:
+        body = json.dumps(model, separators=(",", ":"))
+    return Response(content=body, status_code=status, media_type="application/json")
+
+
+def respond(result: Any) -> Response:
+    """A wire response (model, list or dict) as JSON; anything else is an SSE line iterator."""
+    if isinstance(result, BaseModel | list | dict):
+        return json_response(result)
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+def error_json(error: ServiceError) -> Response:
+    return json_response(error_response(error), status_of(error))
+
+
+async def require_api_key(request: Request) -> None:
+    """Bearer auth against settings.api_key (no key configured: open)."""
+    key: str | None = request.app.state.das.settings.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise Unauthorized("invalid or missing API key")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def service_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, ServiceError)
+        if isinstance(error, InternalError | EngineFailure):  # the cause, for the log only
+            log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return error_json(error)
+
+    async def validation_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        problems = []
+        param = None
+        for item in error.errors():
+            loc = [str(part) for part in item.get("loc", ()) if part != "body"]
+            where = ".".join(loc) or "body"
+            param = param or (where if loc else None)
+            problems.append(f"{where}: {item.get('msg', 'invalid')}")
+        return error_json(InvalidRequest("; ".join(problems) or "invalid request", param))
+
+    async def http_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        message = str(error.detail) if error.detail else "error"
+        return error_json(error_for_status(error.status_code)(message))
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+class UnexpectedErrors:
+    """An exception no handler took becomes an OpenAI-shaped 500 with a fixed message; its
+    traceback goes to the log (pure ASGI). Starlette's own last-resort handler would answer
+    in plain text and raise the exception again into the server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_started(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_started)
+        except Exception:
+            if started:  # mid-response: nothing can be rendered, the server drops it
+                raise
+            log.exception("%s %s failed", scope.get("method"), scope["path"])
+            await error_json(InternalError())(scope, receive, send)
+
+
+class MetricsMiddleware:
+    """Counts requests and errors, and times them, by endpoint and status (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, worker: str, endpoints: set[str]) -> None:
+        self.app = app
+        self.endpoints = endpoints
+        self.worker = worker
+        self.requests = metrics.requests
+        self.errors = metrics.errors
+        self.latency = metrics.latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in self.endpoints else "other"
+        status = 500
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            code = str(status)
+            self.requests.labels(self.worker, endpoint, code).inc()
+            if status >= 400:
+                self.errors.labels(self.worker, endpoint, code).inc()
+            self.latency.labels(self.worker, endpoint).observe(time.perf_counter() - started)
+
+
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics")
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def finish_app(
+    app: FastAPI, metrics: Metrics, name: str, routers: tuple[APIRouter, ...]
+) -> FastAPI:
+    """Add the routers (and /metrics), the error handlers and the middleware."""
+    routers = (*routers, metrics_router)
+    for router in routers:
+        app.include_router(router)
+    install_error_handlers(app)
+    endpoints = {getattr(route, "path", "") for router in routers for route in router.routes}
+    app.add_middleware(UnexpectedErrors)  # inside the metrics: its 500s are counted
+    app.add_middleware(MetricsMiddleware, metrics=metrics, worker=name, endpoints=endpoints)
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,88 @@
+"""The worker app: one worker behind the full API (`das serve`, `das worker`).
+
+The lifespan builds the history store and the worker, starts it (the app answers once the
+model is loaded) and keeps the state on app.state.das; the dialect routers
+(service.entrypoints) reach it through their Annotated dependencies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from drafter import DrafterConfig
+from service.entrypoints import chat, completions, control, sglang, vllm
+from service.entrypoints.deps import WorkerState
+from service.entrypoints.generation import Generation
+from service.fake_worker import FakeWorker
+from service.history_store import HistoryStore, connect_redis
+from service.metrics import Metrics
+from service.settings import Settings
+from service.web import finish_app
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+WorkerFactory = Callable[[Settings, HistoryStore, Metrics], Worker]
+
+
+def build_worker(settings: Settings, store: HistoryStore, metrics: Metrics) -> Worker:
+    """The worker settings.model names: "fake" is the FakeWorker, any other model runs on the
+    embedded torch engine (loaded when the worker starts)."""
+    if settings.model != "fake":
+        from service.engine_worker import EngineWorker  # torch is imported only when needed
+
+        return EngineWorker(settings, store, metrics)
+    return FakeWorker(
+        store,
+        model_name=settings.model_name,
+        speculation=settings.speculation,
+        spec_budget=settings.spec_budget,
+        step_delay_s=settings.fake_step_delay_s,
+    )
+
+
+def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker) -> FastAPI:
+    metrics = Metrics()
+    name = settings.worker_name
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = (
+            connect_redis(settings.redis_url, settings.redis_timeout_s)
+            if settings.redis_url
+            else None
+        )
+        store = HistoryStore(
+            DrafterConfig(
+                window=settings.history_window,
+                max_rollouts_per_group=settings.history_max_rollouts_per_group,
+            ),
+            metrics,
+            name,
+            redis,
+            buffer_size=settings.history_buffer_size,
+            sync_interval_s=settings.history_sync_interval_s,
+        )
+        worker = worker_factory(settings, store, metrics)
+        log.info("starting worker %s (model %s)", name, settings.model)
+        await worker.start()
+        app.state.das = WorkerState(settings, metrics, worker, Generation(worker, metrics, name))
+        try:
+            yield
+        finally:
+            await worker.close()
+
+    app = FastAPI(title="DAS rollout worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    routers = (
+        completions.router,
+        chat.router,
+        sglang.router,
+        vllm.router,
+        control.router,
+        control.public,
+    )
+    return finish_app(app, metrics, name, routers)
