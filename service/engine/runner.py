@@ -11,13 +11,14 @@ Deterministic (batch-invariant) mode makes every token's arithmetic a function o
 prefix alone, so its logits are bitwise the same whether it is decoded alone, verified inside
 a draft chunk or batched with other slots (speculation is then lossless bitwise, not just up
 to rounding). Only two kinds of operation reduce across a shape that batching changes:
-- Matmuls. MKL's sgemm on this CPU (measured: every row at every position, M from 4 to 300,
-  SmolLM2's and the tiny model's weight shapes, 1 thread) computes a row of x @ W.T the same
-  way for every M >= 4 wherever the row sits, but M = 1 (gemv) and M = 2, 3 take other kernels
-  with other rounding. So a matmul with fewer than 4 rows is padded to 4 and everything else
-  runs as one call, as in the default mode; the Runner checks this property on the model's own
-  weights when it is built, and refuses deterministic mode where it does not hold. (Fixed-size
-  row blocks are invariant too, but cost up to 2x at 144 rows; M = 1 per row costs 3x.)
+- Matmuls. On a CPU in float32 they run on the native kernel (service/engine/_native), which
+  computes each row of x @ W.T on its own: its bits cannot depend on the other rows. Elsewhere
+  a matmul with fewer than 4 rows is padded to 4 and the rest runs as one call: MKL's sgemm on
+  an AMD EPYC (Zen 1) computed a row the same way for every M >= 4 wherever it sat, with
+  M = 1 (gemv) and M = 2, 3 on other kernels; on an Intel Xeon with AVX-512 it did not even
+  for M >= 4 (measured), which is why the native kernel comes first. The Runner checks the
+  property on the model's own weights when it is built, and refuses deterministic mode where
+  it does not hold.
 - Attention. A chunk attends with a causal mask over its whole span, so a query's softmax and
   its P @ V reduce over a length set by its companions, and a lone decode query is a one-row
   matmul. Here a query at position p attends over the key block [0, 32 * (p // 32 + 1)) with
@@ -112,7 +113,8 @@ class Runner:
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.lengths = [0] * slots  # positions of each slot's cache that hold valid K/V
         if deterministic:
-            _check_row_invariance(self._weights())
+            self._invariant_linear = _invariant_linear_for(self.device, self.dtype, self._weights())
+            _check_row_invariance(self._weights(), self._invariant_linear)
 
     @torch.no_grad()
     def load_weights(self, model: torch.nn.Module) -> None:
@@ -199,7 +201,7 @@ class Runner:
             with _torch_threads(1):
                 return self._forward(slots, chunks, num_logits, linear)
         return self._forward(
-            slots, chunks, num_logits, _invariant_linear if self.deterministic else F.linear
+            slots, chunks, num_logits, self._invariant_linear if self.deterministic else F.linear
         )
 
     def _forward(
@@ -505,8 +507,8 @@ def _torch_threads(count: int) -> Iterator[None]:
 _MIN_INVARIANT_ROWS = 4
 
 
-def _invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear whose row results do not depend on the other rows (see the module docstring)."""
+def _padded_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear with fewer than _MIN_INVARIANT_ROWS rows padded up to it."""
     rows = x.shape[0]
     if rows >= _MIN_INVARIANT_ROWS:
         return F.linear(x, weight, bias)
@@ -515,17 +517,30 @@ def _invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     return F.linear(padded, weight, bias)[:rows]
 
 
-def _check_row_invariance(weights: Sequence[tuple[Tensor, Tensor | None]]) -> None:
-    """RuntimeError unless _invariant_linear gives a row the same bits at the first and last
-    position of a few matmul heights (a few ms: the shapes that matter are the model's own)."""
+def _invariant_linear_for(
+    device: torch.device, dtype: torch.dtype, weights: Sequence[tuple[Tensor, Tensor | None]]
+) -> Callable[..., Tensor]:
+    """A linear whose row results do not depend on the other rows: the native kernel where it
+    applies (it computes each row on its own, whatever the BLAS library would do), else
+    _padded_linear (see the module docstring)."""
+    if _SmallMatmul.applies(device, dtype, weights):
+        return functools.partial(_SmallMatmul.linear, threads=1)
+    return _padded_linear
+
+
+def _check_row_invariance(
+    weights: Sequence[tuple[Tensor, Tensor | None]], linear: Callable[..., Tensor]
+) -> None:
+    """RuntimeError unless `linear` gives a row the same bits at the first and last position
+    of a few matmul heights (a few ms: the shapes that matter are the model's own)."""
     generator = torch.Generator().manual_seed(0)
     for weight, bias in weights:
         x = torch.randn(19, weight.shape[1], generator=generator)
         x = x.to(device=weight.device, dtype=weight.dtype)
-        reference = _invariant_linear(x[:1], weight, bias)[0]
+        reference = linear(x[:1], weight, bias)[0]
         for rows in (_MIN_INVARIANT_ROWS, 7, 19):
-            first = _invariant_linear(x[:rows], weight, bias)[0]
-            last = _invariant_linear(x[:rows].roll(rows - 1, dims=0), weight, bias)[-1]
+            first = linear(x[:rows], weight, bias)[0]
+            last = linear(x[:rows].roll(rows - 1, dims=0), weight, bias)[-1]
             for out in (first, last):
                 if not torch.equal(out, reference):
                     raise RuntimeError(
