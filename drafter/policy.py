@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from drafter.acceptance import check_step
+from drafter.cost import CostModel
 from drafter.lengths import LengthClass, check_length
 
 
@@ -50,6 +51,11 @@ class Policy(Protocol):
         ...
 
     @property
+    def cost(self) -> CostModel | None:
+        """The cost model it prices draft tokens with (None: it prices none)."""
+        ...
+
+    @property
     def predicts_lengths(self) -> bool:
         """True if request() predicts the request's length class from its group's history."""
         ...
@@ -64,6 +70,7 @@ class FixedPolicy:
     """The same draft budget for every request at every step (0: no speculation)."""
 
     predicts_lengths = False
+    cost = None
 
     def __init__(self, budget: int) -> None:
         if budget < 0:

@@ -12,12 +12,12 @@ output.
 
 History. The engine's RolloutHistory is this worker's local history, and it is not
 thread-safe, so the HistoryStore (Redis sharing) gets a view of it instead: the store's
-writes (rollouts read from Redis, this worker's own rollouts via record(), version changes)
-become engine commands, and its reads (groups, token counts, lengths) come from a snapshot
-the engine thread keeps. As FakeWorker does, a request first awaits store.ensure_group (the
-group's shared rollouts are queued ahead of the request), and every rollout that ends by
-itself goes to store.record, which feeds the local history and, with Redis, every other
-worker.
+writes (rollouts read from Redis, version changes) become engine commands, and its reads
+(groups, token counts, lengths) come from a snapshot the engine thread keeps. As FakeWorker
+does, a request first awaits store.ensure_group (the group's shared rollouts are queued ahead
+of the request). A rollout that ends by itself enters the local history on the engine thread
+at once (the speculation core records it) and is handed to store.share for Redis, and so for
+every other worker.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ import numpy as np
 
 from drafter import RolloutHistory
 from drafter.draft import Tokens
+from drafter.groups import group_of
 from drafter.history import GroupStats, length_stats
+from drafter.speculator import Rollout
 from service.engine import Engine, EngineConfig, RequestOutput
 from service.engine.engine import SampleProgress
 from service.engine.models import load_model
 from service.errors import EngineFailure, InvalidRequest, Unavailable
-from service.fake_worker import prompt_group
 from service.history_store import HistoryStore
 from service.metrics import Metrics
 from service.settings import Settings
@@ -167,6 +168,7 @@ class EngineWorker:
             max_batch=settings.max_batch,
             max_model_len=settings.max_model_len,
             speculation=settings.speculation_policy,
+            cost_model=settings.cost_model,
             deterministic=settings.deterministic,
             drafter=dataclasses.replace(store.config, tree_drafts=False),
         )
@@ -176,7 +178,7 @@ class EngineWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._commands: queue.SimpleQueue[_Command | None] = queue.SimpleQueue()
-        self._requests: dict[str, _Live] = {}  # event loop side: requests not yet answered
+        self._requests: set[_Live] = set()  # event loop side: requests not yet answered
         self._live: dict[str, _Live] = {}  # engine thread side: requests in the engine
         self._closed = False
         self._paused = False
@@ -200,12 +202,17 @@ class EngineWorker:
             engine.policy.name,
             config.max_batch,
         )
+        cost = engine.policy.cost
+        if cost is not None:
+            gauge = self._metrics.cost_model
+            gauge.labels(worker=self._settings.worker_name, term="c_base").set(cost.c_base)
+            gauge.labels(worker=self._settings.worker_name, term="c_tok").set(cost.c_tok)
         self._thread = threading.Thread(target=self._run, name="das-engine", daemon=True)
         self._thread.start()
         await self.store.start()
 
     def _build(self) -> Engine:
-        engine = Engine(self._config, rollout_sink=self._sink)
+        engine = Engine(self._config, publish=self._publish)
         view = HistoryView(engine.history, self._put)
         view.note_all(engine.history)
         self._view = view
@@ -221,7 +228,7 @@ class EngineWorker:
             if self._thread is not None:
                 self._commands.put(_STOP)
                 await asyncio.to_thread(self._thread.join)
-        for live in list(self._requests.values()):  # never reached the engine
+        for live in list(self._requests):  # never reached the engine
             live.events.put_nowait(Unavailable("the worker is shutting down"))
         await self.store.close()
 
@@ -266,8 +273,9 @@ class EngineWorker:
             "vocab_size": engine.runner.vocab_size,
             "eos_token_ids": sorted(engine.eos_token_ids),
             "has_tokenizer": engine.tokenizer is not None,
-            "speculation": engine.policy.name != "none",
+            "speculation": engine.speculator.drafting,
             "spec_policy": config.speculation,
+            "cost_model": self.cost_model(),
             "max_draft": config.max_draft,
             "max_batch": config.max_batch,
             "max_model_len": config.max_model_len,
@@ -282,6 +290,14 @@ class EngineWorker:
             "buffered_rollouts": self.store.pending,
             "engine_stats": dataclasses.asdict(engine.stats),
         }
+
+    def cost_model(self) -> dict[str, Any] | None:
+        """The cost model the engine's policy prices drafts with, and where it came from."""
+        engine = self._loaded()
+        cost = engine.policy.cost
+        if cost is None:
+            return None
+        return {"c_base": cost.c_base, "c_tok": cost.c_tok, "source": engine.cost_source}
 
     # -- tokenizer ----------------------------------------------------------------------
 
@@ -359,7 +375,7 @@ class EngineWorker:
             assert isinstance(event, RequestOutput)
             return event.samples
         finally:
-            self._requests.pop(request.request_id, None)
+            self._requests.discard(live)
             if not answered:  # the caller went away: free the engine's work
                 self._abort_soon(request.request_id)
 
@@ -374,6 +390,7 @@ class EngineWorker:
             while remaining:
                 event = await live.events.get()
                 if isinstance(event, BaseException):
+                    remaining = 0  # the engine holds the request no more (or never did)
                     raise event
                 assert isinstance(event, list)
                 for piece in event:
@@ -384,25 +401,24 @@ class EngineWorker:
                     remaining -= piece.result is not None
                     yield self._delta(piece, text, params)
         finally:
-            self._requests.pop(request.request_id, None)
+            self._requests.discard(live)
             if remaining:
                 self._abort_soon(request.request_id)
 
     async def _submit(self, request: GenerateRequest, stream: bool) -> _Live:
-        rid = request.request_id
-        if rid in self._requests:
-            raise InvalidRequest(f"request id {rid!r} is already running")
+        """Queue the request for the engine thread, which admits it (and refuses an id that is
+        already running: the one duplicate check) or answers its error."""
         self._ready()
         live = _Live(request, stream)
-        self._requests[rid] = live
+        self._requests.add(live)
         try:
             # The group's shared rollouts are queued for the history ahead of the request.
-            await self.store.ensure_group(request.group or prompt_group(request.prompt_token_ids))
+            await self.store.ensure_group(group_of(request.group, request.prompt_token_ids))
             if self._closed:
                 raise Unavailable("the worker is shutting down")
             self._put(_Command(lambda engine: self._admit(engine, live)))
         except BaseException:
-            self._requests.pop(rid, None)
+            self._requests.discard(live)
             raise
         return live
 
@@ -615,8 +631,12 @@ class EngineWorker:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(settle)
 
-    def _sink(self, group: str, prompt: list[int], output: list[int], version: int) -> None:
-        """A rollout ended by itself (engine thread): record it as FakeWorker does; the store
-        puts it in the local history through the view (a queued command) and in Redis."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.store.record, group, prompt, output, version)
+    def _publish(self, rollout: Rollout) -> None:
+        """A rollout ended by itself and entered the engine's history (engine thread): update
+        the snapshot and hand it to the store for Redis."""
+        assert self._loop is not None and self._view is not None and self._engine is not None
+        self._view.note_group(self._engine.history, rollout.group)
+        share = self.store.share
+        self._loop.call_soon_threadsafe(
+            share, rollout.group, rollout.prompt, rollout.output, rollout.version
+        )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Hashable, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from drafter import RolloutHistory
+from drafter.groups import group_of, prompt_group
 from service.errors import InvalidRequest
 from service.history_store import HistoryStore
 from service.metrics import length_class
@@ -52,12 +52,6 @@ VOCAB_SIZE = 258
 _ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8).astype(np.int32)
 _BASE_CACHE = 4096  # prompts whose base answer stays cached
 _DEVIATION = 0.15  # chance per position, at temperature 1, of leaving the base answer
-
-
-def prompt_group(token_ids: Sequence[int]) -> str:
-    """The default prompt group: a hash of the prompt token ids."""
-    data = np.asarray(token_ids, dtype="<i8").tobytes()
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 def _prompt_hash(token_ids: Sequence[int]) -> int:
@@ -221,7 +215,7 @@ class FakeWorker:
         logprobs: list[list[float]] = [[] for _ in range(n)]
         tops: list[list[dict[int, float]]] = [[] for _ in range(n)]
         results: list[SampleResult | None] = [None] * n
-        group = request.group or prompt_group(request.prompt_token_ids)
+        group = group_of(request.group, request.prompt_token_ids)
         async for delta in self.stream(request):
             i = delta.index
             tokens[i] += delta.token_ids
@@ -258,7 +252,7 @@ class FakeWorker:
         started: list[Hashable] = []
         try:
             await self._hold(live, queued=True)
-            group = request.group or prompt_group(prompt)
+            group = group_of(request.group, prompt)
             await self.store.ensure_group(group)
             lengths = history.recent_lengths(group)
             klass = length_class(float(np.median(lengths)) if lengths else None)

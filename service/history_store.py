@@ -183,10 +183,14 @@ class HistoryStore:
         self, group: str, prompt: Sequence[int], tokens: Sequence[int], version: int
     ) -> None:
         """A finished rollout: into the local history now, into Redis soon."""
-        prompt_tail = list(prompt[-self.config.max_depth :])
-        self.history.add_rollout(group, tokens, version, prompt_tail)
+        self.history.add_rollout(group, tokens, version, prompt[-self.config.max_depth :])
+        self.share(group, prompt, tokens, version)
+
+    def share(self, group: str, prompt: Sequence[int], tokens: Sequence[int], version: int) -> None:
+        """A finished rollout already in the local history: into Redis soon (if configured)."""
         if self.redis is None:
             return
+        prompt_tail = list(prompt[-self.config.max_depth :])
         if len(self._pending) >= self._buffer_size:
             self._pending.popleft()
             self._dropped.inc()

@@ -8,8 +8,9 @@ Definitions:
 - accepted_per_forward: accepted draft tokens per target forward pass, observed once per
   finished sample (that sample's mean), so a sample is one observation whatever its length.
 - generation_length: output tokens per finished sample, labelled by the length class the
-  worker predicted for it from its group's history before it ran (short / medium / long, or
-  unknown for a group with no history).
+  worker predicted for it from its group's history before it ran (short / medium / long; a
+  group with no history yet is predicted medium; unknown under a policy that predicts no
+  lengths: none and fixed:K).
 """
 
 from __future__ import annotations
@@ -108,6 +109,13 @@ class Metrics:
         )
         self.policy_version = Gauge(
             "das_policy_version", "Policy (weight) version", ["worker"], registry=r
+        )
+        self.cost_model = Gauge(
+            "das_cost_model_seconds",
+            "The cost model draft budgets are priced with: one forward pass over n tokens takes "
+            "c_base + c_tok * n seconds",
+            ["worker", "term"],
+            registry=r,
         )
         # -- history ------------------------------------------------------------------------
         self.history_tokens = Gauge(

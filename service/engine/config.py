@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafter.config import DrafterConfig
+from drafter.cost import parse_cost_model
 from drafter.policy_spec import parse_policy_spec
 from service.engine.models import DEFAULT_MODEL
 from service.engine.sampling import LogprobsMode
@@ -23,6 +24,9 @@ class EngineConfig:
     max_model_len: int = 1024  # prompt + output tokens of one sequence (KV positions per slot)
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step (one prompt always fits)
     speculation: str = "none"  # budget policy: none, fixed:K, das or das-eq7
+    # What das prices draft tokens with: calibrate (time this engine's verify step when it
+    # starts), a preset (smollm2-cpu, h100-7b) or "C_BASE,C_TOK" seconds (drafter/cost.py).
+    cost_model: str = "calibrate"
     max_draft: int = 16  # cap on draft tokens per sequence per step, whatever the policy says
     # Batch-invariant numerics: a token's logits are bitwise the same whatever its batch
     # companions or draft length, so speculation is bitwise lossless (see runner.py); slower.
@@ -46,6 +50,7 @@ class EngineConfig:
         if self.drafter.tree_drafts:
             raise ValueError("the engine verifies chain drafts only: set tree_drafts=False")
         parse_policy_spec(self.speculation)  # raises ValueError for an unknown policy
+        parse_cost_model(self.cost_model)  # likewise for an unknown cost model
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,12 +1,12 @@
 """The embedded engine: continuous batching with lossless speculation.
 
 Every step is one forward pass over all running sequences and reads top to bottom:
-schedule (admit waiting sequences into free KV slots), prepare drafts (a budget per sequence
-from the speculation policy, a chain draft from the rollout history), verify (one runner
-forward: each sequence's tokens not yet cached, then its draft), accept (sample the target's
-token at every drafted position with the counter-based RNG; keep draft tokens while they equal
-it; the first sampled token that differs is the bonus), record (append, stop checks, history,
-counters) and collect the finished.
+schedule (admit waiting sequences into free KV slots), prepare drafts (from the speculation
+core, drafter/speculator.py: budgets from the policy for the live batch, chain drafts from the
+rollout history), verify (one runner forward: each sequence's tokens not yet cached, then its
+draft), accept (sample the target's token at every drafted position with the counter-based RNG;
+keep draft tokens while they equal it; the first sampled token that differs is the bonus),
+record (append, stop checks, the speculation core) and collect the finished.
 
 Because each position's token is drawn with a uniform keyed by (seed, sample index, position),
 the accepted tokens are exactly those the target would have sampled one step at a time: the
@@ -18,21 +18,23 @@ from __future__ import annotations
 import heapq
 import secrets
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from drafter.das import DasPolicy
+from drafter.cost import SMOLLM2_CPU, CostModel, parse_cost_model
+from drafter.groups import group_of
 from drafter.history import RolloutHistory
-from drafter.policy import Policy, RequestView
-from drafter.policy_spec import parse_policy
+from drafter.policy import Policy
+from drafter.policy_spec import parse_policy, parse_policy_spec
+from drafter.speculator import Publisher, SpecRequest, Speculator
+from service.engine.calibration import calibrate_cost
 from service.engine.config import EngineConfig
 from service.engine.models import Tokenizer, load_model
 from service.engine.runner import Runner
 from service.engine.sampling import Sampled, sample
-from service.fake_worker import prompt_group
 from service.worker import (
     FinishReason,
     GenerateRequest,
@@ -65,10 +67,6 @@ class SampleProgress:
     result: SampleResult | None  # set once the sample has finished (its final output)
 
 
-# (group, prompt token ids, output token ids, policy version) of a rollout that ended by itself.
-RolloutSink = Callable[[str, list[int], list[int], int], None]
-
-
 @dataclass(slots=True)
 class EngineStats:
     forward_passes: int = 0  # steps that ran the model
@@ -94,19 +92,14 @@ class _Sequence:
     request: _Request
     index: int  # sample index within the request: part of every RNG key
     tokens: list[int]  # the prompt, then the output so far
-    view: RequestView  # what the speculation policy sees of it
+    spec: SpecRequest | None = None  # the speculation core's handle, from admission on
     slot: int = -1  # its KV cache slot while running
     computed: int = 0  # leading tokens whose K/V sit in the slot; the rest are fed next step
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     matched_stop: int | str | None = None
-    spec: SpecCounters = field(default_factory=SpecCounters)
     weight_version: int = 0
-
-    @property
-    def key(self) -> tuple[str, int]:  # its id in the rollout history
-        return (self.request.request_id, self.index)
 
     @property
     def output(self) -> list[int]:
@@ -126,13 +119,14 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         history: RolloutHistory | None = None,
         policy: Policy | None = None,
-        rollout_sink: RolloutSink | None = None,
+        publish: Publisher | None = None,
     ) -> None:
-        """Loads config.model unless a model (and its tokenizer, or None) is given.
+        """Loads config.model unless a model (and its tokenizer, or None) is given, and builds
+        the policy config.speculation names unless one is given, pricing drafts with
+        config.cost_model (calibrate: time this engine's verify step now).
 
-        `rollout_sink` receives every finished rollout instead of the history (a service sends
-        it through its shared store, which feeds the history back in); default: the history.
-        """
+        Every rollout that ends by itself joins `history` and then goes to `publish` (a worker
+        shares it through Redis)."""
         self.config = config = config or EngineConfig()
         if model is None:
             model, tokenizer = load_model(config.model, config.device, config.torch_dtype)
@@ -141,17 +135,45 @@ class Engine:
             model, config.max_batch, config.max_model_len, deterministic=config.deterministic
         )
         self.history = history if history is not None else RolloutHistory(config.drafter)
-        self.policy = policy if policy is not None else parse_policy(config.speculation)
-        self._sink = rollout_sink or self._add_rollout
+        self.cost_source = "given with the policy"  # where policy.cost came from
+        if policy is None:
+            if parse_policy_spec(config.speculation).kind.startswith("das"):
+                cost, self.cost_source = self._cost_model()
+                policy = parse_policy(config.speculation, cost)
+            else:
+                policy = parse_policy(config.speculation)
+        self.policy = policy
+        self.speculator = Speculator(
+            self.history, policy, max_draft=config.max_draft, publish=publish
+        )
         self.stats = EngineStats()
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        # Without drafting the per-request suffix trees are not worth maintaining.
-        self._drafting = config.max_draft > 0 and self.policy.name != "none"
         self._requests: dict[str, _Request] = {}
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._free_slots = list(range(config.max_batch))  # a heap: the lowest slot first
         self._paused = False
+
+    def _cost_model(self) -> tuple[CostModel, str]:
+        """config.cost_model and its source: a preset or given constants, or this engine's
+        verify step timed now. An unusable timing falls back to the CPU preset on a CPU only:
+        a GPU must never plan with a CPU's constants."""
+        config = self.config
+        cost = parse_cost_model(config.cost_model)
+        if cost is not None:
+            return cost, config.cost_model
+        context = max(1, min(128, config.max_model_len - 10))
+        on_cpu = config.device == "cpu"
+        try:
+            calibration = calibrate_cost(
+                self.model, config.max_batch, context, fallback=SMOLLM2_CPU if on_cpu else None
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"cost model calibration failed on {config.device} ({error}): "
+                "set cost_model to C_BASE,C_TOK seconds"
+            ) from error
+        return calibration.cost, calibration.source
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -187,11 +209,11 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a model with a tokenizer")
-        group = request.group or prompt_group(prompt)
+        group = group_of(request.group, prompt)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         state = _Request(request.request_id, group, prompt, params, seed)
         for index in range(params.n):
-            sequence = _Sequence(state, index, list(prompt), RequestView(group))
+            sequence = _Sequence(state, index, list(prompt))
             state.sequences.append(sequence)
             self._waiting.append(sequence)
         self._requests[request.request_id] = state
@@ -248,11 +270,7 @@ class Engine:
                     top_logprobs=sequence.top_logprobs[start:]
                     if state.params.top_logprobs
                     else None,
-                    spec=SpecCounters(
-                        sequence.spec.forward_passes,
-                        sequence.spec.drafted_tokens,
-                        sequence.spec.accepted_tokens,
-                    ),
+                    spec=_counters(sequence),
                     seed=state.seed,
                     result=self._sample_result(sequence)
                     if sequence.finish_reason is not None
@@ -344,9 +362,9 @@ class Engine:
                 self.runner.reset(sequence.slot)
                 sequence.computed = 0
             state = sequence.request
-            sequence.view = self.policy.request(state.group)
-            if self._drafting:
-                self.history.start_request(sequence.key, state.group, sequence.tokens)
+            sequence.spec = self.speculator.start(
+                state.request_id, state.group, sequence.tokens, sequence.index
+            )
             self._running.append(sequence)
             budget -= cost
             admitted += 1
@@ -359,16 +377,10 @@ class Engine:
         )
 
     def _prepare_drafts(self, batch: list[_Sequence]) -> list[list[int]]:
-        if not self._drafting:
-            return [[] for _ in batch]
-        budgets = self.policy.budgets([sequence.view for sequence in batch])
-        drafts = []
-        for sequence, budget in zip(batch, budgets, strict=True):
-            # A draft longer than the tokens left to generate can never be used.
-            left = sequence.request.params.max_tokens - sequence.generated - 1
-            size = min(budget, self.config.max_draft, left)
-            drafts.append(self.history.speculate(sequence.key, size).token_ids if size > 0 else [])
-        return drafts
+        # A draft longer than the tokens left to generate can never be used.
+        left = [s.request.params.max_tokens - s.generated - 1 for s in batch]
+        drafts = self.speculator.drafts([_handle(s) for s in batch], left)
+        return [draft.token_ids for draft in drafts]
 
     def _verify(self, batch: list[_Sequence], drafts: list[list[int]]) -> Tensor:
         """One forward: per sequence its uncached tokens then its draft; logits of the last
@@ -420,18 +432,12 @@ class Engine:
             appended += 1
             if self._finished_by(sequence, token, params):
                 break
-        # The policy learns what verification accepted; the counters count what was kept.
-        self.policy.observe_step(sequence.request.group, len(draft), accepted)
-        accepted = min(accepted, appended)
-        sequence.view = sequence.view.advanced(appended)
-        sequence.spec.forward_passes += 1
-        sequence.spec.drafted_tokens += len(draft)
-        sequence.spec.accepted_tokens += accepted
+        self.speculator.extend(
+            _handle(sequence), sampled.token_ids[:appended], len(draft), accepted
+        )
         self.stats.generated_tokens += appended
         self.stats.drafted_tokens += len(draft)
-        self.stats.accepted_tokens += accepted
-        if self._drafting and sequence.finish_reason is None:
-            self.history.extend_request(sequence.key, sampled.token_ids[:appended])
+        self.stats.accepted_tokens += min(accepted, appended)
 
     def _finished_by(self, sequence: _Sequence, token: int, params: SamplingParams) -> bool:
         """Set the finish reason if `token`, just appended, ends the sequence."""
@@ -472,17 +478,8 @@ class Engine:
         heapq.heappush(self._free_slots, sequence.slot)
         sequence.slot = -1
         sequence.weight_version = self.weight_version
-        state = sequence.request
-        if self._drafting:
-            self.history.stop_request(sequence.key)
+        self.speculator.finish(_handle(sequence), natural=record)
         self.stats.finished_samples += 1
-        if record:
-            output = sequence.output
-            self._sink(state.group, state.prompt, output, self.weight_version)
-            self.policy.observe_finished(state.group, len(output))
-
-    def _add_rollout(self, group: str, prompt: list[int], output: list[int], version: int) -> None:
-        self.history.add_rollout(group, output, version, prompt)
 
     # -- outputs ----------------------------------------------------------------------------
 
@@ -497,9 +494,8 @@ class Engine:
         text = self._decode(output, params)
         if isinstance(sequence.matched_stop, str) and not params.no_stop_trim:
             text = text[: max(0, text.find(sequence.matched_stop))]
-        length_class = "unknown"
-        if isinstance(self.policy, DasPolicy):
-            length_class = self.policy.predict(sequence.view).length_class.name.lower()
+        spec = sequence.spec
+        length_class = "unknown" if spec is None else self.speculator.length_class(spec)
         return SampleResult(
             index=sequence.index,
             token_ids=output,
@@ -509,11 +505,7 @@ class Engine:
             finish_reason=sequence.finish_reason or "abort",
             matched_stop=sequence.matched_stop,
             seed=sequence.request.seed,
-            spec=SpecCounters(
-                sequence.spec.forward_passes,
-                sequence.spec.drafted_tokens,
-                sequence.spec.accepted_tokens,
-            ),
+            spec=_counters(sequence),
             group=sequence.request.group,
             weight_version=sequence.weight_version,
             length_class=length_class,
@@ -536,3 +528,16 @@ def _eos_token_ids(model: torch.nn.Module, tokenizer: Tokenizer | None) -> froze
         elif isinstance(value, list | tuple):
             found.update(int(v) for v in value)
     return frozenset(found)
+
+
+def _handle(sequence: _Sequence) -> SpecRequest:
+    """The speculation core's handle of a running sequence (it has one from admission on)."""
+    assert sequence.spec is not None, "a running sequence has a speculation handle"
+    return sequence.spec
+
+
+def _counters(sequence: _Sequence) -> SpecCounters:
+    if sequence.spec is None:  # never admitted
+        return SpecCounters()
+    counters = sequence.spec.counters
+    return SpecCounters(counters.forward_passes, counters.drafted, counters.accepted)

@@ -168,7 +168,7 @@ def test_stop_token_and_max_tokens(tiny_model: torch.nn.Module) -> None:
 
 
 def engine_group(prompt: list[int]) -> str:
-    from service.fake_worker import prompt_group
+    from drafter.groups import prompt_group
 
     return prompt_group(prompt)
 

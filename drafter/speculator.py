@@ -1,0 +1,155 @@
+"""The speculation core: the one interface through which every engine drafts.
+
+The embedded engine, a vLLM proposer and an SGLang worker all drive it the same way, from the
+thread that owns the engine (it is not thread-safe):
+- start(request_id, group, prompt, sample_index) when a sample joins the batch;
+- drafts(requests, max_draft) once per verify step with every live sample: budgets from the
+  policy for the live batch (its size, the cost model, each request's predicted length), then
+  each request's draft from its group's windowed history and its own context;
+- extend(request, tokens, drafted, accepted) after verification with the tokens it appended;
+- finish(request, natural) when it ends: a rollout that ended by itself (stop or length) joins
+  the local history at once and is handed to the publisher (e.g. Redis, to the other workers);
+  an aborted one does neither.
+Per request it counts forward passes, drafted and accepted tokens; no torch, no HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from drafter.draft import Draft, Tokens, as_token_array
+from drafter.history import RolloutHistory
+from drafter.policy import Policy, RequestView
+
+
+@dataclass(slots=True)
+class RequestCounters:
+    forward_passes: int = 0  # verify steps that produced tokens for the request
+    drafted: int = 0  # draft tokens proposed to the target
+    accepted: int = 0  # draft tokens the target accepted and the request kept
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A rollout that ended by itself, as it enters the history."""
+
+    group: str
+    prompt: list[int]
+    output: list[int]
+    version: int  # the policy version that produced it
+
+
+Publisher = Callable[[Rollout], None]
+
+
+@dataclass(slots=True, eq=False)
+class SpecRequest:
+    """One live sample, as the speculation core tracks it (its handle for every call)."""
+
+    request_id: str
+    sample_index: int
+    group: str
+    prompt: list[int]
+    view: RequestView  # what the policy sees of it; view.initial_class was predicted at start
+    output: list[int] = field(default_factory=list)
+    counters: RequestCounters = field(default_factory=RequestCounters)
+    finished: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:  # its id in the rollout history
+        return (self.request_id, self.sample_index)
+
+
+class Speculator:
+    def __init__(
+        self,
+        history: RolloutHistory,
+        policy: Policy,
+        *,
+        max_draft: int = 16,
+        publish: Publisher | None = None,
+    ) -> None:
+        """`max_draft` caps every draft whatever the policy says; `publish` receives each
+        rollout that ended by itself, after it joined `history`."""
+        if max_draft < 0:
+            raise ValueError(f"max_draft must be >= 0, got {max_draft}")
+        self.history = history
+        self.policy = policy
+        self.max_draft = max_draft
+        self._publish = publish
+        # Without drafting the per-request suffix trees are not worth maintaining.
+        self.drafting = max_draft > 0 and policy.drafts
+
+    def start(
+        self, request_id: str, group: str, prompt: Tokens, sample_index: int = 0
+    ) -> SpecRequest:
+        tokens = as_token_array(prompt)
+        if tokens.size == 0:
+            raise ValueError("the prompt must not be empty")
+        request = SpecRequest(
+            request_id, sample_index, group, tokens.tolist(), self.policy.request(group)
+        )
+        if self.drafting:
+            self.history.start_request(request.key, group, tokens)
+        return request
+
+    def drafts(self, requests: Sequence[SpecRequest], max_draft: Sequence[int]) -> list[Draft]:
+        """One draft per live request for the next verify step, at most max_draft[i] tokens
+        (e.g. the tokens it may still generate) and this core's max_draft."""
+        if len(max_draft) != len(requests):
+            raise ValueError("need one max_draft per request")
+        if not self.drafting or not requests:
+            return [Draft() for _ in requests]
+        budgets = self.policy.budgets([request.view for request in requests])
+        drafts = []
+        for request, budget, cap in zip(requests, budgets, max_draft, strict=True):
+            size = min(budget, self.max_draft, cap)
+            drafts.append(self.history.speculate(request.key, size) if size > 0 else Draft())
+        return drafts
+
+    def extend(
+        self, request: SpecRequest, tokens: Sequence[int], drafted: int, accepted: int
+    ) -> None:
+        """A verify step's outcome: it drafted `drafted` tokens, the target accepted the first
+        `accepted`, and the request appended `tokens` (the accepted ones and the target's next
+        token, cut where the request stopped)."""
+        if request.finished:
+            raise ValueError(f"request {request.key!r} has finished")
+        if not 0 <= accepted <= drafted:
+            raise ValueError(f"need 0 <= accepted <= drafted, got {accepted}, {drafted}")
+        # The policy learns what verification accepted; the counters count what was kept.
+        self.policy.observe_step(request.group, drafted, accepted)
+        appended = list(tokens)
+        request.output += appended
+        request.view = request.view.advanced(len(appended))
+        counters = request.counters
+        counters.forward_passes += 1
+        counters.drafted += drafted
+        counters.accepted += min(accepted, len(appended))
+        if self.drafting and appended:
+            self.history.extend_request(request.key, appended)
+
+    def finish(self, request: SpecRequest, natural: bool) -> Rollout | None:
+        """The request ended: by itself (natural: a stop or its length limit), or aborted.
+        A natural end enters the history and the publisher; the rollout, None if aborted."""
+        if request.finished:
+            raise ValueError(f"request {request.key!r} has finished")
+        request.finished = True
+        if self.drafting:
+            self.history.stop_request(request.key)
+        if not natural:
+            return None
+        rollout = Rollout(request.group, request.prompt, request.output, self.history.version)
+        self.history.add_rollout(rollout.group, rollout.output, rollout.version, rollout.prompt)
+        self.policy.observe_finished(request.group, len(request.output))
+        if self._publish is not None:
+            self._publish(rollout)
+        return rollout
+
+    def length_class(self, request: SpecRequest) -> str:
+        """The length class predicted for the request when it started ("unknown" if the
+        policy predicts none): the label its finished length is reported under."""
+        if not self.policy.predicts_lengths:
+            return "unknown"
+        return request.view.initial_class.name.lower()

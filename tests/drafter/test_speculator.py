@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+
+from drafter import DrafterConfig, RolloutHistory
+from drafter.cost import SMOLLM2_CPU
+from drafter.das import DasPolicy
+from drafter.groups import group_of, prompt_group
+from drafter.lengths import LengthClass
+from drafter.policy import FixedPolicy, RequestView
+from drafter.speculator import Rollout, Speculator
+
+PROMPT = [1, 2, 3]
+ANSWER = [10, 11, 12, 13, 14, 15, 16, 17]
+
+
+class RecordingPolicy(FixedPolicy):
+    """fixed:K that remembers every batch it priced and every step it was told about."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget)
+        self.batches: list[list[RequestView]] = []
+        self.steps: list[tuple[str, int, int]] = []
+        self.finished: list[tuple[str, int]] = []
+
+    def budgets(self, requests: Sequence[RequestView]) -> list[int]:
+        self.batches.append(list(requests))
+        return super().budgets(requests)
+
+    def observe_step(self, group: str, drafted: int, accepted: int) -> None:
+        super().observe_step(group, drafted, accepted)
+        self.steps.append((group, drafted, accepted))
+
+    def observe_finished(self, group: str, length: int) -> None:
+        super().observe_finished(group, length)
+        self.finished.append((group, length))
+
+
+def _core(policy: FixedPolicy, max_draft: int = 16) -> tuple[Speculator, list[Rollout]]:
+    published: list[Rollout] = []
+    history = RolloutHistory(DrafterConfig(max_depth=8))
+    history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)
+    return Speculator(history, policy, max_draft=max_draft, publish=published.append), published
+
+
+def test_a_scripted_batch_drafts_from_history_counts_and_records_natural_ends() -> None:
+    policy = RecordingPolicy(4)
+    core, published = _core(policy)
+    a = core.start("r", "g", PROMPT, sample_index=0)
+    b = core.start("r", "g", PROMPT, sample_index=1)
+    other = core.start("s", "h", [7, 7, 7])
+    assert core.history.active_requests() == 3
+
+    drafts = core.drafts([a, b, other], [16, 2, 16])
+    # The group's earlier rollout follows the prompt: its opening is drafted, capped per request.
+    assert drafts[0].token_ids == ANSWER[:4]
+    assert drafts[1].token_ids == ANSWER[:2]
+    assert drafts[2].token_ids == [7, 7, 7, 7][: len(drafts[2])]  # own context only
+    assert [len(v) for v in policy.batches] == [3]  # the budgets saw the whole live batch
+
+    # a accepts 3 of its 4 and gets the bonus; b accepts none.
+    core.extend(a, [*ANSWER[:3], 99], drafted=4, accepted=3)
+    core.extend(b, [50], drafted=2, accepted=0)
+    assert (a.counters.forward_passes, a.counters.drafted, a.counters.accepted) == (1, 4, 3)
+    assert (b.counters.forward_passes, b.counters.drafted, b.counters.accepted) == (1, 2, 0)
+    assert policy.steps == [("g", 4, 3), ("g", 2, 0)]
+    core.drafts([a, b], [16, 16])
+    assert [view.generated for view in policy.batches[-1]] == [4, 1]
+
+    # A stop inside the accepted draft: 2 accepted by verification, 1 kept.
+    core.extend(a, [5], drafted=3, accepted=2)
+    assert a.counters.accepted == 4 and a.output == [*ANSWER[:3], 99, 5]
+
+    rollout = core.finish(a, natural=True)
+    assert rollout == Rollout("g", PROMPT, [*ANSWER[:3], 99, 5], 0)
+    assert published == [rollout]
+    assert core.history.recent_lengths("g") == [len(ANSWER), 5]
+    assert policy.finished == [("g", 5)]
+
+    assert core.finish(b, natural=False) is None  # aborted: no history, nothing published
+    assert published == [rollout] and core.history.recent_lengths("g") == [len(ANSWER), 5]
+    core.finish(other, natural=True)
+    assert core.history.recent_lengths("h") == [0]
+    assert core.history.active_requests() == 0
+
+
+def test_no_speculation_builds_no_trees_but_still_records_rollouts() -> None:
+    core, published = _core(FixedPolicy(0))
+    assert not core.drafting
+    request = core.start("r", "g", PROMPT)
+    assert core.history.active_requests() == 0
+    assert [len(d) for d in core.drafts([request], [16])] == [0]
+    core.extend(request, [1, 2], drafted=0, accepted=0)
+    assert core.finish(request, natural=True) == Rollout("g", PROMPT, [1, 2], 0)
+    assert len(published) == 1 and core.history.recent_lengths("g") == [len(ANSWER), 2]
+
+
+def test_max_draft_caps_every_draft_and_zero_turns_drafting_off() -> None:
+    core, _ = _core(FixedPolicy(8), max_draft=3)
+    request = core.start("r", "g", PROMPT)
+    assert core.drafts([request], [16])[0].token_ids == ANSWER[:3]
+    assert not _core(FixedPolicy(8), max_draft=0)[0].drafting
+
+
+def test_das_reports_the_length_class_predicted_before_the_request_ran() -> None:
+    history = RolloutHistory(DrafterConfig(max_depth=8))
+    core = Speculator(history, DasPolicy(SMOLLM2_CPU))
+    for i, (group, length) in enumerate([("short", 10), ("mid", 100), ("long", 400)] * 3):
+        request = core.start(f"r{i}", group, PROMPT)
+        core.extend(request, [4] * length, drafted=0, accepted=0)
+        core.finish(request, natural=True)
+    short = core.start("s", "short", PROMPT)
+    assert short.view.initial_class == LengthClass.SHORT
+    core.extend(short, [4] * 500, drafted=0, accepted=0)  # runs long: the label stays
+    assert core.length_class(short) == "short"
+    assert core.length_class(core.start("l", "long", PROMPT)) == "long"
+    assert Speculator(history, FixedPolicy(2)).length_class(core.start("x", "g", PROMPT)) == (
+        "unknown"
+    )
+
+
+def test_bad_calls_raise() -> None:
+    core, _ = _core(FixedPolicy(2))
+    request = core.start("r", "g", PROMPT)
+    with pytest.raises(ValueError, match="already active"):
+        core.start("r", "g", PROMPT)
+    with pytest.raises(ValueError, match="one max_draft per request"):
+        core.drafts([request], [])
+    with pytest.raises(ValueError, match="accepted <= drafted"):
+        core.extend(request, [1], drafted=1, accepted=2)
+    with pytest.raises(ValueError, match="empty"):
+        core.start("q", "g", [])
+    core.finish(request, natural=False)
+    with pytest.raises(ValueError, match="has finished"):
+        core.extend(request, [1], drafted=0, accepted=0)
+    with pytest.raises(ValueError, match="has finished"):
+        core.finish(request, natural=True)
+    with pytest.raises(ValueError, match="max_draft"):
+        Speculator(core.history, FixedPolicy(2), max_draft=-1)
+
+
+def test_the_prompt_group_is_a_stable_hash_unless_named() -> None:
+    assert prompt_group([1, 2, 3]) == prompt_group((1, 2, 3))
+    assert prompt_group([1, 2, 3]) != prompt_group([1, 2, 4])
+    assert len(prompt_group([5])) == 16
+    assert group_of("named", [1, 2]) == "named"
+    assert group_of(None, [1, 2]) == prompt_group([1, 2])
+
+
+def test_the_core_imports_neither_torch_nor_http() -> None:
+    code = (
+        "import sys, drafter.speculator, drafter.groups, drafter.policy_spec; "
+        "bad = [m for m in ('torch', 'fastapi', 'httpx', 'service') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
