@@ -57,7 +57,6 @@ from service.worker import (
 log = logging.getLogger(__name__)
 
 _TOKENS_REFRESH_S = 0.25  # how stale the history token count may get
-_REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +77,10 @@ class _Live:
     request: GenerateRequest
     stream: bool
     events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
-    # Engine thread only: output tokens sent so far, and whether the final piece went out.
+    # Engine thread only: output tokens and text characters sent so far, and whether the final
+    # piece went out.
     sent: list[int] = field(default_factory=list)
+    sent_text: list[int] = field(default_factory=list)
     final: list[bool] = field(default_factory=list)
 
 
@@ -382,10 +383,7 @@ class EngineWorker:
     async def stream(self, request: GenerateRequest) -> AsyncIterator[SampleDelta]:
         live = await self._submit(request, stream=True)
         params = request.params
-        n = params.n
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        texts = [""] * n
-        remaining = n
+        remaining = params.n
         try:
             while remaining:
                 event = await live.events.get()
@@ -394,12 +392,8 @@ class EngineWorker:
                     raise event
                 assert isinstance(event, list)
                 for piece in event:
-                    i = piece.index
-                    tokens[i] += piece.token_ids
-                    text = self._text_delta(tokens[i], texts[i], piece.result, params)
-                    texts[i] += text
                     remaining -= piece.result is not None
-                    yield self._delta(piece, text, params)
+                    yield self._delta(piece, params)
         finally:
             self._requests.discard(live)
             if remaining:
@@ -422,12 +416,12 @@ class EngineWorker:
             raise
         return live
 
-    def _delta(self, piece: SampleProgress, text: str, params: SamplingParams) -> SampleDelta:
+    def _delta(self, piece: SampleProgress, params: SamplingParams) -> SampleDelta:
         result = piece.result
         return SampleDelta(
             index=piece.index,
             token_ids=piece.token_ids,
-            text=text,
+            text=piece.text,
             logprobs=piece.logprobs if params.logprobs else None,
             top_logprobs=piece.top_logprobs if params.top_logprobs else None,
             finish_reason=None if result is None else result.finish_reason,
@@ -437,19 +431,6 @@ class EngineWorker:
             weight_version=self._version if result is None else result.weight_version,
             length_class="unknown" if result is None else result.length_class,
         )
-
-    def _text_delta(
-        self, tokens: list[int], sent: str, result: SampleResult | None, params: SamplingParams
-    ) -> str:
-        """The text a sample's stream may send now: the final text's rest once finished;
-        before that, what the tokens decode to, less an unfinished character at the end and,
-        with stop strings, a tail that may still become one (it would be trimmed)."""
-        if result is not None:
-            return result.text[len(sent) :]
-        text = self.detokenize(tokens, params.skip_special_tokens).rstrip(_REPLACEMENT)
-        if params.stop:
-            text = text[: max(0, len(text) - max(len(stop) for stop in params.stop) + 1)]
-        return text[len(sent) :] if text.startswith(sent) else ""
 
     # -- the event loop's side of the queue ---------------------------------------------
 
@@ -538,16 +519,16 @@ class EngineWorker:
         for live in self._live.values():
             if live.stream:
                 rid = live.request.request_id
-                self._send_pieces(live, engine.progress(rid, live.sent))
+                self._send_pieces(live, engine.progress(rid, live.sent, live.sent_text))
 
     def _admit(self, engine: Engine, live: _Live) -> None:
         try:
-            engine.add_request(live.request)
+            engine.add_request(live.request, stream_text=live.stream)
         except ValueError as error:
             self._send(live, InvalidRequest(str(error)))
             return
         n = live.request.params.n
-        live.sent, live.final = [0] * n, [False] * n
+        live.sent, live.sent_text, live.final = [0] * n, [0] * n, [False] * n
         self._live[live.request.request_id] = live
 
     def _abort(self, engine: Engine, request_id: str | None) -> int:
@@ -596,6 +577,7 @@ class EngineWorker:
                     token_ids=sample.token_ids[start:],
                     logprobs=(sample.logprobs or [])[start:],
                     top_logprobs=(sample.top_logprobs or [])[start:],
+                    text=sample.text[live.sent_text[i] :],
                     spec=sample.spec,
                     seed=sample.seed,
                     result=sample,
@@ -610,6 +592,7 @@ class EngineWorker:
             if live.final[i] or not (piece.token_ids or piece.result is not None):
                 continue
             live.sent[i] += len(piece.token_ids)
+            live.sent_text[i] += len(piece.text)
             live.final[i] = piece.result is not None
             pieces.append(piece)
         if pieces:

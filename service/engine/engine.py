@@ -30,6 +30,7 @@ from drafter.history import RolloutHistory
 from drafter.policy import Policy
 from drafter.policy_spec import parse_policy, parse_policy_spec
 from drafter.speculator import Publisher, SpecRequest, Speculator
+from service.detokenizer import IncrementalDetokenizer
 from service.engine.calibration import calibrate_cost
 from service.engine.config import EngineConfig
 from service.engine.models import Tokenizer, load_model
@@ -62,6 +63,7 @@ class SampleProgress:
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[dict[int, float]] | None
+    text: str  # the text it gained from the character position asked for
     spec: SpecCounters  # cumulative for the sample
     seed: int
     result: SampleResult | None  # set once the sample has finished (its final output)
@@ -93,6 +95,8 @@ class _Sequence:
     index: int  # sample index within the request: part of every RNG key
     tokens: list[int]  # the prompt, then the output so far
     spec: SpecRequest | None = None  # the speculation core's handle, from admission on
+    # Its text token by token, where stop strings or a stream need it before the end.
+    text: IncrementalDetokenizer | None = None
     slot: int = -1  # its KV cache slot while running
     computed: int = 0  # leading tokens whose K/V sit in the slot; the rest are fed next step
     logprobs: list[float] = field(default_factory=list)
@@ -194,8 +198,9 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    def add_request(self, request: GenerateRequest) -> None:
-        """Queue a request; it joins the batch at a later step. ValueError if it cannot run."""
+    def add_request(self, request: GenerateRequest, stream_text: bool = False) -> None:
+        """Queue a request; it joins the batch at a later step. ValueError if it cannot run.
+        `stream_text`: its text is wanted as it grows (progress()), not only at the end."""
         params = request.params
         prompt = [int(t) for t in request.prompt_token_ids]
         if request.request_id in self._requests:
@@ -212,8 +217,16 @@ class Engine:
         group = group_of(request.group, prompt)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         state = _Request(request.request_id, group, prompt, params, seed)
+        tokenizer = self.tokenizer if stream_text or params.stop else None
         for index in range(params.n):
             sequence = _Sequence(state, index, list(prompt))
+            if tokenizer is not None:
+                sequence.text = IncrementalDetokenizer(
+                    tokenizer,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop=params.no_stop_trim,
+                )
             state.sequences.append(sequence)
             self._waiting.append(sequence)
         self._requests[request.request_id] = state
@@ -250,17 +263,25 @@ class Engine:
     def abort_all(self) -> list[RequestOutput]:
         return [output for rid in list(self._requests) if (output := self.abort(rid))]
 
-    def progress(self, request_id: str, since: Sequence[int]) -> list[SampleProgress]:
-        """Per sample of a live request, its output from position since[index] on (what a
-        stream has not sent yet); [] if the request is unknown (finished or aborted)."""
+    def progress(
+        self, request_id: str, since: Sequence[int], since_text: Sequence[int]
+    ) -> list[SampleProgress]:
+        """Per sample of a live request, its output from token since[index] and text character
+        since_text[index] on (what a stream has not sent yet); [] if the request is unknown
+        (finished or aborted). Text grows only for requests added with stream_text."""
         state = self._requests.get(request_id)
         if state is None:
             return []
-        if len(since) != len(state.sequences):
+        if not len(since) == len(since_text) == len(state.sequences):
             raise ValueError(f"since needs one position per sample ({len(state.sequences)})")
         progress = []
-        for sequence, start in zip(state.sequences, since, strict=True):
+        for sequence, start, start_text in zip(state.sequences, since, since_text, strict=True):
             begin = len(state.prompt) + start
+            result = self._sample_result(sequence) if sequence.finish_reason is not None else None
+            if result is not None:
+                text = result.text[start_text:]
+            else:
+                text = "" if sequence.text is None else sequence.text.text_from(start_text)
             progress.append(
                 SampleProgress(
                     index=sequence.index,
@@ -270,11 +291,10 @@ class Engine:
                     top_logprobs=sequence.top_logprobs[start:]
                     if state.params.top_logprobs
                     else None,
+                    text=text,
                     spec=_counters(sequence),
                     seed=state.seed,
-                    result=self._sample_result(sequence)
-                    if sequence.finish_reason is not None
-                    else None,
+                    result=result,
                 )
             )
         return progress
@@ -440,23 +460,17 @@ class Engine:
         self.stats.accepted_tokens += min(accepted, appended)
 
     def _finished_by(self, sequence: _Sequence, token: int, params: SamplingParams) -> bool:
-        """Set the finish reason if `token`, just appended, ends the sequence."""
+        """Set the finish reason if `token`, just appended, ends the sequence. Stop tokens come
+        first; then the token joins the sample's text, which may complete a stop string."""
         if token in params.stop_token_ids or (
             not params.ignore_eos and token in self.eos_token_ids
         ):
             sequence.finish_reason, sequence.matched_stop = "stop", token
-        elif params.stop and (stop := self._stop_string(sequence, params)) is not None:
+        elif sequence.text is not None and (stop := sequence.text.push(token)) is not None:
             sequence.finish_reason, sequence.matched_stop = "stop", stop
         elif sequence.generated >= params.max_tokens:
             sequence.finish_reason = "length"
         return sequence.finish_reason is not None
-
-    def _stop_string(self, sequence: _Sequence, params: SamplingParams) -> str | None:
-        # Checked after every token, so a match must end in the newest one: decoding a tail
-        # a little longer than the longest stop string suffices.
-        window = max(len(stop) for stop in params.stop) + 4
-        text = self._decode(sequence.output[-window:], params)
-        return next((stop for stop in params.stop if stop in text), None)
 
     def _collect_finished(self) -> list[RequestOutput]:
         done = [sequence for sequence in self._running if sequence.finish_reason is not None]
@@ -491,9 +505,14 @@ class Engine:
     def _sample_result(self, sequence: _Sequence) -> SampleResult:
         params = sequence.request.params
         output = sequence.output
-        text = self._decode(output, params)
-        if isinstance(sequence.matched_stop, str) and not params.no_stop_trim:
-            text = text[: max(0, text.find(sequence.matched_stop))]
+        matched = sequence.matched_stop
+        if sequence.text is not None:  # a stop token ended it unpushed: the text decodes it
+            text = sequence.text.finish(matched if isinstance(matched, int) else None)
+        elif self.tokenizer is not None:  # decoded once, at the end
+            decoded = self.tokenizer.decode(output, skip_special_tokens=params.skip_special_tokens)
+            text = str(decoded)
+        else:
+            text = ""
         spec = sequence.spec
         length_class = "unknown" if spec is None else self.speculator.length_class(spec)
         return SampleResult(
@@ -510,12 +529,6 @@ class Engine:
             weight_version=sequence.weight_version,
             length_class=length_class,
         )
-
-    def _decode(self, token_ids: list[int], params: SamplingParams) -> str:
-        if self.tokenizer is None:
-            return ""
-        text: str = self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
-        return text
 
 
 def _eos_token_ids(model: torch.nn.Module, tokenizer: Tokenizer | None) -> frozenset[int]:
