@@ -1,0 +1,66 @@
+"""The cost model is a per-worker setting: resolved by the engine, reported by the worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostModel
+from service.engine import Engine, EngineConfig
+from service.engine import engine as engine_module
+from service.engine.calibration import Calibration
+from service.settings import Settings
+from service.worker_app import create_app
+from tests.service.conftest import free_port, start_server
+
+
+def engine(tiny_model: torch.nn.Module, **config: Any) -> Engine:
+    return Engine(EngineConfig(max_batch=2, max_model_len=64, **config), model=tiny_model)
+
+
+def test_das_prices_drafts_with_the_configured_cost_model(tiny_model: torch.nn.Module) -> None:
+    assert engine(tiny_model, speculation="das", cost_model="h100-7b").policy.cost == H100_7B
+    given = engine(tiny_model, speculation="das-eq7", cost_model="0.01,0.001")
+    assert given.policy.cost == CostModel(0.01, 0.001) and given.cost_source == "0.01,0.001"
+    assert engine(tiny_model, speculation="fixed:4").policy.cost is None  # prices nothing
+
+
+def test_calibrate_times_this_engine_and_never_falls_back_to_cpu_constants_off_a_cpu(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fallbacks: list[CostModel | None] = []
+
+    def fake(model: torch.nn.Module, max_batch: int, context: int, **kw: Any) -> Calibration:
+        fallbacks.append(kw["fallback"])
+        assert model is tiny_model and max_batch == 2 and context == 54  # max_model_len - 10
+        if kw["fallback"] is None:
+            raise ValueError("the fit is not positive")
+        return Calibration(CostModel(0.02, 0.002), "calibrated")
+
+    monkeypatch.setattr(engine_module, "calibrate_cost", fake)
+    timed = engine(tiny_model, speculation="das")
+    assert timed.policy.cost == CostModel(0.02, 0.002) and timed.cost_source == "calibrated"
+    with pytest.raises(ValueError, match="set cost_model to C_BASE,C_TOK"):
+        engine(tiny_model, speculation="das", device="cuda")
+    assert fallbacks == [SMOLLM2_CPU, None]
+    engine(tiny_model, speculation="none")  # no das: nothing to calibrate
+    assert len(fallbacks) == 2
+
+
+def test_the_worker_reports_its_cost_model_in_server_info_and_metrics() -> None:
+    port = free_port()
+    settings = Settings(
+        model="tiny-random", port=port, worker_id="w", max_model_len=128, cost_model="h100-7b"
+    )
+    server = start_server(create_app(settings), port)
+    try:
+        info = httpx.get(f"{server.url}/get_server_info").json()
+        assert info["cost_model"] == {"c_base": 0.0065, "c_tok": 2.3e-05, "source": "h100-7b"}
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'das_cost_model_seconds{term="c_base",worker="w"} 0.0065' in metrics
+        assert 'das_cost_model_seconds{term="c_tok",worker="w"} 2.3e-05' in metrics
+    finally:
+        server.stop()
