@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NATIVE := CMakeLists.txt $(wildcard drafter/_native/*) $(wildcard service/engine/_native/*)
 
-.PHONY: install run test lint pytest bench-drafter bench-rollout bench-gateway bench-steps clean
+.PHONY: install run test test-sglang lint pytest bench-drafter bench-rollout bench-gateway bench-steps clean
 
 install: $(STAMP)
 
@@ -35,7 +35,29 @@ pytest: $(STAMP)
 	$(BIN)/pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-test: lint pytest
+# The SGLang backend against SGLang's own code (tests/sglang), in its own environment: sglang's
+# requirements pull CUDA wheels, so it is installed --no-deps next to the CPU torch and the
+# light packages its modules import (tests/sglang/requirements.txt); tests/sglang/stubs stands
+# in for torchvision and sgl_kernel. The check after the installs fails if anything replaced
+# the CPU torch.
+SGLANG_VENV := .venv-sglang
+SGLANG_BIN := $(SGLANG_VENV)/bin
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+
+$(SGLANG_STAMP): pyproject.toml tests/sglang/requirements.txt tests/sglang/constraints.txt $(NATIVE)
+	test -x $(SGLANG_BIN)/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_BIN)/pip install --quiet torch==2.13.0
+	$(SGLANG_BIN)/pip install --quiet --no-deps sglang==0.5.23
+	$(SGLANG_BIN)/pip install --quiet -c tests/sglang/constraints.txt -r tests/sglang/requirements.txt
+	$(SGLANG_BIN)/pip install --quiet --no-deps -e .
+	$(SGLANG_BIN)/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $(SGLANG_STAMP)
+
+test-sglang: $(SGLANG_STAMP)
+	DAS_REQUIRE_SGLANG=1 $(SGLANG_BIN)/pytest tests/sglang; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no SGLang tests: failing"; exit 1; fi; exit $$rc
+
+test: lint pytest test-sglang
 
 bench-drafter: $(STAMP)
 	$(BIN)/python -m bench.drafter --json bench/results/drafter.json
@@ -55,4 +77,4 @@ bench-steps: $(STAMP)
 	$(BIN)/python -m bench.steps --json bench/results/steps.json
 
 clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(SGLANG_VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis

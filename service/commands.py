@@ -44,9 +44,16 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
-    return _add_command(
+    parser = _add_command(
         subparsers, "worker", "one worker behind the HTTP API (for a gateway)", run_worker
     )
+    parser.add_argument(
+        "backend_args",
+        nargs="*",
+        metavar="-- ARG",
+        help="after --: arguments for the backend's own server (--backend sglang: SGLang's)",
+    )
+    return parser
 
 
 def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -161,6 +168,19 @@ def _problem(problem: Any) -> str:
 
 def run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)  # bad flags exit before the app's imports
+    parser: argparse.ArgumentParser = args.command_parser
+    backend_args: list[str] = getattr(args, "backend_args", None) or []
+    if settings.backend == "sglang":
+        if not hasattr(args, "backend_args"):
+            parser.error("--backend sglang runs SGLang's own server: use `das worker`")
+        from service.sglang_plugin.launch import run_sglang_worker
+
+        try:
+            return run_sglang_worker(settings, backend_args)
+        except ValueError as error:
+            parser.error(str(error))
+    if backend_args:
+        parser.error(f"unrecognized arguments: {' '.join(backend_args)}")
     from service.worker_app import create_app
 
     _serve(create_app(settings), settings)
@@ -171,8 +191,11 @@ def run_gateway(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from service.gateway_app import create_gateway_app
 
-    if not settings.worker_urls:
-        raise SystemExit("das gateway: give at least one --worker URL (or DAS_WORKER_URLS)")
+    if not settings.worker_urls and not settings.sglang_worker_urls:
+        raise SystemExit(
+            "das gateway: give at least one --worker or --sglang-worker URL "
+            "(or DAS_WORKER_URLS, DAS_SGLANG_WORKER_URLS)"
+        )
     _serve(create_gateway_app(settings), settings)
     return 0
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.routing import build_ring, pick_worker, routing_key
 from service.settings import Settings
+from service.sglang_plugin import upstream as sglang_upstream
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ BROADCAST_PATHS = (
 @dataclass(slots=True)
 class Upstream:
     url: str
+    sglang: bool = False  # an SGLang server (service/sglang_plugin/upstream.py translates)
     healthy: bool = True
     failures: int = 0  # consecutive failed health checks
     inflight: int = 0
@@ -66,12 +68,14 @@ class Forwarded:
 
 class Gateway:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        if not settings.worker_urls:
+        if not settings.worker_urls and not settings.sglang_worker_urls:
             raise ValueError("the gateway needs at least one worker URL")
         self.settings = settings
         self.metrics = metrics
         self.workers = {url: Upstream(url) for url in settings.worker_urls}
-        self.ring = build_ring(list(self.workers), settings.routing_vnodes)
+        self.workers |= {url: Upstream(url, sglang=True) for url in settings.sglang_worker_urls}
+        urls = [*settings.worker_urls, *settings.sglang_worker_urls]
+        self.ring = build_ring(urls, settings.routing_vnodes)  # refuses a URL given twice
         self._headers = {"content-type": "application/json"}
         if settings.worker_api_key:
             self._headers["authorization"] = f"Bearer {settings.worker_api_key}"
@@ -131,14 +135,22 @@ class Gateway:
             value = headers.get(name)
             if value is not None:
                 upstream_headers[name] = value
+        group = parsed.get("prompt_group") or headers.get("x-session-id")
+
+        def body_for(worker: Upstream) -> bytes:
+            if not worker.sglang:
+                return body
+            explicit = group if isinstance(group, str) else None
+            return sglang_upstream.generation_body(path, parsed, explicit)
+
         worker = self.choose(key)
         try:
-            return await self._send(worker, path, body, upstream_headers, stream)
+            return await self._send(worker, path, body_for(worker), upstream_headers, stream)
         except httpx.ConnectError:
             self._mark_down(worker, "connection refused")
         retry = self.choose(key, exclude=worker.url)
         try:
-            return await self._send(retry, path, body, upstream_headers, stream)
+            return await self._send(retry, path, body_for(retry), upstream_headers, stream)
         except httpx.ConnectError as error:
             self._mark_down(retry, "connection refused")
             raise UpstreamError(f"worker {retry.url} is unreachable") from error
@@ -200,7 +212,7 @@ class Gateway:
         error: the workers' own (by status) if they all agree it is a client error, else
         UpstreamError (502)."""
 
-        async def one(url: str) -> tuple[str, int, Any]:
+        async def call(url: str, method: str, path: str, body: bytes) -> tuple[str, int, Any]:
             try:
                 response = await self.client.request(
                     method, url + path, content=body or None, headers=self._headers
@@ -211,6 +223,11 @@ class Gateway:
                 return url, response.status_code, response.json()
             except ValueError:
                 return url, response.status_code, {"body": response.text}
+
+        async def one(url: str) -> tuple[str, int, Any]:
+            if not self.workers[url].sglang:
+                return await call(url, method, path, body)
+            return await self._sglang_control(url, method, path, body, call)
 
         replies = await asyncio.gather(*(one(url) for url in self.workers))
         failed = [(url, status, reply) for url, status, reply in replies if status >= 400]
@@ -226,6 +243,29 @@ class Gateway:
                 f"{len(failed)} of {len(replies)} workers failed: {detail}"
             )
         return {"success": True, "workers": {url: reply for url, _, reply in replies}}
+
+    async def _sglang_control(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        body: bytes,
+        call: Callable[[str, str, str, bytes], Awaitable[tuple[str, int, Any]]],
+    ) -> tuple[str, int, Any]:
+        """A control call to an SGLang worker, answered in our workers' shape."""
+        if path == "/get_weight_version":
+            url, status, info = await call(url, "GET", sglang_upstream.WEIGHT_VERSION_PATH, b"")
+            if status >= 400:
+                return url, status, info
+            return url, status, {"weight_version": sglang_upstream.weight_version(info)}
+        url, status, reply = await call(url, method, path, sglang_upstream.control_body(path, body))
+        if path == "/update_weights_from_disk" and status < 400 and isinstance(reply, dict):
+            _, info_status, info = await call(url, "GET", sglang_upstream.WEIGHT_VERSION_PATH, b"")
+            if info_status < 400:
+                reply = {**reply, "weight_version": sglang_upstream.weight_version(info)}
+        if status == 200 and reply == {"body": ""}:  # SGLang's /abort_request has no body
+            reply = {"success": True}
+        return url, status, reply
 
     async def check_health(self) -> None:
         async def one(worker: Upstream) -> None:

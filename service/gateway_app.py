@@ -18,6 +18,7 @@ from service.errors import Unavailable
 from service.gateway import BROADCAST_PATHS, Gateway
 from service.metrics import Metrics
 from service.settings import Settings
+from service.sglang_plugin.upstream import version_order
 from service.web import finish_app, json_response, require_api_key
 
 GENERATION_PATHS = (
@@ -66,7 +67,7 @@ def _broadcaster(path: str) -> Callable[[Request, GatewayDep], Awaitable[Respons
         reply = await gateway.broadcast("POST", path, await request.body())
         if path == "/update_weights_from_disk":
             versions = [w.get("weight_version", "0") for w in reply["workers"].values()]
-            reply["weight_version"] = max(versions, key=int)
+            reply["weight_version"] = max(versions, key=version_order)
         return json_response(reply)
 
     return broadcast
@@ -81,7 +82,8 @@ for _path in BROADCAST_PATHS:
 async def weight_version(gateway: GatewayDep) -> Response:
     reply = await gateway.broadcast("GET", "/get_weight_version")
     versions = {url: w["weight_version"] for url, w in reply["workers"].items()}
-    return json_response({"weight_version": max(versions.values(), key=int), "workers": versions})
+    latest = max(versions.values(), key=version_order)
+    return json_response({"weight_version": latest, "workers": versions})
 
 
 @router.get("/v1/models")

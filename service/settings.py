@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     )
 
     # -- worker -----------------------------------------------------------------------
+    backend: Annotated[Literal["engine", "vllm", "sglang"], WORKER] = Field(
+        "engine",
+        description="what serves the model: engine (the embedded torch engine, or the "
+        "FakeWorker for --model fake), vllm, or sglang (`das worker` only: an SGLang server "
+        "with our drafts through its NGRAM verify path; arguments after -- go to SGLang)",
+    )
     model: Annotated[str, WORKER] = Field(
         "smollm2-135m",
         description="the embedded engine's model: smollm2-135m (the packaged GGUF), "
@@ -138,6 +144,14 @@ class Settings(BaseSettings):
         description="a worker's base URL; repeat the flag for each worker (DAS_WORKER_URLS: "
         "a JSON list)",
     )
+    sglang_worker_urls: Annotated[
+        list[str], Flag("gateway", name="--sglang-worker", metavar="URL")
+    ] = Field(
+        default_factory=list,
+        description="an SGLang worker's base URL (`das worker --backend sglang`), routed like "
+        "--worker; the prompt group goes to it as custom_params and control calls map onto "
+        "SGLang's; repeat the flag for each (DAS_SGLANG_WORKER_URLS: a JSON list)",
+    )
     worker_api_key: Annotated[str | None, GATEWAY] = Field(
         None, description="Bearer key the gateway sends to its workers"
     )
@@ -171,7 +185,7 @@ class Settings(BaseSettings):
         parse_cost_model(spec)  # ValueError for an unknown name or bad seconds
         return spec.strip().lower()
 
-    @field_validator("worker_urls")
+    @field_validator("worker_urls", "sglang_worker_urls")
     @classmethod
     def _strip_slashes(cls, urls: list[str]) -> list[str]:
         return [url.rstrip("/") for url in urls]

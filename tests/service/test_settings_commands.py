@@ -75,7 +75,7 @@ def _flags(command: str) -> dict[str, list[str]]:
     return {
         action.dest: list(action.option_strings)
         for action in command_parser._actions
-        if action.dest != "help"
+        if action.option_strings and action.dest != "help"  # flags: positionals are not
     }
 
 
@@ -123,6 +123,7 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
     # A value unlike the default for each field, given on the command line.
     values = {
         "host": "0.0.0.0", "port": "9", "api_key": "k", "log_level": "debug", "model": "fake",
+        "backend": "sglang",
         "served_model_name": "m", "device": "cuda:1", "dtype": "bfloat16",
         "spec_policy": "fixed:3", "cost_model": "h100-7b", "spec_budget": "2",
         "max_batch": "3", "max_model_len": "99", "worker_id": "w", "fake_step_delay_s": "0.5",
@@ -140,6 +141,8 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
                 argv.append(flag_name(name))
             elif name == "worker_urls":
                 argv += ["--worker", "http://a:1/", "--worker", "http://b:2"]
+            elif name == "sglang_worker_urls":
+                argv += ["--sglang-worker", "http://c:3/"]
             else:
                 argv += [flag_name(name), values[name]]
         settings = settings_from(parse(argv))

@@ -1,0 +1,60 @@
+"""How the gateway talks to an SGLang worker (`das gateway --sglang-worker URL`).
+
+SGLang serves the same generation paths and the same control names as our workers; what
+differs, and is translated here (pure functions; service/gateway.py calls them):
+- the prompt group: our workers read the body's `prompt_group` (or X-Session-ID); SGLang
+  carries it in `custom_params` (top level for /v1/completions and /v1/chat/completions,
+  inside `sampling_params` for /generate), where our worker plugin reads
+  custom_params["prompt_group"]. Without an explicit group nothing is added, and the plugin
+  hashes the prompt's token ids, as our workers do;
+- /pause_generation: ours pauses in place; SGLang's default mode aborts the running requests,
+  so an empty body becomes {"mode": "in_place"};
+- /continue_generation: SGLang requires a JSON body ({} when none was sent);
+- the weight version: SGLang has no /get_weight_version; GET /model_info carries it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from service.sglang_plugin.drafting import GROUP_PARAM
+
+WEIGHT_VERSION_PATH = "/model_info"  # SGLang's; its "weight_version" field
+
+
+def generation_body(path: str, body: dict[str, Any], group: str | None) -> bytes:
+    """A generation body as SGLang takes it: prompt_group moved into custom_params."""
+    out = dict(body)
+    out.pop("prompt_group", None)
+    if group:
+        holder = out
+        if path == "/generate":
+            sampling = out.get("sampling_params")
+            holder = out["sampling_params"] = dict(sampling) if isinstance(sampling, dict) else {}
+        params = holder.get("custom_params")
+        merged = dict(params) if isinstance(params, dict) else {}
+        merged[GROUP_PARAM] = group
+        holder["custom_params"] = merged
+    return json.dumps(out).encode()
+
+
+def control_body(path: str, body: bytes) -> bytes:
+    """A control call's body as SGLang takes it."""
+    if path == "/pause_generation" and not body.strip():
+        return b'{"mode": "in_place"}'
+    if path == "/continue_generation" and not body.strip():
+        return b"{}"
+    return body
+
+
+def weight_version(model_info: Any) -> str:
+    """The weight version in SGLang's /model_info reply ("" if it has none)."""
+    version = model_info.get("weight_version") if isinstance(model_info, dict) else None
+    return "" if version is None else str(version)
+
+
+def version_order(version: str) -> tuple[int, int, str]:
+    """A sort key for weight versions from any worker: numbers by value, above any other
+    string (SGLang's default version is "default")."""
+    return (1, int(version), "") if version.isdecimal() else (0, 0, version)

@@ -1,0 +1,248 @@
+"""DasNgramWorker on fake batches of SGLang's real Req objects, sync and overlap scheduling.
+
+The worker is built without NGRAMWorker.__init__ (that needs a model runner and a GPU): the
+attributes its draft path reads are set by hand, as SGLang's __init__ would set them, and our
+state comes from das_init. A batch is what _prepare_draft_tokens reads of a ScheduleBatch:
+reqs, grammar_needs_sync() and, in overlap mode, spec_info's accept_tokens / accept_lens.
+"""
+
+from __future__ import annotations
+
+from array import array
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.speculative.cpp_ngram.ngram_corpus import NgramCorpus
+from sglang.srt.speculative.ngram_worker import NGRAMWorker
+
+from drafter.config import DrafterConfig
+from drafter.cost import H100_7B
+from drafter.history import RolloutHistory
+from drafter.policy_spec import parse_policy
+from drafter.speculator import Rollout, Speculator
+from service.sglang_plugin.drafting import BatchDrafter
+from service.sglang_plugin.worker import DasDrafts, das_worker_class
+
+DasNgramWorker = das_worker_class()
+
+WIDTH = 8
+PROMPT = [7, 8, 9]
+ROLLOUT = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]  # the group's earlier rollout
+
+
+def make_worker(
+    overlap: bool, policy: str = "fixed:16", published: list[Rollout] | None = None
+) -> Any:
+    worker = DasNgramWorker.__new__(DasNgramWorker)
+    assert isinstance(worker, DasDrafts) and isinstance(worker, NGRAMWorker)
+    worker.draft_token_num = WIDTH
+    worker.speculative_num_draft_tokens = WIDTH
+    worker.enable_overlap = overlap
+    worker.max_trie_depth = 18
+    worker.ngram_corpus = NgramCorpus(max_trie_depth=18, draft_token_num=WIDTH, capacity=1000)
+    worker._prev_decode_rids = set()
+    history = RolloutHistory(DrafterConfig(tree_drafts=True))
+    history.add_rollout("g", ROLLOUT, 0, PROMPT)
+    speculator = Speculator(
+        history,
+        parse_policy(policy, H100_7B),
+        max_draft=WIDTH - 1,
+        publish=published.append if published is not None else None,
+    )
+    versions = iter(["v0"] * 1000)
+    worker.das_init(BatchDrafter(speculator), lambda: next(versions))
+    return worker
+
+
+def make_req(rid: str, max_new_tokens: int = 64, group: str | None = "g") -> Req:
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        custom_params={"prompt_group": group} if group is not None else None,
+    )
+    return Req(rid, "", array("q", PROMPT), params)
+
+
+def batch(reqs: list[Req], accepted: list[list[int]] | None = None) -> Any:
+    """A decode batch; accepted: last round's accepted tokens per request (overlap mode)."""
+    spec_info = None
+    if accepted is not None:
+        tokens = torch.zeros(len(reqs) * WIDTH, dtype=torch.int32)
+        for i, row in enumerate(accepted):
+            tokens[i * WIDTH : i * WIDTH + len(row)] = torch.tensor(row, dtype=torch.int32)
+        lens = torch.tensor([len(row) for row in accepted], dtype=torch.int32)
+        spec_info = SimpleNamespace(accept_tokens=tokens, accept_lens=lens)
+    return SimpleNamespace(reqs=reqs, grammar_needs_sync=lambda: False, spec_info=spec_info)
+
+
+def rows(tokens: np.ndarray) -> list[list[int]]:
+    return tokens.reshape(-1, WIDTH).tolist()
+
+
+def test_sync_mode_drafts_the_groups_rollout_after_the_root() -> None:
+    worker = make_worker(overlap=False)
+    req = make_req("a")
+    worker.das.see([req])  # its prefill
+    req.output_ids.append(ROLLOUT[0])  # the prefill's token
+    tokens, mask = worker._prepare_draft_tokens(batch([req]))
+    assert tokens.dtype == mask.dtype == np.int64
+    assert tokens.shape == (WIDTH,) and mask.shape == (WIDTH * WIDTH,)
+    assert rows(tokens) == [[ROLLOUT[0], *ROLLOUT[1:WIDTH]]]  # root, then 7 draft tokens
+    grid = mask.reshape(WIDTH, WIDTH)
+    assert (grid == np.tril(np.ones((WIDTH, WIDTH), dtype=np.int64))).all()  # a chain
+    # The target accepted 3 of them and added its own token: the next draft goes on from there.
+    req.output_ids.extend([*ROLLOUT[1:4], 99])
+    tokens, _ = worker._prepare_draft_tokens(batch([req]))
+    assert tokens[0] == 99
+    spec = worker.das.tracked["a"].spec
+    assert spec.output == [ROLLOUT[0], *ROLLOUT[1:4], 99]
+    assert spec.counters.accepted == 3
+
+
+def test_overlap_mode_splices_last_rounds_accepted_tokens() -> None:
+    worker = make_worker(overlap=True)
+    req = make_req("a")
+    worker.das.see([req])
+    # Overlap: output_ids lags a step; the prefill's token arrives as last round's accept.
+    tokens, _ = worker._prepare_draft_tokens(batch([req], accepted=[[ROLLOUT[0]]]))
+    assert rows(tokens) == [[ROLLOUT[0], *ROLLOUT[1:WIDTH]]]
+    assert worker.prev_accept_lens == [1]  # staged as NGRAMWorker stages it
+    # Next step: output_ids now holds the prefill token; the last verify accepted 2 + 1.
+    req.output_ids.append(ROLLOUT[0])
+    tokens, _ = worker._prepare_draft_tokens(batch([req], accepted=[[*ROLLOUT[1:3], 77]]))
+    assert tokens[0] == 77
+    assert worker.das.tracked["a"].spec.output == [*ROLLOUT[:3], 77]
+    assert worker.das.tracked["a"].spec.counters.accepted == 2
+
+
+def test_a_batch_drafts_per_request_and_pads_the_rest() -> None:
+    worker = make_worker(overlap=False)
+    known, stranger = make_req("a"), make_req("b", group="other")
+    worker.das.see([known, stranger])
+    known.output_ids.append(ROLLOUT[0])
+    stranger.output_ids.append(5)
+    tokens, mask = worker._prepare_draft_tokens(batch([known, stranger]))
+    assert tokens.shape == (2 * WIDTH,) and mask.shape == (2 * WIDTH * WIDTH,)
+    first, second = rows(tokens)
+    assert first == [ROLLOUT[0], *ROLLOUT[1:WIDTH]]
+    # No history for "other" and nothing in its own context after token 5: root and padding.
+    assert second == [5] + [0] * (WIDTH - 1)
+
+
+def test_nothing_is_drafted_beyond_max_new_tokens() -> None:
+    worker = make_worker(overlap=False)
+    req = make_req("a", max_new_tokens=4)
+    worker.das.see([req])
+    req.output_ids.append(ROLLOUT[0])  # 3 more may come: 2 draft tokens and the bonus one
+    tokens, _ = worker._prepare_draft_tokens(batch([req]))
+    assert rows(tokens) == [[ROLLOUT[0], *ROLLOUT[1:3]] + [0] * (WIDTH - 3)]
+    req.output_ids.extend(ROLLOUT[1:3])  # one more may come: the target's own
+    tokens, _ = worker._prepare_draft_tokens(batch([req]))
+    assert rows(tokens) == [[ROLLOUT[2]] + [0] * (WIDTH - 1)]
+
+
+def test_a_finished_rollout_joins_the_history_and_is_published() -> None:
+    published: list[Rollout] = []
+    worker = make_worker(overlap=False, published=published)
+    req = make_req("a", max_new_tokens=3)
+    worker.das.see([req])
+    req.output_ids.append(60)
+    worker._prepare_draft_tokens(batch([req]))
+    req.output_ids.extend([61, 62])
+    req.finished_reason = FINISH_LENGTH(length=3)  # a length finish is natural for us
+    worker.note_request_finished(rid="a", natural_stop=False)
+    assert published == [Rollout("g", PROMPT, [60, 61, 62], 0)]
+    assert worker.das.speculator.history.recent_lengths("g") == [len(ROLLOUT), 3]
+    assert "a" not in worker.das.tracked
+
+
+def test_an_aborted_request_is_not_recorded() -> None:
+    published: list[Rollout] = []
+    worker = make_worker(overlap=False, published=published)
+    req = make_req("a")
+    worker.das.see([req])
+    req.output_ids.append(60)
+    req.finished_reason = FINISH_ABORT()
+    worker.note_request_finished(rid="a", natural_stop=False)
+    assert published == []
+    assert worker.das.speculator.history.recent_lengths("g") == [len(ROLLOUT)]
+
+
+def test_a_request_that_finishes_during_prefill_is_recorded() -> None:
+    published: list[Rollout] = []
+    worker = make_worker(overlap=False, published=published)
+    req = make_req("a", max_new_tokens=1, group=None)  # group: its prompt's hash
+    worker.das.see([req])  # the prefill batch
+    req.output_ids.append(70)
+    req.finished_reason = FINISH_LENGTH(length=1)  # SGLang does not tell the spec worker
+    worker.das.see([make_req("b")])  # the next batch it is not in
+    assert [rollout.output for rollout in published] == [[70]]
+    assert published[0].group != "g"
+
+
+def test_overlap_keeps_the_final_output_when_a_step_ran_past_the_stop() -> None:
+    published: list[Rollout] = []
+    worker = make_worker(overlap=True, published=published)
+    req = make_req("a")
+    worker.das.see([req])
+    worker._prepare_draft_tokens(batch([req], accepted=[[60]]))
+    req.output_ids.append(60)
+    worker._prepare_draft_tokens(batch([req], accepted=[[61, 62, 63]]))  # 62 was a stop
+    req.output_ids.extend([61, 62, 63])
+    req.finished_len = 3  # the scheduler cut the output after the stop token
+    req.finished_reason = FINISH_LENGTH(length=3)
+    worker.note_request_finished(rid="a", natural_stop=True)
+    assert [rollout.output for rollout in published] == [[60, 61, 62]]
+
+
+def test_flush_and_memory_release_keep_the_rollout_history() -> None:
+    worker = make_worker(overlap=False)
+    req = make_req("a", max_new_tokens=1)
+    worker.das.see([req])
+    req.output_ids.append(70)
+    req.finished_reason = FINISH_LENGTH(length=1)
+    worker.clear_cache_pool()  # what /flush_cache and release_memory_occupation call
+    history = worker.das.speculator.history
+    assert history.recent_lengths("g") == [len(ROLLOUT), 1]  # kept, and the sweep added one
+    assert worker.das.tracked == {}
+
+
+def test_a_new_weight_version_moves_the_history_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = make_worker(overlap=False)
+    versions = iter(["v1"])
+    worker._das_weight_version = lambda: next(versions)
+    monkeypatch.setattr(NGRAMWorker, "forward_batch_generation", lambda self, *a, **k: "ran")
+    assert worker.forward_batch_generation(batch([])) == "ran"
+    assert worker.das.speculator.history.version == 1
+
+
+def test_forward_shows_every_batch_to_the_drafter_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = make_worker(overlap=False)
+    seen: list[list[str]] = []
+
+    def forward(self: Any, batch: Any, **kw: Any) -> str:
+        seen.append(sorted(self.das.tracked))
+        return "ran"
+
+    monkeypatch.setattr(NGRAMWorker, "forward_batch_generation", forward)
+    worker.forward_batch_generation(batch([make_req("a"), make_req("b")]))
+    assert seen == [["a", "b"]]
+
+
+def test_ranks_fed_the_same_events_draft_the_same_tokens() -> None:
+    def run() -> list[list[int]]:
+        worker = make_worker(overlap=False, policy="das")
+        reqs = [make_req(f"r{i}") for i in range(3)]
+        worker.das.see(reqs)
+        out = []
+        for step in range(4):
+            for i, req in enumerate(reqs):
+                req.output_ids.extend(ROLLOUT[step : step + 1 + i % 2])
+            out += rows(worker._prepare_draft_tokens(batch(reqs))[0])
+        return out
+
+    assert run() == run()
