@@ -28,8 +28,10 @@ def compose() -> dict[str, Any]:
 
 def test_compose_has_the_whole_stack(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "worker-0", "worker-1", "gateway", "prometheus", "grafana"}
-    for name in ("worker-0", "worker-1", "gateway"):
+    assert set(services) == {
+        "redis", "worker-0", "worker-1", "worker-sglang", "gateway", "prometheus", "grafana"
+    }  # fmt: skip
+    for name in ("worker-0", "worker-1", "worker-sglang", "gateway"):
         build = services[name]["build"]
         dockerfile = (DEPLOY / build["context"] / build["dockerfile"]).resolve()
         assert dockerfile.is_file(), dockerfile
