@@ -246,7 +246,7 @@ class FakeWorker:
             raise InvalidRequest(f"request id {request.request_id!r} is already running")
         prompt = request.prompt_token_ids
         if min(prompt) < 0 or max(prompt) >= VOCAB_SIZE:
-            raise InvalidRequest(f"prompt token ids must be in [0, {VOCAB_SIZE})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {VOCAB_SIZE})", "prompt")
         live = self._live[request.request_id] = _Live(asyncio.Event())
         history = self.history
         started: list[Hashable] = []

@@ -106,6 +106,10 @@ class Gateway:
         if self._client is not None:
             await self._client.aclose()
 
+    def worker_name(self, url: str) -> str:
+        """What clients are told of a worker: its place in the --worker list, not its URL."""
+        return f"worker-{list(self.workers).index(url)}"
+
     # -- routing ------------------------------------------------------------------------
 
     def healthy(self) -> list[str]:
@@ -126,6 +130,8 @@ class Gateway:
             parsed = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InvalidRequest(f"invalid JSON body: {error}") from error
+        except RecursionError as error:  # nested deeper than the parser's stack
+            raise InvalidRequest("invalid JSON body: nested too deeply") from error
         if not isinstance(parsed, dict):
             raise InvalidRequest("the body must be a JSON object")
         key = routing_key(headers.get("x-session-id"), parsed)
@@ -232,16 +238,17 @@ class Gateway:
         replies = await asyncio.gather(*(one(url) for url in self.workers))
         failed = [(url, status, reply) for url, status, reply in replies if status >= 400]
         if failed:
+            prefix = f"{len(failed)} of {len(replies)} workers failed"
             statuses = {status for _, status, _ in failed}
             status = statuses.pop() if len(statuses) == 1 and len(failed) == len(replies) else 502
-            if status >= 500:
-                status = 502
-            detail = "; ".join(
-                f"{url}: {status} {_message(reply)}" for url, status, reply in failed
+            if status < 500:  # every worker refused the call alike: the caller's error
+                reply = failed[0][2]
+                raise error_for_status(status)(f"{prefix}: {_message(reply)}", _param(reply))
+            detail = "; ".join(  # worker names, never their URLs (see worker_name)
+                f"{self.worker_name(url)}: {status} {_message(reply)}"
+                for url, status, reply in failed
             )
-            raise error_for_status(status)(
-                f"{len(failed)} of {len(replies)} workers failed: {detail}"
-            )
+            raise UpstreamError(f"{prefix}: {detail}")
         return {"success": True, "workers": {url: reply for url, _, reply in replies}}
 
     async def _sglang_control(
@@ -302,6 +309,12 @@ def _upstream_error(url: str, error: httpx.HTTPError) -> UpstreamError | Upstrea
     if isinstance(error, httpx.TimeoutException):
         return UpstreamTimeout(f"worker {url} did not answer in time: {type(error).__name__}")
     return UpstreamError(f"worker {url} failed: {type(error).__name__}")
+
+
+def _param(reply: Any) -> str | None:
+    error = reply.get("error") if isinstance(reply, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    return param if isinstance(param, str) else None
 
 
 def _message(reply: Any) -> str:

@@ -14,11 +14,50 @@ every generation response:
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+
+from service.worker import MAX_N, MAX_TOP_LOGPROBS
 
 TokenIds = list[int]
+
+# -- request values ---------------------------------------------------------------------------
+# Every request value is checked here, at the wire model, so that what reaches a dialect and
+# the worker fits the types it is computed with: token ids travel as int32 (a bool is no token
+# id), text encodes to UTF-8 (JSON may carry lone surrogates, "\ud800", which do not), counts
+# and probabilities have their ranges. A value outside them is a 400 naming its field.
+
+MAX_TOKEN_ID = 2**31 - 1
+MAX_SEED = 2**63 - 1
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 1024  # characters of one stop string
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"text must be valid Unicode: a lone surrogate at position {error.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=1024)]
+Count = Annotated[int, Field(ge=1, le=MAX_N)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKEN_ID)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Request(BaseModel):
@@ -66,33 +105,38 @@ class StreamOptions(_Request):
 
 
 class OpenAISamplingFields(_Request):
-    model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    model: Text | None = None
+    n: Count = 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+    stop_token_ids: StopTokenIds | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # vLLM: choices carry token_ids, response prompt_token_ids
-    prompt_group: str | None = None  # extension: the prompt group (else X-Session-ID, else hash)
+    prompt_group: Text | None = None  # extension: the prompt group (else X-Session-ID, else hash)
     # Accepted for compatibility; only their neutral values are honoured.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    best_of: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    best_of: Count | None = None
 
 
 class CompletionRequest(OpenAISamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: int | None = 16
-    logprobs: int | None = None  # top-k alternatives to return; 0: the sampled token only
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | PromptIds
+        | Annotated[list[PromptIds], Field(min_length=1)]
+    )
+    max_tokens: MaxTokens | None = 16
+    logprobs: TopLogprobs | None = None  # top-k alternatives to return; 0: the sampled token only
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class CompletionLogprobs(_Response):
@@ -129,21 +173,21 @@ class CompletionResponse(_Response):
 
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
-    role: str
-    content: str | list[ContentPart] | None = None
+    role: Text
+    content: Text | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(OpenAISamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 class TopLogprob(_Response):
@@ -242,28 +286,28 @@ class ModelList(_Response):
 
 
 class SGLangSamplingParams(_Request):
-    max_new_tokens: int | None = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    max_new_tokens: MaxTokens | None = 128
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    stop: Stop | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
-    sampling_seed: int | None = None
-    n: int = 1
+    sampling_seed: Seed | None = None
+    n: Count = 1
 
 
 class SGLangGenerateRequest(_Request):
-    text: str | list[str] | None = None
-    input_ids: TokenIds | list[TokenIds] | None = None
+    text: Text | Annotated[list[Text], Field(min_length=1)] | None = None
+    input_ids: PromptIds | Annotated[list[PromptIds], Field(min_length=1)] | None = None
     sampling_params: SGLangSamplingParams = Field(default_factory=SGLangSamplingParams)
     return_logprob: bool = False
-    top_logprobs_num: int = 0
-    rid: str | list[str] | None = None
+    top_logprobs_num: TopLogprobs = 0
+    rid: Text | list[Text] | None = None
     stream: bool = False
-    prompt_group: str | None = None  # extension
+    prompt_group: Text | None = None  # extension
 
 
 class SGLangGenerateResponse(_Response):
@@ -276,27 +320,27 @@ class SGLangGenerateResponse(_Response):
 
 
 class VLLMSamplingParams(_Request):
-    n: int = 1
-    max_tokens: int | None = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    n: Count = 1
+    max_tokens: MaxTokens | None = 16
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    seed: Seed | None = None
+    stop: Stop | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k >= 0: sampled token plus k alternatives
+    logprobs: TopLogprobs | None = None  # None: none; k >= 0: sampled token plus k alternatives
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
 
 class VLLMGenerateRequest(_Request):
-    request_id: str | None = None
-    model: str | None = None
-    token_ids: TokenIds
+    request_id: Text | None = None
+    model: Text | None = None
+    token_ids: PromptIds
     sampling_params: VLLMSamplingParams = Field(default_factory=VLLMSamplingParams)
     stream: bool = False
-    prompt_group: str | None = None  # extension
+    prompt_group: Text | None = None  # extension
 
 
 class VLLMTopLogprob(_Response):
@@ -339,13 +383,13 @@ class VLLMGenerateResponse(_Response):
 
 
 class AbortRequest(_Request):
-    rid: str | None = None
+    rid: Text | None = None
     abort_all: bool = False
 
 
 class UpdateWeightsRequest(_Request):
-    model_path: str
-    load_format: str | None = None
+    model_path: Text
+    load_format: Text | None = None
     abort_all_requests: bool = False
 
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 
 def ring_hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    # surrogatepass: a key taken from a request may hold a lone surrogate (JSON allows one)
+    data = key.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 @dataclass(frozen=True, slots=True)

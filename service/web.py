@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +35,7 @@ from service.errors import (
     status_of,
 )
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
+from service.protocol import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(_: Request, error: Exception) -> Response:
         assert isinstance(error, RequestValidationError)
-        problems = []
+        problems: dict[str, None] = {}  # in order, once each
         param = None
         for item in error.errors():
-            loc = [str(part) for part in item.get("loc", ()) if part != "body"]
+            loc = [str(part) for part in item.get("loc", ()) if _is_field(part)]
             where = ".".join(loc) or "body"
             param = param or (where if loc else None)
-            problems.append(f"{where}: {item.get('msg', 'invalid')}")
+            problems[f"{where}: {item.get('msg', 'invalid')}"] = None
         return error_json(InvalidRequest("; ".join(problems) or "invalid request", param))
 
     async def http_error(_: Request, error: Exception) -> Response:
@@ -102,6 +104,18 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _is_field(part: object) -> bool:
+    """A part of a validation error's location that names a field or an index: not "body",
+    nor the union member pydantic tried ("str", "list[constrained-int]", "function-after[...]")."""
+    if isinstance(part, int):
+        return True
+    text = str(part)
+    return text != "body" and text.isidentifier() and text not in _TYPE_TAGS
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json"})
 
 
 class UnexpectedErrors:
@@ -177,6 +191,31 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with the errors this service really returns: a request that fails
+    validation is a 400 ErrorResponse (never FastAPI's 422 HTTPValidationError)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(error.pop("$defs", {}))
+    schemas["ErrorResponse"] = error
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    invalid = {
+        "description": "Invalid request: a value out of range or of the wrong type",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = invalid
+    app.openapi_schema = spec
+    return spec
+
+
 def finish_app(
     app: FastAPI, metrics: Metrics, name: str, routers: tuple[APIRouter, ...]
 ) -> FastAPI:
@@ -185,6 +224,7 @@ def finish_app(
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     endpoints = {getattr(route, "path", "") for router in routers for route in router.routes}
     app.add_middleware(UnexpectedErrors)  # inside the metrics: its 500s are counted
     app.add_middleware(MetricsMiddleware, metrics=metrics, worker=name, endpoints=endpoints)

@@ -19,6 +19,7 @@ from service.entrypoints.deps import WorkerState
 from service.entrypoints.generation import Generation
 from service.fake_worker import FakeWorker
 from service.history_store import HistoryStore, connect_redis
+from service.limits import FAKE_MAX_MODEL_LEN, Limits
 from service.metrics import Metrics
 from service.settings import Settings
 from service.web import finish_app
@@ -43,6 +44,13 @@ def build_worker(settings: Settings, store: HistoryStore, metrics: Metrics) -> W
         spec_budget=settings.spec_budget,
         step_delay_s=settings.fake_step_delay_s,
     )
+
+
+def request_limits(settings: Settings) -> Limits:
+    """What one request may ask of this worker: the FakeWorker has no model to bound the
+    context, any other worker the configured max_model_len."""
+    context = FAKE_MAX_MODEL_LEN if settings.model == "fake" else settings.max_model_len
+    return Limits(context)
 
 
 def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker) -> FastAPI:
@@ -70,7 +78,8 @@ def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker)
         worker = worker_factory(settings, store, metrics)
         log.info("starting worker %s (model %s)", name, settings.model)
         await worker.start()
-        app.state.das = WorkerState(settings, metrics, worker, Generation(worker, metrics, name))
+        generation = Generation(worker, metrics, name, request_limits(settings))
+        app.state.das = WorkerState(settings, metrics, worker, generation)
         try:
             yield
         finally:

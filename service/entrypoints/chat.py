@@ -22,6 +22,7 @@ from service.entrypoints.generation import (
     usage,
 )
 from service.errors import InvalidRequest
+from service.limits import Fields
 from service.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -59,7 +60,10 @@ async def chat(
     top = request.top_logprobs
     if top is not None and not request.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
-    max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = next(
+        (m for m in (request.max_completion_tokens, request.max_tokens) if m is not None),
+        DEFAULT_MAX_TOKENS,
+    )
     params = sampling_params(
         request, max_tokens=max_tokens, logprobs=request.logprobs, top_logprobs=top or 0
     )
@@ -68,7 +72,7 @@ async def chat(
     prompts = [Prompt(prompt_ids, request_id)]
     if request.stream:
         return await _stream(generation, request, request_id, prompts, params, group)
-    (samples,) = await generation.run_all(request_id, prompts, params, group)
+    (samples,) = await generation.run_all(request_id, prompts, params, group, _fields(request))
     choices = [
         ChatChoice(
             index=sample.index,
@@ -146,8 +150,13 @@ async def _stream(
         )
 
     return await generation.stream(
-        request_id, prompts, params, group, chunk, tail if with_usage else None
+        request_id, prompts, params, group, chunk, tail if with_usage else None, _fields(request)
     )
+
+
+def _fields(request: ChatCompletionRequest) -> Fields:
+    tokens = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    return Fields("messages", tokens)
 
 
 def _render(messages: list[ChatMessage]) -> list[dict[str, str]]:

@@ -41,8 +41,9 @@ def sampling_params(
 ) -> SamplingParams:
     """An OpenAI request's SamplingParams (completions and chat); the fields whose meaning
     differs between the two come resolved by the caller."""
-    if request.presence_penalty or request.frequency_penalty:
-        raise InvalidRequest("presence and frequency penalties are not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, name):
+            raise InvalidRequest(f"{name} is not supported (only 0)", name)
     if request.best_of is not None and request.best_of != request.n:
         raise InvalidRequest("best_of must equal n", "best_of")
     try:

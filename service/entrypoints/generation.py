@@ -30,6 +30,7 @@ from service.errors import (
     error_response,
     status_of,
 )
+from service.limits import FAKE_MAX_MODEL_LEN, OPENAI_FIELDS, Fields, Limits
 from service.metrics import Metrics
 from service.protocol import SpecInfo, UsageInfo
 from service.worker import (
@@ -107,9 +108,12 @@ def output_tokens(samples: Sequence[SampleResult]) -> int:
 class Generation:
     """One worker as the dialects see it."""
 
-    def __init__(self, worker: Worker, metrics: Metrics, worker_name: str) -> None:
+    def __init__(
+        self, worker: Worker, metrics: Metrics, worker_name: str, limits: Limits | None = None
+    ) -> None:
         self.worker = worker
         self.name = worker_name
+        self.limits = limits or Limits(FAKE_MAX_MODEL_LEN)
         self._active: dict[str, list[str]] = {}  # client request id -> worker request ids
         labels = {"worker": worker_name}
         self._prompt_tokens = metrics.prompt_tokens.labels(**labels)
@@ -133,10 +137,15 @@ class Generation:
             raise NotFound(f"The model `{model}` does not exist.", "model")
 
     async def run_all(
-        self, request_id: str, prompts: list[Prompt], params: SamplingParams, group: str | None
+        self,
+        request_id: str,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        group: str | None,
+        fields: Fields = OPENAI_FIELDS,
     ) -> list[list[SampleResult]]:
         """Every prompt's samples, in prompt order."""
-        requests = self._requests(request_id, prompts, params, group)
+        requests = self._requests(request_id, prompts, params, group, fields)
         self._begin(request_id, requests)
         try:
             if len(requests) == 1:
@@ -160,10 +169,11 @@ class Generation:
         group: str | None,
         chunk: Chunk,
         tail: Tail | None,
+        fields: Fields = OPENAI_FIELDS,
     ) -> AsyncIterator[str]:
         """Start the worker streams, wait for the first delta (so errors still get a status),
         then hand back the SSE iterator: chunk() per delta, tail() if given, [DONE]."""
-        requests = self._requests(request_id, prompts, params, group)
+        requests = self._requests(request_id, prompts, params, group, fields)
         self._begin(request_id, requests)
         merged = merge([self.worker.stream(r) for r in requests])
         try:
@@ -217,8 +227,16 @@ class Generation:
         return count
 
     def _requests(
-        self, request_id: str, prompts: list[Prompt], params: SamplingParams, group: str | None
+        self,
+        request_id: str,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        group: str | None,
+        fields: Fields,
     ) -> list[GenerateRequest]:
+        if not prompts:
+            raise InvalidRequest("no prompt given", fields.prompt)
+        self.limits.check([len(p.token_ids) for p in prompts], params.max_tokens, fields)
         for i, p in enumerate(prompts):
             if not p.request_id:
                 p.request_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from service.entrypoints.deps import GenerationDep, SessionHeader
 from service.entrypoints.generation import Generation, Prompt, sse, stops, to_prompt
 from service.errors import InvalidRequest
+from service.limits import Fields
 from service.protocol import SGLangGenerateRequest, SGLangGenerateResponse
 from service.web import require_api_key, respond
 from service.worker import SampleDelta, SampleResult, SamplingParams
@@ -70,8 +71,9 @@ async def generate(
     client_id = rids[0] if len(rids) == 1 else f"batch-{uuid.uuid4().hex}"
     started = time.perf_counter()
     if request.stream:
-        return await _stream(generation, client_id, prompts, rids, params, group, is_batch)
-    results = await generation.run_all(client_id, prompts, params, group)
+        fields = _fields(request)
+        return await _stream(generation, client_id, prompts, rids, params, group, is_batch, fields)
+    results = await generation.run_all(client_id, prompts, params, group, _fields(request))
     outputs = [
         SGLangGenerateResponse(
             text=sample.text,
@@ -105,6 +107,7 @@ async def _stream(
     params: SamplingParams,
     group: str | None,
     is_batch: bool,
+    fields: Fields,
 ) -> AsyncIterator[str]:
     started = time.perf_counter()
     state: dict[int, tuple[list[int], list[str], list[list[Any]]]] = {}
@@ -133,7 +136,12 @@ async def _stream(
             payload["index"] = index
         return sse(payload)
 
-    return await generation.stream(client_id, prompts, params, group, chunk, None)
+    return await generation.stream(client_id, prompts, params, group, chunk, None, fields)
+
+
+def _fields(request: SGLangGenerateRequest) -> Fields:
+    prompt = "input_ids" if request.input_ids is not None else "text"
+    return Fields(prompt, "sampling_params.max_new_tokens")
 
 
 def _meta(

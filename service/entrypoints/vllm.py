@@ -19,6 +19,7 @@ from service.entrypoints.generation import (
     usage,
 )
 from service.errors import InvalidRequest
+from service.limits import Fields
 from service.protocol import (
     VLLMChoice,
     VLLMGenerateRequest,
@@ -64,9 +65,9 @@ async def generate(
     params = sampling_params(request)
     request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
     prompts = [to_prompt(request.token_ids, request_id)]
-    (samples,) = await generation.run_all(
-        request_id, prompts, params, request.prompt_group or session_id
-    )
+    group = request.prompt_group or session_id
+    fields = Fields("token_ids", "sampling_params.max_tokens")
+    (samples,) = await generation.run_all(request_id, prompts, params, group, fields)
     return VLLMGenerateResponse(
         request_id=request_id,
         model=generation.model_name,

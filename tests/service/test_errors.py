@@ -224,22 +224,28 @@ def test_shutting_down_and_not_loaded_are_503() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "body"),
+    ("path", "body", "param"),
     [
-        ("/v1/completions", {**COMPLETION, "temperature": 9}),
-        ("/v1/chat/completions", {**DIALECTS[1][1], "top_p": 0}),
-        ("/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 0}}),
-        ("/inference/v1/generate", {"token_ids": [1], "sampling_params": {"n": 0}}),
+        ("/v1/completions", {**COMPLETION, "temperature": 9}, "temperature"),
+        ("/v1/chat/completions", {**DIALECTS[1][1], "top_p": 0}, "top_p"),
+        (
+            "/generate",
+            {"input_ids": [1], "sampling_params": {"max_new_tokens": 0}},
+            "sampling_params.max_new_tokens",
+        ),
+        ("/inference/v1/generate", {"token_ids": [1], "sampling_params": {"n": 0}},
+         "sampling_params.n"),
     ],
-)
+)  # fmt: skip
 def test_sampling_values_are_invalid_requests_in_every_dialect(
-    path: str, body: dict[str, Any]
+    path: str, body: dict[str, Any], param: str
 ) -> None:
     response = post(create_app(worker_settings(worker_id="plain")), path, body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == 400
-    assert "must be" in error["message"]  # SamplingParams' own words
+    # Refused at the wire model (issue 13), which names the field and its range.
+    assert error["param"] == param and "should be" in error["message"]
 
 
 # -- the embedded engine (tiny random model) ------------------------------------------------
