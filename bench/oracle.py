@@ -1,11 +1,13 @@
 """How far any history drafter could go on a trace: the makespan of an oracle drafter.
 
-    python -m bench.oracle --trace T.jsonl [--max-draft 16] [--context 2] [--json OUT]
+    python -m bench.oracle --trace T.jsonl [--max-draft 16] [--context 2] [--live-siblings]
+                           [--json OUT]
 
 At every step each live rollout drafts exactly the longest correct run of its next tokens (at
 most --max-draft) that occurs, right after the rollout's last --context tokens, somewhere in
 what a history drafter can see: its group's rollouts of earlier epochs and those of its own
-epoch that have finished (prompt and output), its own prompt and its own output so far. It
+epoch that have finished (prompt and output), with --live-siblings the outputs so far of
+those still running (as the drafter's live_siblings), its own prompt and its own output so far. It
 knows the future, so it is never rejected and never drafts a token in vain; a real drafter
 picks one continuation without knowing which is right. Each epoch is one batch, all rollouts
 decoding in lockstep. Reports per epoch the oracle's steps against the longest rollout's
@@ -53,11 +55,13 @@ def oracle_batch(
     earlier: Mapping[str, Sequence[Sequence[int]]],
     max_draft: int,
     context: int,
+    live_siblings: bool = False,
 ) -> list[list[int]]:
     """The oracle's accepted draft tokens at each step of each rollout of one batch (module
     docstring), all decoding in lockstep: one entry per step, each emitting run + 1 tokens.
     earlier: per group, the token sequences its drafts may copy (earlier epochs' prompt and
-    output); a rollout joins its group's as soon as it finishes, as in the engine."""
+    output); a rollout joins its group's as soon as it finishes, as in the engine, and with
+    live_siblings its running siblings' outputs so far are visible too (as at the step's start)."""
     if max_draft < 0 or context < 1:
         raise ValueError("need max_draft >= 0 and context >= 1")
     seen = {group: [_text(tokens) for tokens in sequences] for group, sequences in earlier.items()}
@@ -67,10 +71,17 @@ def oracle_batch(
     live = list(range(len(batch)))
     while live:
         finished = []
+        # What each running rollout shows its siblings: its prompt and output at the step's start.
+        shown = {j: fulls[j][: len(batch[j].prompt) + positions[j]] for j in live}
         for i in live:
             record, full = batch[i], fulls[i]
             at = len(record.prompt) + positions[i]
-            corpus = _SEPARATOR.join([*seen.get(record.group, []), full[:at]])
+            siblings = [
+                shown[j]
+                for j in live
+                if live_siblings and j != i and batch[j].group == record.group
+            ]
+            corpus = _SEPARATOR.join([*seen.get(record.group, []), *siblings, full[:at]])
             left = len(record.output) - positions[i] - 1  # the target's own token comes last
             run = _longest_run(corpus, full, at, min(max_draft, left), context)
             runs[i].append(run)
@@ -84,7 +95,11 @@ def oracle_batch(
 
 
 def oracle_epochs(
-    trace: Sequence[TraceRecord], max_draft: int, context: int, cost: CostModel
+    trace: Sequence[TraceRecord],
+    max_draft: int,
+    context: int,
+    cost: CostModel,
+    live_siblings: bool = False,
 ) -> list[dict[str, float | int]]:
     """Per epoch: rollouts, longest length, oracle steps, tokens per forward and the modeled
     makespan ratio under cost (oracle drafts on every row, priced c_tok each)."""
@@ -95,7 +110,7 @@ def oracle_epochs(
         for record in trace:
             if record.epoch < epoch:
                 earlier.setdefault(record.group, []).append([*record.prompt, *record.output])
-        all_runs = oracle_batch(batch, earlier, max_draft, context)
+        all_runs = oracle_batch(batch, earlier, max_draft, context, live_siblings)
         steps = max(len(runs) for runs in all_runs)
         lengths = [len(record.output) for record in batch]
         # An oracle draft is never rejected: every verified token is an output token.
@@ -119,15 +134,21 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, required=True, help="JSON-lines rollout trace")
     parser.add_argument("--max-draft", type=int, default=16, help="most tokens per draft")
     parser.add_argument("--context", type=int, default=2, help="tokens the run must follow")
+    parser.add_argument(
+        "--live-siblings", action="store_true", help="running siblings' outputs are visible"
+    )
     parser.add_argument("--c-base", type=float, default=H100_7B.c_base, help="s per step")
     parser.add_argument("--c-tok", type=float, default=H100_7B.c_tok, help="s per token")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     args = parser.parse_args()
     cost = CostModel(args.c_base, args.c_tok)
-    epochs = oracle_epochs(read_trace(args.trace), args.max_draft, args.context, cost)
+    epochs = oracle_epochs(
+        read_trace(args.trace), args.max_draft, args.context, cost, args.live_siblings
+    )
     print(
         f"oracle drafter on {args.trace}: runs of <= {args.max_draft} tokens after a "
-        f"{args.context}-token match; cost c_base {cost.c_base * 1e3:g} ms + "
+        f"{args.context}-token match{', live siblings' if args.live_siblings else ''}; "
+        f"cost c_base {cost.c_base * 1e3:g} ms + "
         f"c_tok {cost.c_tok * 1e3:g} ms"
     )
     print("| epoch | longest | oracle steps | steps ratio | tokens/forward | makespan ratio |")
@@ -143,6 +164,7 @@ def main() -> None:
         "trace": str(args.trace),
         "max_draft": args.max_draft,
         "context": args.context,
+        "live_siblings": args.live_siblings,
         "cost_model": {"c_base": cost.c_base, "c_tok": cost.c_tok},
         "epochs": epochs,
         "steps_ratio": steps / longest,

@@ -12,6 +12,8 @@ class DrafterConfig:
     max_rollouts_per_group: int = 64  # newest rollouts kept per group, whatever their version
     min_prob: float = 0.1  # a draft path stops once its estimated probability falls below
     tree_drafts: bool = False  # best-first tree drafts instead of chains
+    # The group's tree also holds its running requests' outputs so far (their siblings').
+    live_siblings: bool = False
 
     def __post_init__(self) -> None:
         if self.max_depth < 2:

@@ -1,8 +1,12 @@
 """RolloutHistory: the DAS drafting state.
 
 Per prompt group, one suffix tree over the group's recent rollouts (the last `window` policy
-versions, at most `max_rollouts_per_group` of them); per live request, one tree over its own
-prompt and output so far. A draft for a request is the better-scoring of the two trees' drafts.
+versions, at most `max_rollouts_per_group` of them) and, with `live_siblings`, the outputs so far
+of the group's running requests (GRPO samples of one prompt decode together: a sibling's first
+tokens often predict another's next ones); per live request, one tree over its own prompt and
+output so far. A draft for a request is the better-scoring of the two trees' drafts. A running
+request's sequence in the group tree grows as it accepts tokens and leaves when it stops; a
+finished one comes back as a rollout (add_rollout).
 
 Each stored rollout is its output preceded by the last max_depth prompt tokens, so a request
 that has generated nothing yet already matches the prompt's end and drafts the group's most
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -76,7 +80,8 @@ class _Rollout:
 @dataclass(slots=True)
 class _Group:
     tree: TokenTree
-    rollouts: deque[_Rollout]  # oldest first
+    rollouts: deque[_Rollout] = field(default_factory=deque)  # oldest first
+    live: int = 0  # running requests' sequences in the tree
 
 
 @dataclass(slots=True)
@@ -84,6 +89,7 @@ class _Request:
     group: str
     tree: TokenTree  # the request's prompt and output, as sequence 0
     context: list[int]  # its latest tokens; at most 2 * max_depth are kept
+    live_seq: int = -1  # its output so far in the group tree (-1: live_siblings off)
 
 
 class RolloutHistory:
@@ -111,11 +117,8 @@ class RolloutHistory:
             return False
         tokens = as_token_array(output)
         bridge = as_token_array(prompt)[-self.config.max_depth :]
-        state = self._groups.get(group)
-        if state is None:
-            state = self._groups[group] = _Group(self._new_tree(self.config.max_depth), deque())
-        seq_id = self._next_seq_id
-        self._next_seq_id += 1
+        state = self._group(group)
+        seq_id = self._new_seq_id()
         state.tree.extend(seq_id, np.concatenate([bridge, tokens]))
         state.rollouts.append(_Rollout(seq_id, version, len(tokens)))
         while len(state.rollouts) > self.config.max_rollouts_per_group:
@@ -143,7 +146,7 @@ class RolloutHistory:
                 else:
                     kept.append(rollout)
             state.rollouts = kept
-            if not kept:
+            if not kept and not state.live:
                 del self._groups[group]
         return evicted
 
@@ -156,7 +159,8 @@ class RolloutHistory:
         return length_stats(group, self.recent_lengths(group))
 
     def groups(self) -> list[str]:
-        return list(self._groups)
+        """The groups that hold stored rollouts."""
+        return [group for group, state in self._groups.items() if state.rollouts]
 
     # -- live requests ------------------------------------------------------------------
 
@@ -166,18 +170,34 @@ class RolloutHistory:
         tokens = as_token_array(prompt)
         tree = self._new_tree(self.config.max_depth)
         tree.extend(0, tokens)
-        self._requests[request_id] = _Request(group, tree, tokens.tolist())
+        request = _Request(group, tree, tokens.tolist())
+        if self.config.live_siblings:  # its output will follow the prompt's tail there
+            state = self._group(group)
+            request.live_seq = self._new_seq_id()
+            state.tree.extend(request.live_seq, tokens[-self.config.max_depth :])
+            state.live += 1
+        self._requests[request_id] = request
 
     def extend_request(self, request_id: Hashable, tokens: Tokens) -> None:
         request = self._requests[request_id]
         array = as_token_array(tokens)
         request.tree.extend(0, array)
+        if request.live_seq >= 0:
+            self._groups[request.group].tree.extend(request.live_seq, array)
         request.context.extend(array.tolist())
         if len(request.context) > 2 * self.config.max_depth:
             del request.context[: -self.config.max_depth]
 
     def stop_request(self, request_id: Hashable) -> None:
-        del self._requests[request_id]
+        """The request left: its output so far leaves its group's tree too (a finished one
+        returns through add_rollout)."""
+        request = self._requests.pop(request_id)
+        if request.live_seq >= 0:
+            state = self._groups[request.group]
+            state.tree.remove(request.live_seq)
+            state.live -= 1
+            if not state.live and not state.rollouts:
+                del self._groups[request.group]
 
     def speculate(self, request_id: Hashable, max_tokens: int) -> Draft:
         """The better-scoring draft of the group's history and the request's own context
@@ -208,6 +228,17 @@ class RolloutHistory:
 
     def _trees(self) -> list[TokenTree]:
         return [g.tree for g in self._groups.values()] + [r.tree for r in self._requests.values()]
+
+    def _group(self, group: str) -> _Group:
+        state = self._groups.get(group)
+        if state is None:
+            state = self._groups[group] = _Group(self._new_tree(self.config.max_depth))
+        return state
+
+    def _new_seq_id(self) -> int:
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        return seq_id
 
     def _oldest_kept_version(self) -> int:
         return self._version - self.config.window + 1

@@ -101,6 +101,11 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--min-prob", type=float, default=default.min_prob, help="draft path probability floor"
     )
     sim.add_argument("--tree-drafts", action="store_true", help="tree drafts instead of chains")
+    sim.add_argument(
+        "--live-siblings",
+        action="store_true",
+        help="a group's tree also holds its running rollouts' outputs so far",
+    )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate, command_parser=sim)
 
@@ -145,6 +150,7 @@ def _simulate(args: argparse.Namespace) -> int:
             window=args.window,
             min_prob=args.min_prob,
             tree_drafts=args.tree_drafts,
+            live_siblings=args.live_siblings,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -195,7 +201,7 @@ def format_result(result: SimulationResult) -> str:
         f"policy {result.policy} | {label} | cost model c_base {cost.c_base * 1e3:.1f} ms + "
         f"c_tok {cost.c_tok * 1e3:.2f} ms/token | max_depth {result.config.max_depth}, "
         f"window {result.config.window}, {'tree' if result.config.tree_drafts else 'chain'} "
-        "drafts",
+        f"drafts{', live siblings' if result.config.live_siblings else ''}",
         "  ".join(f"{name:>{width}}" for name, width in _COLUMNS),
     ]
     for report in (*result.epochs, result.total):

@@ -56,6 +56,17 @@ def test_a_finished_sibling_joins_the_history_of_its_group_only() -> None:
     assert oracle.oracle_batch([long], {}, max_draft=8, context=1) == [[0, 0, 0, 0]]
 
 
+def test_live_siblings_show_their_outputs_as_of_the_steps_start() -> None:
+    # At step 2 the lagging rollout (anchor 7) may copy the 8 that followed 7 in its running
+    # sibling; 9 came later (not shown yet). Without live siblings nothing is copyable.
+    lead = TraceRecord("g", 0, (1,), (7, 8, 9, 4))
+    lag = TraceRecord("g", 0, (1,), (2, 7, 8, 9, 4))
+    with_siblings = oracle.oracle_batch([lead, lag], {}, max_draft=8, context=1, live_siblings=True)
+    assert with_siblings == [[0, 0, 0, 0], [0, 0, 1, 0]]
+    alone = oracle.oracle_batch([lead, lag], {}, max_draft=8, context=1)
+    assert alone == [[0, 0, 0, 0], [0, 0, 0, 0, 0]]
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
         _runs([], [1], [2], max_draft=-1, context=1)

@@ -3,6 +3,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drafter import DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
 from drafter.history import TokenTree
@@ -166,3 +168,71 @@ def test_config_defaults() -> None:
     assert (config.max_depth, config.window, config.max_rollouts_per_group) == (64, 4, 64)
     assert (config.min_prob, config.tree_drafts) == (0.1, False)
     assert RolloutHistory().config == config
+
+
+def test_live_siblings_draft_from_each_others_outputs_so_far(
+    tree_factory: Callable[[int], TokenTree],
+) -> None:
+    history = make_history(tree_factory, live_siblings=True)
+    history.start_request("a", "g", PROMPT)
+    history.start_request("b", "g", PROMPT)
+    history.start_request("other", "h", PROMPT)
+    assert history.speculate("b", 4).token_ids == []  # nothing generated anywhere yet
+    history.extend_request("a", ANSWER[:6])
+    # b has generated nothing: a's first tokens follow the same prompt tail.
+    assert history.speculate("b", 4).token_ids == ANSWER[:4]
+    assert history.speculate("other", 4).token_ids == []  # another group sees none of it
+    assert history.groups() == []  # no stored rollout yet
+    history.stop_request("a")  # aborted: its output leaves the group's tree
+    assert history.speculate("b", 4).token_ids == []
+    history.extend_request("b", ANSWER)
+    history.stop_request("b")
+    history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)  # b finished: now a rollout
+    history.start_request("c", "g", PROMPT)
+    assert history.speculate("c", 4).token_ids == ANSWER[:4]
+    assert history.groups() == ["g"]
+    history.stop_request("c")
+    history.stop_request("other")
+    assert history.evict_before(1) == 1 and history.num_tokens() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=12), min_size=1, max_size=3),
+    st.lists(
+        st.tuples(st.integers(0, 3), st.lists(st.integers(0, 5), min_size=1, max_size=4)),
+        max_size=30,
+    ),
+    st.integers(1, 6),
+)
+def test_live_sibling_drafts_copy_only_what_a_drafter_may_see(
+    stored: list[list[int]], steps: list[tuple[int, list[int]]], budget: int
+) -> None:
+    """Every draft (with the context it matched) is a run of one sequence a history drafter
+    may see: a stored rollout, a running sibling's output so far, or the request's own."""
+    history = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True))
+    prompt = [9, 9]
+    for output in stored:
+        history.add_rollout("g", output, version=0, prompt=prompt)
+    outputs: dict[int, list[int]] = {}
+    for live, tokens in steps:
+        if live not in outputs:
+            history.start_request(live, "g", prompt)
+            outputs[live] = []
+        history.extend_request(live, tokens)
+        outputs[live] += tokens
+        if len(outputs) > 1 and live == 3:  # one sibling stops (aborted) now and then
+            history.stop_request(live)
+            del outputs[live]
+        visible = [prompt + s for s in stored] + [prompt + o for o in outputs.values()]
+        for request, output in outputs.items():
+            draft = history.speculate(request, budget)
+            if not draft.token_ids:
+                continue
+            context = (prompt + output)[-12:]
+            run = context[len(context) - draft.match_len :] + draft.token_ids
+            assert any(_contains(sequence, run) for sequence in visible), (run, visible)
+
+
+def _contains(sequence: list[int], run: list[int]) -> bool:
+    return any(sequence[i : i + len(run)] == run for i in range(len(sequence) - len(run) + 1))

@@ -159,6 +159,7 @@ def test_result_serialises_every_figure() -> None:
         "max_rollouts_per_group": 64,
         "min_prob": 0.1,
         "tree_drafts": False,
+        "live_siblings": False,
     }
     epochs = data["epochs"]
     assert isinstance(epochs, list)
