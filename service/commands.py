@@ -196,6 +196,12 @@ def run_gateway(args: argparse.Namespace) -> int:
             "das gateway: give at least one --worker or --sglang-worker URL "
             "(or DAS_WORKER_URLS, DAS_SGLANG_WORKER_URLS)"
         )
+    from service.gateway import check_keys
+
+    try:
+        check_keys(settings)
+    except ValueError as error:
+        raise SystemExit(f"das gateway: {error}") from None
     _serve(create_gateway_app(settings), settings)
     return 0
 

@@ -354,8 +354,13 @@ class EngineWorker:
             model, _ = await asyncio.to_thread(load_model, path, config.device, config.torch_dtype)
             version: int = await self._call(lambda engine: self._load_weights(engine, model))
         except (ValueError, OSError) as error:  # no checkpoint there, or one of another shape
-            message = f"cannot load weights from {path!r}: {error}"
-            raise InvalidRequest(message, "model_path") from error
+            # One message whatever the cause (missing, not a .gguf, no config.json, another
+            # shape): the caller learns nothing of the worker's filesystem; the log does.
+            log.warning("cannot load weights from %r", path, exc_info=error)
+            raise InvalidRequest(
+                "cannot load weights from model_path: not a checkpoint of this model",
+                "model_path",
+            ) from error
         self._version = version
         await self.store.set_version(version)  # trims the shared streams to the window
         return version

@@ -66,10 +66,22 @@ class Forwarded:
     stream: AsyncIterator[bytes] | None = None
 
 
+def check_keys(settings: Settings) -> None:
+    """Refuse a gateway that would forward every call to workers that refuse it: one with an
+    API key of its own (so its workers, started from the same deployment, have one too) and
+    none to send them."""
+    if settings.api_key and not settings.worker_api_key:
+        raise ValueError(
+            "the gateway has an API key (--api-key, DAS_API_KEY) but none for its workers: "
+            "give --worker-api-key (DAS_WORKER_API_KEY), the key the workers require"
+        )
+
+
 class Gateway:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         if not settings.worker_urls and not settings.sglang_worker_urls:
             raise ValueError("the gateway needs at least one worker URL")
+        check_keys(settings)
         self.settings = settings
         self.metrics = metrics
         self.workers = {url: Upstream(url) for url in settings.worker_urls}
@@ -79,6 +91,9 @@ class Gateway:
         self._headers = {"content-type": "application/json"}
         if settings.worker_api_key:
             self._headers["authorization"] = f"Bearer {settings.worker_api_key}"
+        self._control_headers = dict(self._headers)  # control calls: the workers' admin key
+        if settings.worker_admin_api_key:
+            self._control_headers["authorization"] = f"Bearer {settings.worker_admin_api_key}"
         self._client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task[None] | None = None
         for url in self.workers:
@@ -159,7 +174,7 @@ class Gateway:
             return await self._send(retry, path, body_for(retry), upstream_headers, stream)
         except httpx.ConnectError as error:
             self._mark_down(retry, "connection refused")
-            raise UpstreamError(f"worker {retry.url} is unreachable") from error
+            raise UpstreamError(f"{self.worker_name(retry.url)} is unreachable") from error
 
     async def _send(
         self, worker: Upstream, path: str, body: bytes, headers: dict[str, str], stream: bool
@@ -179,7 +194,7 @@ class Gateway:
             worker.inflight -= 1
             inflight.dec()
             self.metrics.upstream_requests.labels(worker=url, status="error").inc()
-            raise _upstream_error(url, error) from error
+            raise _upstream_error(self.worker_name(url), error) from error
         self.metrics.upstream_requests.labels(worker=url, status=str(response.status_code)).inc()
         content_type = response.headers.get("content-type", "application/json")
         if not stream:
@@ -203,7 +218,7 @@ class Gateway:
         try:
             response = await self.client.get(worker.url + path, headers=self._headers)
         except httpx.HTTPError as error:
-            raise _upstream_error(worker.url, error) from error
+            raise _upstream_error(self.worker_name(worker.url), error) from error
         return Forwarded(
             response.status_code,
             response.headers.get("content-type", "application/json"),
@@ -221,7 +236,7 @@ class Gateway:
         async def call(url: str, method: str, path: str, body: bytes) -> tuple[str, int, Any]:
             try:
                 response = await self.client.request(
-                    method, url + path, content=body or None, headers=self._headers
+                    method, url + path, content=body or None, headers=self._control_headers
                 )
             except httpx.HTTPError as error:
                 return url, 502, {"error": type(error).__name__}
@@ -305,10 +320,10 @@ class Gateway:
         self.metrics.worker_up.labels(worker=worker.url).set(0)
 
 
-def _upstream_error(url: str, error: httpx.HTTPError) -> UpstreamError | UpstreamTimeout:
+def _upstream_error(name: str, error: httpx.HTTPError) -> UpstreamError | UpstreamTimeout:
     if isinstance(error, httpx.TimeoutException):
-        return UpstreamTimeout(f"worker {url} did not answer in time: {type(error).__name__}")
-    return UpstreamError(f"worker {url} failed: {type(error).__name__}")
+        return UpstreamTimeout(f"{name} did not answer in time: {type(error).__name__}")
+    return UpstreamError(f"{name} failed: {type(error).__name__}")
 
 
 def _param(reply: Any) -> str | None:

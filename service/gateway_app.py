@@ -19,7 +19,7 @@ from service.gateway import BROADCAST_PATHS, Gateway
 from service.metrics import Metrics
 from service.settings import Settings
 from service.sglang_plugin.upstream import version_order
-from service.web import finish_app, json_response, require_api_key
+from service.web import finish_app, is_admin, json_response
 
 GENERATION_PATHS = (
     "/v1/completions",
@@ -46,15 +46,19 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 async def _forward(request: Request) -> Response:
     # A plain Starlette endpoint: the hot path skips FastAPI's dependency solving.
-    await require_api_key(request)
     state: GatewayState = request.app.state.das
     forwarded = await state.gateway.forward(request.url.path, await request.body(), request.headers)
-    headers = {"x-das-worker": forwarded.worker}
+    headers = {"x-das-worker": _shown(request, state.gateway, forwarded.worker)}
     if forwarded.stream is not None:
         return StreamingResponse(
             forwarded.stream, forwarded.status, headers, media_type=forwarded.content_type
         )
     return Response(forwarded.body, forwarded.status, headers, media_type=forwarded.content_type)
+
+
+def _shown(request: Request, gateway: Gateway, url: str) -> str:
+    """A worker as this caller may see it: its URL to an admin, else its name."""
+    return url if is_admin(request) else gateway.worker_name(url)
 
 
 forward_router = APIRouter()
@@ -68,20 +72,22 @@ def _broadcaster(path: str) -> Callable[[Request, GatewayDep], Awaitable[Respons
         if path == "/update_weights_from_disk":
             versions = [w.get("weight_version", "0") for w in reply["workers"].values()]
             reply["weight_version"] = max(versions, key=version_order)
+        reply["workers"] = {_shown(request, gateway, u): w for u, w in reply["workers"].items()}
         return json_response(reply)
 
     return broadcast
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # API keys: service.web.ApiKeys
 for _path in BROADCAST_PATHS:
     router.add_api_route(_path, _broadcaster(_path), methods=["POST"])
 
 
 @router.get("/get_weight_version")
-async def weight_version(gateway: GatewayDep) -> Response:
+async def weight_version(request: Request, gateway: GatewayDep) -> Response:
     reply = await gateway.broadcast("GET", "/get_weight_version")
-    versions = {url: w["weight_version"] for url, w in reply["workers"].items()}
+    workers = reply["workers"].items()
+    versions = {_shown(request, gateway, u): w["weight_version"] for u, w in workers}
     latest = max(versions.values(), key=version_order)
     return json_response({"weight_version": latest, "workers": versions})
 
@@ -99,7 +105,8 @@ async def health_generate(gateway: GatewayDep) -> Response:
 
 
 @router.get("/get_server_info")
-async def server_info(gateway: GatewayDep) -> Response:
+async def server_info(request: Request, gateway: GatewayDep) -> Response:
+    workers = [(_shown(request, gateway, w.url), w) for w in gateway.workers.values()]
     return json_response(
         {
             "role": "gateway",
@@ -109,8 +116,7 @@ async def server_info(gateway: GatewayDep) -> Response:
                 "vnodes": gateway.settings.routing_vnodes,
             },
             "workers": [
-                {"url": w.url, "healthy": w.healthy, "inflight": w.inflight}
-                for w in gateway.workers.values()
+                {"url": url, "healthy": w.healthy, "inflight": w.inflight} for url, w in workers
             ],
         }
     )
@@ -121,7 +127,7 @@ public = APIRouter()  # no API key: probes
 
 @public.get("/health")
 async def health(gateway: GatewayDep) -> Response:
-    workers = {url: w.healthy for url, w in gateway.workers.items()}
+    workers = {gateway.worker_name(url): w.healthy for url, w in gateway.workers.items()}
     if not any(workers.values()):
         raise Unavailable("no healthy worker")
     return json_response({"status": "ok", "workers": workers})

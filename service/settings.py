@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     api_key: Annotated[str | None, PROCESS] = Field(
         None, description="Bearer key required on every endpoint but /health and /metrics"
     )
+    admin_api_key: Annotated[str | None, PROCESS] = Field(
+        None,
+        description="Bearer key required on the control endpoints (abort, pause, continue, "
+        "weight updates, flush cache), where the API key is then refused; it is accepted "
+        "everywhere the API key is (default: the API key guards the control endpoints too)",
+    )
     log_level: Annotated[Literal["debug", "info", "warning", "error"], PROCESS] = Field(
         "warning", description="log level"
     )
@@ -154,6 +160,11 @@ class Settings(BaseSettings):
     )
     worker_api_key: Annotated[str | None, GATEWAY] = Field(
         None, description="Bearer key the gateway sends to its workers"
+    )
+    worker_admin_api_key: Annotated[str | None, GATEWAY] = Field(
+        None,
+        description="Bearer key the gateway sends to its workers on control calls (default: "
+        "the worker API key)",
     )
     routing_load_factor: Annotated[float, Flag("gateway", name="--load-factor")] = Field(
         0.25,

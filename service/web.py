@@ -10,6 +10,7 @@ and answered 500 "internal server error", its text never sent.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -67,15 +68,72 @@ def error_json(error: ServiceError) -> Response:
     return json_response(error_response(error), status_of(error))
 
 
-async def require_api_key(request: Request) -> None:
-    """Bearer auth against settings.api_key (no key configured: open)."""
-    key: str | None = request.app.state.das.settings.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
-        raise Unauthorized("invalid or missing API key")
+# -- API keys ---------------------------------------------------------------------------------
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # probes: no key
+CONTROL_PATHS = frozenset(
+    {
+        "/abort_request",
+        "/pause_generation",
+        "/continue_generation",
+        "/update_weights_from_disk",
+        "/flush_cache",
+    }
+)
+
+
+def keys_match(given: str, key: str) -> bool:
+    """Constant time: the digests compared have one length, whatever the keys' lengths."""
+    given_digest = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+    key_digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return hmac.compare_digest(given_digest, key_digest)
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the caller may see and do everything (the admin key, or none configured)."""
+    return bool(getattr(request.state, "das_admin", False))
+
+
+class ApiKeys:
+    """Bearer auth (pure ASGI), decided from the headers alone: a refused request's body is
+    never read. Control paths take settings.admin_api_key where one is set (the API key is
+    refused there), else the API key; every other path but the probes takes the API key or
+    the admin key. No key configured: open. The caller's standing is kept for the handlers
+    (is_admin): only an admin is shown the gateway's worker URLs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        settings = scope["app"].state.das.settings
+        user: str | None = settings.api_key
+        admin: str | None = settings.admin_api_key
+        token = _bearer(scope)
+        admitted = admin is not None and token is not None and keys_match(token, admin)
+        if admin is not None and scope["path"] in CONTROL_PATHS:
+            allowed = admitted
+        else:
+            allowed = admitted or user is None or _given(token, user)
+        if not allowed:
+            await error_json(Unauthorized("invalid or missing API key"))(scope, receive, send)
+            return
+        scope.setdefault("state", {})["das_admin"] = admitted or admin is None
+        await self.app(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def _given(token: str | None, key: str) -> bool:
+    return token is not None and keys_match(token, key)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -227,6 +285,7 @@ def finish_app(
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     endpoints = {getattr(route, "path", "") for router in routers for route in router.routes}
     app.add_middleware(UnexpectedErrors)  # inside the metrics: its 500s are counted
+    app.add_middleware(ApiKeys)  # outside the app: a refused body is never read
     app.add_middleware(MetricsMiddleware, metrics=metrics, worker=name, endpoints=endpoints)
     app.state.metrics = metrics
     return app

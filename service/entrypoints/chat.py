@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.entrypoints.completions import sampling_params
@@ -36,7 +36,7 @@ from service.protocol import (
     ChatTokenLogprob,
     TopLogprob,
 )
-from service.web import require_api_key, respond
+from service.web import respond
 from service.worker import SampleDelta, SamplingParams, Worker
 
 DEFAULT_MAX_TOKENS = 1024
@@ -197,7 +197,7 @@ def _logprobs(
     return ChatLogprobs(content=content)
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # API keys: service.web.ApiKeys
 
 
 @router.post("/v1/chat/completions")

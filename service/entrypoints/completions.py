@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.entrypoints.deps import GenerationDep, RequestIdHeader, SessionHeader
@@ -32,7 +32,7 @@ from service.protocol import (
     CompletionResponse,
     OpenAISamplingFields,
 )
-from service.web import require_api_key, respond
+from service.web import respond
 from service.worker import SampleDelta, SamplingParams, Worker
 
 
@@ -213,7 +213,7 @@ def _logprobs(
     )
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # API keys: service.web.ApiKeys
 
 
 @router.post("/v1/completions")

@@ -9,7 +9,7 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.entrypoints.deps import GenerationDep
@@ -24,7 +24,7 @@ from service.protocol import (
     UpdateWeightsResponse,
     WeightVersionResponse,
 )
-from service.web import json_response, require_api_key
+from service.web import json_response
 from service.worker import GenerateRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def server_info(generation: Generation) -> dict[str, Any]:
     return info
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # API keys: service.web.ApiKeys
 public = APIRouter()  # no API key: probes
 
 

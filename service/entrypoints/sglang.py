@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.entrypoints.deps import GenerationDep, SessionHeader
@@ -18,7 +18,7 @@ from service.entrypoints.generation import Generation, Prompt, sse, stops, to_pr
 from service.errors import InvalidRequest
 from service.limits import Fields
 from service.protocol import SGLangGenerateRequest, SGLangGenerateResponse
-from service.web import require_api_key, respond
+from service.web import respond
 from service.worker import SampleDelta, SampleResult, SamplingParams
 
 
@@ -198,7 +198,7 @@ def _rids(rid: str | list[str] | None, count: int, is_batch: bool) -> list[str]:
     return list(rid)
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # API keys: service.web.ApiKeys
 
 
 @router.post("/generate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.entrypoints.deps import GenerationDep, SessionHeader
@@ -28,7 +28,7 @@ from service.protocol import (
     VLLMTokenLogprob,
     VLLMTopLogprob,
 )
-from service.web import json_response, require_api_key
+from service.web import json_response
 from service.worker import SampleResult, SamplingParams
 
 
@@ -111,7 +111,7 @@ def _logprobs(sample: SampleResult) -> VLLMLogprobs | None:
     )
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()  # API keys: service.web.ApiKeys
 
 
 @router.post("/inference/v1/generate")
