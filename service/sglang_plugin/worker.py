@@ -23,6 +23,7 @@ SGLang process.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 from collections.abc import Callable
@@ -80,6 +81,8 @@ class DasDrafts:
             _served_weight_version,
         )
         self._das_publisher = publisher
+        if publisher is not None:
+            atexit.register(publisher.close)  # flush what is buffered when SGLang exits
         log.info(
             "DAS drafts: policy %s, width %d, redis %s",
             settings.speculation_policy,

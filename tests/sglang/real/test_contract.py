@@ -87,3 +87,50 @@ def test_the_request_fields_we_read() -> None:
     assert req.sampling_params.max_new_tokens == 3
     assert not req.finished()
     assert FINISH_ABORT.__name__ == "FINISH_ABORT"  # drafting.py's default abort test
+
+
+def test_the_launchers_command_line_parses_with_sglangs_own_parser() -> None:
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    from service.settings import Settings
+    from service.sglang_plugin.config import DEFAULT_DRAFT_WIDTH
+    from service.sglang_plugin.launch import NGRAM_CAPACITY, sglang_command
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    settings = Settings(
+        **{
+            "backend": "sglang",
+            "model": "/models/m",
+            "cost_model": "h100-7b",
+            "port": 30000,
+            "max_batch": 64,
+            "served_model_name": "policy",
+            "api_key": "k",
+        }
+    )
+    command = sglang_command(settings, ["--tp-size", "2"])
+    assert command[1:3] == ["-m", "sglang.launch_server"]
+    args = parser.parse_args(command[3:])
+    assert args.model_path == "/models/m"
+    assert (args.host, args.port) == ("127.0.0.1", 30000)
+    assert args.speculative_algorithm == "NGRAM"
+    assert args.speculative_num_draft_tokens == DEFAULT_DRAFT_WIDTH
+    assert args.max_running_requests == 64
+    assert args.speculative_ngram_capacity == NGRAM_CAPACITY
+    assert (args.served_model_name, args.api_key, args.tp_size) == ("policy", "k", 2)
+
+
+def test_the_runtime_values_the_worker_reads() -> None:
+    from sglang.srt.runtime_context import get_parallel
+
+    from service.sglang_plugin.worker import _tp_rank
+
+    with get_parallel().override(tp_rank=1, tp_size=2):
+        assert _tp_rank() == 1
+    # The weight version the worker watches is the one a weight update records.
+    source = inspect.getsource(scheduler.Scheduler.record_weight_version_change)
+    assert "get_serving().weight_version" in source
+    assert "weight_version=new_version" in source

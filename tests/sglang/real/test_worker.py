@@ -246,3 +246,38 @@ def test_ranks_fed_the_same_events_draft_the_same_tokens() -> None:
         return out
 
     assert run() == run()
+
+
+def test_the_worker_builds_from_the_launchers_environment_and_rank_0_publishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.settings import Settings
+    from service.sglang_plugin import worker as worker_module
+    from service.sglang_plugin.launch import sglang_env
+
+    def ngram_init(self: Any, *args: Any, **kwargs: Any) -> None:  # what we read of it
+        self.draft_token_num = 6
+
+    monkeypatch.setattr(NGRAMWorker, "__init__", ngram_init)
+    monkeypatch.setattr(worker_module, "_served_weight_version", lambda: "default")
+    launched = Settings(
+        **{
+            "backend": "sglang",
+            "cost_model": "h100-7b",
+            "spec_policy": "das-eq7",
+            "redis_url": "redis://127.0.0.1:1/0",  # never reached: nothing is published
+        }
+    )
+    for key, value in sglang_env(launched, {}).items():
+        monkeypatch.setenv(key, value)
+    workers = {}
+    for rank in (1, 0):
+        monkeypatch.setattr(worker_module, "_tp_rank", lambda rank=rank: rank)
+        workers[rank] = DasNgramWorker(None, 0, 0, None)
+    assert workers[1]._das_publisher is None
+    assert workers[0]._das_publisher is not None
+    workers[0]._das_publisher.close()
+    for worker in workers.values():
+        speculator = worker.das.speculator
+        assert speculator.max_draft == 5  # D - 1, D read from SGLang
+        assert speculator.policy.name == "das-eq7"
