@@ -281,3 +281,64 @@ def test_the_worker_builds_from_the_launchers_environment_and_rank_0_publishes(
         speculator = worker.das.speculator
         assert speculator.max_draft == 5  # D - 1, D read from SGLang
         assert speculator.policy.name == "das-eq7"
+
+
+def test_our_drafts_through_sglangs_own_verify_preparation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NGRAMWorker._prepare_for_speculative_decoding (SGLang's, unchanged) on our drafts: the
+    verify batch it builds, then SGLang's greedy tree verify on it against a target that
+    generates the group's rollout. (Mamba tracking, off for this model kind, needs SGLang's
+    published config, so it is a no-op here; cache locations are the GPU's business.)"""
+    from sglang.kernels.ops.speculative.spec_tree import verify_tree_greedy_triton
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.speculative import ngram_worker
+
+    monkeypatch.setattr(ngram_worker, "prepare_mamba_track_for_verify", lambda batch: None)
+    worker = make_worker(overlap=False)
+    worker.max_batch_size, worker.device = 4, "cpu"
+    worker._init_preallocated_tensors()  # SGLang's own buffers, sized once
+    req = make_req("a")
+    worker.das.see([req])
+    req.output_ids.append(ROLLOUT[0])
+    seq_len = len(PROMPT) + 1
+    decode = SimpleNamespace(
+        reqs=[req],
+        grammar_needs_sync=lambda: False,
+        has_grammar=False,
+        spec_info=None,
+        forward_mode=ForwardMode.DECODE,
+        seq_lens=torch.tensor([seq_len]),
+        seq_lens_cpu=torch.tensor([seq_len]),
+        req_pool_indices=torch.tensor([0]),
+        req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros((4, 64), dtype=torch.int64)),
+    )
+    worker._prepare_for_speculative_decoding(decode)
+    assert decode.forward_mode == ForwardMode.TARGET_VERIFY
+    assert decode.input_ids.tolist() == [ROLLOUT[0], *ROLLOUT[1:WIDTH]]
+    verify = decode.spec_info
+    assert verify.positions.tolist() == list(range(seq_len, seq_len + WIDTH))
+    assert verify.retrieve_next_token.tolist() == [[*range(1, WIDTH), -1]]
+    # The full mask: every draft node sees the whole cached prefix, then its own ancestors.
+    full = verify.custom_mask.reshape(WIDTH, seq_len + WIDTH)
+    assert bool(full[:, :seq_len].all())
+    assert full[:, seq_len:].tolist() == np.tril(np.ones((WIDTH, WIDTH), dtype=bool)).tolist()
+    # The target generates the rollout up to its 5th token, then something else.
+    truth = [*ROLLOUT[1:5], 999, 998, 997, 996, 995]
+    target = torch.tensor([[truth[i] for i in range(WIDTH)]])  # after node i: truth[i]
+    predicts = torch.zeros(WIDTH, dtype=torch.int32)
+    accept_index = torch.full((1, verify.max_tree_depth), -1, dtype=torch.int32)
+    accepted = torch.empty(1, dtype=torch.int32)
+    verify_tree_greedy_triton(
+        predicts,
+        accept_index,
+        accepted,
+        verify.draft_token.reshape(1, WIDTH),
+        verify.retrieve_index,
+        verify.retrieve_next_token,
+        verify.retrieve_next_sibling,
+        target,
+    )
+    assert int(accepted[0]) == 4  # ROLLOUT[1:5]
+    nodes = [int(i) for i in accept_index[0] if i >= 0]
+    assert [int(predicts[i]) for i in nodes] == truth[:5]  # 4 accepted and the target's own
