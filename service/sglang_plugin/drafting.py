@@ -71,7 +71,8 @@ class BatchDrafter:
             if rid not in live and tracked.req.finished():
                 self._finish(tracked)
         for req in reqs:
-            self._track(req)
+            if not req.finished():  # (overlap runs a finished request one step more)
+                self._track(req)
 
     def finished(self, rid: str) -> None:
         """SGLang's note_request_finished: the request's output is final."""
@@ -94,20 +95,25 @@ class BatchDrafter:
         lacks yet (overlap scheduling), None when output_ids is complete."""
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        live: list[int] = []  # the rows that draft
         specs: list[SpecRequest] = []
         caps: list[int] = []
         roots: list[int] = []
         for i, req in enumerate(reqs):
-            tracked = self._track(req)
             committed = list(req.output_ids)
             if spliced is not None:
                 committed += spliced[i]
-            self._catch_up(tracked, committed)
             roots.append(committed[-1] if committed else int(req.origin_input_ids_unpadded[-1]))
+            if req.finished():  # overlap scheduling runs it one step past its end: no draft
+                continue
+            tracked = self._track(req)
+            self._catch_up(tracked, committed)
+            live.append(i)
             specs.append(tracked.spec)
             caps.append(max(0, min(width - 1, _remaining(req, len(committed)) - 1)))
-        drafts = self.speculator.drafts(specs, caps)
-        for spec, draft in zip(specs, drafts, strict=True):
+        drafts = [Draft() for _ in reqs]
+        for i, spec, draft in zip(live, specs, self.speculator.drafts(specs, caps), strict=True):
+            drafts[i] = draft
             self._tracked[spec.request_id].drafted = len(draft)
         return drafts, roots
 

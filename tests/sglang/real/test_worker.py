@@ -342,3 +342,20 @@ def test_our_drafts_through_sglangs_own_verify_preparation(
     assert int(accepted[0]) == 4  # ROLLOUT[1:5]
     nodes = [int(i) for i in accept_index[0] if i >= 0]
     assert [int(predicts[i]) for i in nodes] == truth[:5]  # 4 accepted and the target's own
+
+
+def test_a_finished_request_still_in_an_overlap_batch_drafts_nothing_and_ends_once() -> None:
+    published: list[Rollout] = []
+    worker = make_worker(overlap=True, published=published)
+    req = make_req("a")
+    worker.das.see([req])
+    worker._prepare_draft_tokens(batch([req], accepted=[[60]]))
+    req.output_ids.append(60)
+    req.finished_reason = FINISH_LENGTH(length=1)
+    worker.note_request_finished(rid="a", natural_stop=False)
+    worker.das.see([req])  # the batch launched before the result still holds it
+    tokens, _ = worker._prepare_draft_tokens(batch([req], accepted=[[61]]))
+    assert rows(tokens) == [[61] + [0] * (WIDTH - 1)]
+    worker.das.see([])
+    assert [rollout.output for rollout in published] == [[60]]
+    assert worker.das.tracked == {}
