@@ -24,19 +24,30 @@ WEIGHT_VERSION_PATH = "/model_info"  # SGLang's; its "weight_version" field
 
 
 def generation_body(path: str, body: dict[str, Any], group: str | None) -> bytes:
-    """A generation body as SGLang takes it: prompt_group moved into custom_params."""
+    """A generation body as SGLang takes it: prompt_group moved into custom_params (into each
+    of a batched /generate's sampling_params)."""
     out = dict(body)
     out.pop("prompt_group", None)
     if group:
-        holder = out
-        if path == "/generate":
+        if path != "/generate":
+            out = _with_group(out, group)
+        elif isinstance(out.get("sampling_params"), list):
+            out["sampling_params"] = [
+                _with_group(p if isinstance(p, dict) else {}, group) for p in out["sampling_params"]
+            ]
+        else:
             sampling = out.get("sampling_params")
-            holder = out["sampling_params"] = dict(sampling) if isinstance(sampling, dict) else {}
-        params = holder.get("custom_params")
-        merged = dict(params) if isinstance(params, dict) else {}
-        merged[GROUP_PARAM] = group
-        holder["custom_params"] = merged
+            out["sampling_params"] = _with_group(
+                sampling if isinstance(sampling, dict) else {}, group
+            )
     return json.dumps(out).encode()
+
+
+def _with_group(holder: dict[str, Any], group: str) -> dict[str, Any]:
+    params = holder.get("custom_params")
+    merged = dict(params) if isinstance(params, dict) else {}
+    merged[GROUP_PARAM] = group
+    return {**holder, "custom_params": merged}
 
 
 def control_body(path: str, body: bytes) -> bytes:

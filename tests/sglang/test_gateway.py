@@ -192,4 +192,14 @@ def test_body_translation_and_version_order_directly() -> None:
     assert json.loads(generation_body("/generate", {"sampling_params": None}, "g")) == {
         "sampling_params": {"custom_params": {"prompt_group": "g"}}
     }
+    batched = {"text": ["a", "b"], "sampling_params": [{"temperature": 0}, {}]}
+    assert json.loads(generation_body("/generate", batched, "g"))["sampling_params"] == [
+        {"temperature": 0, "custom_params": {"prompt_group": "g"}},
+        {"custom_params": {"prompt_group": "g"}},
+    ]
+    chat = {"messages": [], "prompt_group": "g", "custom_params": None}
+    assert json.loads(generation_body("/v1/chat/completions", chat, "g")) == {
+        "messages": [],
+        "custom_params": {"prompt_group": "g"},
+    }
     assert sorted(["default", "10", "9", ""], key=version_order) == ["", "default", "9", "10"]
