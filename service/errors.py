@@ -37,6 +37,18 @@ class MethodNotAllowed(ServiceError):
     """A known route called with the wrong method."""
 
 
+class PayloadTooLarge(ServiceError):
+    """A request body above the configured size (refused before it is read)."""
+
+
+class Overloaded(ServiceError):
+    """The worker holds as much work as it admits; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, param: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, param)
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header
+
+
 class Unavailable(ServiceError):
     """Not now, maybe later: shutting down, model not loaded yet, paused, no healthy worker."""
 
@@ -68,6 +80,8 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     Unauthorized: (401, "authentication_error"),
     NotFound: (404, "not_found_error"),
     MethodNotAllowed: (405, "invalid_request_error"),
+    PayloadTooLarge: (413, "invalid_request_error"),
+    Overloaded: (429, "rate_limit_error"),
     InternalError: (500, "internal_error"),
     EngineFailure: (500, "internal_error"),
     UpstreamError: (502, "upstream_error"),

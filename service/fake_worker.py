@@ -52,6 +52,10 @@ VOCAB_SIZE = 258
 _ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8).astype(np.int32)
 _BASE_CACHE = 4096  # prompts whose base answer stays cached
 _DEVIATION = 0.15  # chance per position, at temperature 1, of leaving the base answer
+# A sample's own tree covers this much of the prompt: drafts continue the context's suffix
+# (at most max_depth tokens), so the prompt's tail is what they need, and a tree over a long
+# prompt per sample would hold the event loop (n = 128 over 32k tokens: seconds).
+_PROMPT_TAIL = 1024
 
 
 def _prompt_hash(token_ids: Sequence[int]) -> int:
@@ -261,7 +265,7 @@ class FakeWorker:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             plans = [self._plan(request, seed, i) for i in range(params.n)]
             for plan in plans:
-                history.start_request(plan.key, group, prompt)
+                history.start_request(plan.key, group, prompt[-_PROMPT_TAIL:])
                 started.append(plan.key)
             running = plans
             while running:
@@ -283,8 +287,8 @@ class FakeWorker:
                     yield self._delta(plan, start, params, version, klass, done=done)
                 running = still
                 if running:
-                    if self._delay:
-                        await asyncio.sleep(self._delay)
+                    # Between passes the loop serves others (/health never waits on this).
+                    await asyncio.sleep(self._delay)
                     await self._hold(live, queued=False)
         finally:
             for key in started:

@@ -64,6 +64,7 @@ class Forwarded:
     worker: str
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
+    retry_after: str | None = None  # a full worker's Retry-After (429), passed on
 
 
 def check_keys(settings: Settings) -> None:
@@ -197,10 +198,13 @@ class Gateway:
             raise _upstream_error(self.worker_name(url), error) from error
         self.metrics.upstream_requests.labels(worker=url, status=str(response.status_code)).inc()
         content_type = response.headers.get("content-type", "application/json")
+        retry_after = response.headers.get("retry-after")
         if not stream:
             worker.inflight -= 1
             inflight.dec()
-            return Forwarded(response.status_code, content_type, url, body=response.content)
+            return Forwarded(
+                response.status_code, content_type, url, response.content, None, retry_after
+            )
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -211,7 +215,7 @@ class Gateway:
                 worker.inflight -= 1
                 inflight.dec()
 
-        return Forwarded(response.status_code, content_type, url, stream=relay())
+        return Forwarded(response.status_code, content_type, url, b"", relay(), retry_after)
 
     async def get(self, path: str, key: str = "") -> Forwarded:
         worker = self.choose(key)

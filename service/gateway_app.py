@@ -49,6 +49,8 @@ async def _forward(request: Request) -> Response:
     state: GatewayState = request.app.state.das
     forwarded = await state.gateway.forward(request.url.path, await request.body(), request.headers)
     headers = {"x-das-worker": _shown(request, state.gateway, forwarded.worker)}
+    if forwarded.retry_after is not None:
+        headers["retry-after"] = forwarded.retry_after
     if forwarded.stream is not None:
         return StreamingResponse(
             forwarded.stream, forwarded.status, headers, media_type=forwarded.content_type

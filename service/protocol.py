@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag
 
 from service.worker import MAX_N, MAX_TOP_LOGPROBS
 
@@ -58,6 +58,38 @@ TopK = Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+def _prompt_kind(value: Any) -> str:
+    """Which form a prompt takes, from its first element: the one union member validated (a
+    union tried member by member would check a million token ids several times over)."""
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list) and value:
+        if isinstance(value[0], str):
+            return "list[str]"
+        if isinstance(value[0], list):
+            return "list[list[int]]"
+    return "list[int]"
+
+
+Texts = Annotated[list[Text], Field(min_length=1)]
+PromptIdLists = Annotated[list[PromptIds], Field(min_length=1)]
+# A prompt or a batch of them: text, texts, token ids, lists of token ids.
+Prompts = Annotated[
+    Annotated[Text, Tag("str")]
+    | Annotated[Texts, Tag("list[str]")]
+    | Annotated[PromptIds, Tag("list[int]")]
+    | Annotated[PromptIdLists, Tag("list[list[int]]")],
+    Discriminator(_prompt_kind),
+]
+TextPrompts = Annotated[
+    Annotated[Text, Tag("str")] | Annotated[Texts, Tag("list[str]")], Discriminator(_prompt_kind)
+]
+IdPrompts = Annotated[
+    Annotated[PromptIds, Tag("list[int]")] | Annotated[PromptIdLists, Tag("list[list[int]]")],
+    Discriminator(_prompt_kind),
+]
 
 
 class _Request(BaseModel):
@@ -127,12 +159,7 @@ class OpenAISamplingFields(_Request):
 
 
 class CompletionRequest(OpenAISamplingFields):
-    prompt: (
-        Text
-        | Annotated[list[Text], Field(min_length=1)]
-        | PromptIds
-        | Annotated[list[PromptIds], Field(min_length=1)]
-    )
+    prompt: Prompts
     max_tokens: MaxTokens | None = 16
     logprobs: TopLogprobs | None = None  # top-k alternatives to return; 0: the sampled token only
     echo: bool = False
@@ -300,8 +327,8 @@ class SGLangSamplingParams(_Request):
 
 
 class SGLangGenerateRequest(_Request):
-    text: Text | Annotated[list[Text], Field(min_length=1)] | None = None
-    input_ids: PromptIds | Annotated[list[PromptIds], Field(min_length=1)] | None = None
+    text: TextPrompts | None = None
+    input_ids: IdPrompts | None = None
     sampling_params: SGLangSamplingParams = Field(default_factory=SGLangSamplingParams)
     return_logprob: bool = False
     top_logprobs_num: TopLogprobs = 0

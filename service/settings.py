@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     log_level: Annotated[Literal["debug", "info", "warning", "error"], PROCESS] = Field(
         "warning", description="log level"
     )
+    max_body_bytes: Annotated[int, PROCESS] = Field(
+        16 * 2**20,
+        ge=1024,
+        description="bytes of one request body; a larger one is answered 413 before it is read",
+    )
 
     # -- worker -----------------------------------------------------------------------
     backend: Annotated[Literal["engine", "vllm", "sglang"], WORKER] = Field(
@@ -120,6 +125,17 @@ class Settings(BaseSettings):
     )
     fake_step_delay_s: Annotated[float, WORKER] = Field(
         0.0, ge=0.0, description="FakeWorker: seconds of sleep per forward pass"
+    )
+
+    # -- limits (a worker's) --------------------------------------------------------------
+    max_prompts_per_request: Annotated[int, WORKER] = Field(
+        256, ge=1, description="prompts in one request (a batch); more: 400"
+    )
+    max_inflight_samples: Annotated[int, WORKER] = Field(
+        4096,
+        ge=1,
+        description="samples (n for each prompt) a worker holds at once, running or queued; a "
+        "request that would exceed it is answered 429 with Retry-After",
     )
 
     # -- history (a worker's) -----------------------------------------------------------

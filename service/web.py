@@ -29,6 +29,8 @@ from service.errors import (
     EngineFailure,
     InternalError,
     InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
     ServiceError,
     Unauthorized,
     error_for_status,
@@ -65,7 +67,10 @@ def respond(result: Any) -> Response:
 
 
 def error_json(error: ServiceError) -> Response:
-    return json_response(error_response(error), status_of(error))
+    response = json_response(error_response(error), status_of(error))
+    if isinstance(error, Overloaded):
+        response.headers["retry-after"] = str(error.retry_after)
+    return response
 
 
 # -- API keys ---------------------------------------------------------------------------------
@@ -122,6 +127,64 @@ class ApiKeys:
             return
         scope.setdefault("state", {})["das_admin"] = admitted or admin is None
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """A body above settings.max_body_bytes is answered 413 before it is read (pure ASGI): at
+    once from its Content-Length, or, for a chunked body, as soon as the bytes received pass
+    the limit (a chunked body within it is buffered and replayed to the app)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit: int = scope["app"].state.das.settings.max_body_bytes
+        length, chunked = _body_headers(scope)
+        if length is not None and length > limit:
+            await _too_large(limit, length)(scope, receive, send)
+            return
+        if not chunked:
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        received = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client left
+                break
+            received += len(message.get("body", b""))
+            if received > limit:
+                await _too_large(limit, None)(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        buffered = iter(messages)
+
+        async def replay() -> Message:
+            return next(buffered, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _body_headers(scope: Scope) -> tuple[int | None, bool]:
+    length, chunked = None, False
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit():
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+    return length, chunked
+
+
+def _too_large(limit: int, length: int | None) -> Response:
+    size = f" ({length} bytes)" if length is not None else ""
+    response = error_json(PayloadTooLarge(f"the request body{size} is above {limit} bytes"))
+    response.headers["connection"] = "close"  # the unread body cannot be skipped
+    return response
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -285,6 +348,7 @@ def finish_app(
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     endpoints = {getattr(route, "path", "") for router in routers for route in router.routes}
     app.add_middleware(UnexpectedErrors)  # inside the metrics: its 500s are counted
+    app.add_middleware(BodyLimit)  # before any body is read (and inside the key check)
     app.add_middleware(ApiKeys)  # outside the app: a refused body is never read
     app.add_middleware(MetricsMiddleware, metrics=metrics, worker=name, endpoints=endpoints)
     app.state.metrics = metrics

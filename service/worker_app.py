@@ -50,7 +50,11 @@ def request_limits(settings: Settings) -> Limits:
     """What one request may ask of this worker: the FakeWorker has no model to bound the
     context, any other worker the configured max_model_len."""
     context = FAKE_MAX_MODEL_LEN if settings.model == "fake" else settings.max_model_len
-    return Limits(context)
+    return Limits(
+        context,
+        max_prompts=settings.max_prompts_per_request,
+        max_inflight_samples=settings.max_inflight_samples,
+    )
 
 
 def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker) -> FastAPI:

@@ -53,6 +53,7 @@ async def chat(
         raise InvalidRequest("messages must not be empty", "messages")
     worker = generation.worker
     messages = _render(request.messages)
+    generation.check_text(sum(len(m["content"]) + len(m["role"]) for m in messages), "messages")
     try:
         prompt_ids = worker.apply_chat_template(messages)
     except (ValueError, KeyError) as error:  # the template refused these messages

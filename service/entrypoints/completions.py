@@ -77,7 +77,7 @@ async def complete(
         raise InvalidRequest("echo is not supported", "echo")
     if request.suffix is not None:
         raise InvalidRequest("suffix is not supported", "suffix")
-    prompts = _prompts(generation.worker, request.prompt)
+    prompts = _prompts(generation, request.prompt)
     top = request.logprobs
     if top is not None and top < 0:
         raise InvalidRequest("logprobs must be >= 0", "logprobs")
@@ -177,13 +177,15 @@ async def _stream(
     )
 
 
-def _prompts(worker: Worker, raw: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+def _prompts(
+    generation: Generation, raw: str | list[str] | list[int] | list[list[int]]
+) -> list[Prompt]:
     if isinstance(raw, str):
-        ids: list[list[int]] = [worker.tokenize(raw)]
+        ids: list[list[int]] = generation.tokenize([raw], "prompt")
     elif not raw:
         raise InvalidRequest("prompt must not be empty", "prompt")
     elif isinstance(raw[0], str):
-        ids = [worker.tokenize(p) for p in raw]  # type: ignore[arg-type]
+        ids = generation.tokenize(raw, "prompt")  # type: ignore[arg-type]
     elif isinstance(raw[0], int):
         ids = [raw]  # type: ignore[list-item]
     else:

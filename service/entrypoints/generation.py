@@ -115,6 +115,8 @@ class Generation:
         self.name = worker_name
         self.limits = limits or Limits(FAKE_MAX_MODEL_LEN)
         self._active: dict[str, list[str]] = {}  # client request id -> worker request ids
+        self._samples: dict[str, int] = {}  # client request id -> its samples (admission)
+        self.inflight_samples = 0  # samples of the requests running or queued here
         labels = {"worker": worker_name}
         self._prompt_tokens = metrics.prompt_tokens.labels(**labels)
         self._generated = metrics.generated_tokens.labels(**labels)
@@ -153,7 +155,7 @@ class Generation:
             else:
                 results = list(await asyncio.gather(*(self.worker.generate(r) for r in requests)))
         finally:
-            self._active.pop(request_id, None)
+            self._end(request_id)
         for samples in results:
             for sample in samples:
                 self._observe(
@@ -179,7 +181,7 @@ class Generation:
         try:
             first = await anext(merged)
         except BaseException:
-            self._active.pop(request_id, None)
+            self._end(request_id)
             await merged.aclose()
             raise
 
@@ -212,7 +214,7 @@ class Generation:
                 log.exception("stream %s failed", request_id)
                 yield sse(error_response(InternalError()))
             finally:
-                self._active.pop(request_id, None)
+                self._end(request_id)
                 await merged.aclose()
 
         return events()
@@ -248,8 +250,28 @@ class Generation:
     def _begin(self, request_id: str, requests: list[GenerateRequest]) -> None:
         if request_id in self._active:
             raise InvalidRequest(f"request id {request_id!r} is already running", "rid")
+        samples = sum(r.params.n for r in requests)
+        self.limits.admit(samples, self.inflight_samples)
         self._active[request_id] = [r.request_id for r in requests]
+        self._samples[request_id] = samples
+        self.inflight_samples += samples
         self._prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
+
+    def _end(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+        self.inflight_samples -= self._samples.pop(request_id, 0)
+
+    def check_text(self, chars: int, param: str) -> None:
+        """Refuse text too long for any prompt of this worker before it is tokenized."""
+        self.limits.check_text(chars, param)
+
+    def tokenize(self, texts: Sequence[str], param: str) -> list[list[int]]:
+        """Text prompts as token ids, each refused first if it cannot fit (nor can more
+        prompts than a request may hold)."""
+        self.limits.check_count(len(texts), param)
+        for text in texts:
+            self.limits.check_text(len(text), param)
+        return [self.worker.tokenize(text) for text in texts]
 
     def _observe(self, spec: SpecCounters, reason: str, klass: str, length: int) -> None:
         self._generated.inc(length)

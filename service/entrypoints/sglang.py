@@ -60,10 +60,7 @@ async def generate(
     else:
         texts = request.text
         is_batch = isinstance(texts, list)
-        batch = [
-            generation.worker.tokenize(t)
-            for t in (texts if isinstance(texts, list) else [texts or ""])
-        ]
+        batch = generation.tokenize(texts if isinstance(texts, list) else [texts or ""], "text")
     rids = _rids(request.rid, len(batch), is_batch)
     params = sampling_params(request)
     prompts = [to_prompt(ids, rid) for ids, rid in zip(batch, rids, strict=True)]

@@ -32,9 +32,11 @@ VALID: dict[str, dict[str, Any]] = {
 
 # (path, body, param): each a class of input that crashed a worker or was misread.
 BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
-    ("/v1/completions", {"prompt": [BIG, 1]}, "prompt"),
-    ("/v1/completions", {"prompt": [[1, BIG]]}, "prompt"),
-    ("/v1/completions", {"prompt": [True, False]}, "prompt"),  # a bool is no token id
+    ("/v1/completions", {"prompt": [BIG, 1]}, "prompt.0"),
+    ("/v1/completions", {"prompt": [[1, BIG]]}, "prompt.0.1"),
+    ("/v1/completions", {"prompt": [True, False]}, "prompt.0"),  # a bool is no token id
+    ("/v1/completions", {"prompt": ["x", 1]}, "prompt.1"),
+    ("/v1/completions", {"prompt": {"x": 1}}, "prompt"),
     ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [2**31]}, "stop_token_ids.0"),
     ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, "stop"),

@@ -87,7 +87,7 @@ def test_every_setting_is_one_flag_and_every_flag_a_setting() -> None:
         assert all(len(options) == 1 for options in flags.values())
     assert set(serve) | set(gateway) == set(Settings.model_fields)
     common = set(serve) & set(gateway)
-    assert common == {"host", "port", "api_key", "admin_api_key", "log_level"}
+    assert common == {"host", "port", "api_key", "admin_api_key", "log_level", "max_body_bytes"}
     for name in common:
         assert serve[name] == gateway[name] == [flag_name(name)]
     options = [options[0] for options in (*serve.values(), *gateway.values())]
@@ -123,7 +123,8 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
     # A value unlike the default for each field, given on the command line.
     values = {
         "host": "0.0.0.0", "port": "9", "api_key": "k", "log_level": "debug", "model": "fake",
-        "admin_api_key": "a-k", "worker_admin_api_key": "wa-k",
+        "admin_api_key": "a-k", "worker_admin_api_key": "wa-k", "max_body_bytes": "4096",
+        "max_prompts_per_request": "8", "max_inflight_samples": "64",
         "backend": "sglang",
         "served_model_name": "m", "device": "cuda:1", "dtype": "bfloat16",
         "spec_policy": "fixed:3", "cost_model": "h100-7b", "spec_budget": "2",
