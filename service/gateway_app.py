@@ -19,14 +19,7 @@ from service.gateway import BROADCAST_PATHS, Gateway
 from service.metrics import Metrics
 from service.settings import Settings
 from service.sglang_plugin.upstream import version_order
-from service.web import finish_app, is_admin, json_response
-
-GENERATION_PATHS = (
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/generate",
-    "/inference/v1/generate",
-)
+from service.web import GENERATION_PATHS, finish_app, is_admin, json_response
 
 
 @dataclass(slots=True)

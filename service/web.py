@@ -76,6 +76,12 @@ def error_json(error: ServiceError) -> Response:
 # -- API keys ---------------------------------------------------------------------------------
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})  # probes: no key
+GENERATION_PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/generate",
+    "/inference/v1/generate",
+)
 CONTROL_PATHS = frozenset(
     {
         "/abort_request",
@@ -314,25 +320,33 @@ async def metrics_endpoint(request: Request) -> Response:
 
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema with the errors this service really returns: a request that fails
-    validation is a 400 ErrorResponse (never FastAPI's 422 HTTPValidationError)."""
+    validation is a 400 ErrorResponse (never FastAPI's 422 HTTPValidationError); a keyed path
+    may answer 401, a body 413, a generation 429 (all ErrorResponse)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(error.pop("$defs", {}))
-    schemas["ErrorResponse"] = error
+    body = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(body.pop("$defs", {}))
+    schemas["ErrorResponse"] = body
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    invalid = {
-        "description": "Invalid request: a value out of range or of the wrong type",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
-    }
-    for operations in spec.get("paths", {}).values():
-        for operation in operations.values():
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+    def error(description: str) -> dict[str, Any]:
+        return {"description": description, "content": content}
+
+    for path, operations in spec.get("paths", {}).items():
+        for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             if responses.pop("422", None) is not None:
-                responses["400"] = invalid
+                responses["400"] = error("a value out of range or of the wrong type")
+            if path not in PUBLIC_PATHS:
+                responses["401"] = error("a missing or wrong API key (or admin key)")
+            if method == "post":
+                responses["413"] = error("a body above --max-body-bytes")
+                if path in GENERATION_PATHS:
+                    responses["429"] = error("the worker is full: retry after Retry-After")
     app.openapi_schema = spec
     return spec
 

@@ -191,6 +191,9 @@ def test_openapi_documents_400_and_the_value_limits(servers: dict[str, Server]) 
         assert "422" not in responses
         schema = responses["400"]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+        assert {"401", "413"} <= set(responses)
+    assert "429" in spec["paths"]["/generate"]["post"]["responses"]
+    assert "401" not in spec["paths"]["/health"]["get"]["responses"]
     schemas = spec["components"]["schemas"]
     assert "HTTPValidationError" not in schemas and "ErrorInfo" in schemas
     n = schemas["CompletionRequest"]["properties"]["n"]
