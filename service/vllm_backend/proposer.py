@@ -1,0 +1,146 @@
+"""DasProposer: vLLM's speculative method "suffix", drafting through our speculation core.
+
+vLLM's model runner builds `SuffixDecodingProposer(vllm_config)` by the name it imported
+(vllm/v1/worker/gpu_model_runner.py) and checks the drafter with isinstance; the plugin binds
+this subclass to that name, so vLLM's whole suffix path (config checks, scheduling of a
+different draft length per request, verification) runs unchanged and only the drafts are
+ours. The runner methods wrapped in patch_runner give the proposer what propose() does not
+pass: the runner's request states (group and sample index from sampling_params.extra_args,
+max_tokens), the removal of a request, and the time of each step (for calibration).
+
+Pinned to vLLM 0.32.0's interfaces; tests/vllm/test_contract.py fails when they move.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
+
+from service.vllm_backend.config import CONFIG_KEY, DasVllmOptions
+from service.vllm_backend.drafting import EngineDrafter, Row
+
+
+class DasProposer(SuffixDecodingProposer):  # type: ignore[misc]  # vLLM is untyped here
+    """Ours where vLLM's additional_config has a "das" entry; otherwise vLLM's own suffix
+    decoding (Arctic's cache), unchanged, so one process can serve either."""
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        extra = vllm_config.additional_config
+        data = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+        self.drafter: EngineDrafter | None = None
+        self.requests: dict[str, Any] = {}  # the runner's CachedRequestState by request id
+        if data is None:
+            super().__init__(vllm_config)
+            return
+        # Not SuffixDecodingProposer.__init__: it builds Arctic's cache, which we do not use.
+        config = vllm_config.speculative_config
+        if config is None:
+            raise ValueError("DasProposer needs a speculative config")
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.drafter = EngineDrafter(DasVllmOptions.from_dict(data))
+
+    def propose(
+        self,
+        num_speculative_tokens: int,
+        input_batch: Any,
+        sampled_token_ids: list[list[int]],
+        slot_mappings: Any = None,
+    ) -> list[list[int]]:
+        if self.drafter is None:
+            drafts: list[list[int]] = super().propose(
+                num_speculative_tokens, input_batch, sampled_token_ids, slot_mappings
+            )
+            return drafts
+        limit = min(num_speculative_tokens, self.num_speculative_tokens)
+        rows = []
+        token_ids = input_batch.token_ids_cpu
+        for i, sampled in enumerate(sampled_token_ids):
+            req_id = input_batch.req_ids[i]
+            index = input_batch.req_id_to_index[req_id]
+            num_tokens = int(input_batch.num_tokens_no_spec[index])
+            num_prompt = int(input_batch.num_prompt_tokens[index])
+            state = self.requests.get(req_id)
+            params = None if state is None else state.sampling_params
+            cap = min(limit, self.max_model_len - num_tokens - 1)
+            if params is not None and params.max_tokens is not None:
+                # The next step's own token is free: a draft longer than what is left minus
+                # one would only be cut.
+                cap = min(cap, params.max_tokens - (num_tokens - num_prompt) - 1)
+            rows.append(
+                Row(
+                    req_id=req_id,
+                    sampled=list(sampled),
+                    prompt=functools.partial(_prompt, token_ids, index, num_prompt),
+                    extra_args=None if params is None else params.extra_args,
+                    cap=max(cap, 0),
+                )
+            )
+        return self.drafter.propose(rows)
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        pass  # no draft model
+
+
+def _prompt(token_ids: Any, index: int, num_prompt: int) -> list[int]:
+    return [int(t) for t in token_ids[index, :num_prompt]]
+
+
+def _drafter(runner: Any) -> EngineDrafter | None:
+    proposer = getattr(runner, "drafter", None)
+    return proposer.drafter if isinstance(proposer, DasProposer) else None  # None: vLLM's
+
+
+def patch_runner(runner_class: Any) -> None:
+    """Wrap three GPUModelRunner methods (CPUModelRunner inherits them); idempotent."""
+    if getattr(runner_class, "_das_patched", False):
+        return
+    runner_class._das_patched = True
+    execute_model: Callable[..., Any] = runner_class.execute_model
+    propose: Callable[..., Any] = runner_class.propose_draft_token_ids
+    removed: Callable[..., Any] = runner_class._on_request_state_removed
+
+    @functools.wraps(execute_model)
+    def execute_model_timed(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        drafter = _drafter(self)
+        if drafter is not None:
+            drafter.step_started()
+        return execute_model(self, scheduler_output, *args, **kwargs)
+
+    @functools.wraps(propose)
+    def propose_with_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        drafter = _drafter(self)
+        if drafter is not None:
+            self.drafter.requests = self.requests
+            drafter.step_timed(int(scheduler_output.total_num_scheduled_tokens))
+        return propose(self, scheduler_output, *args, **kwargs)
+
+    @functools.wraps(removed)
+    def removed_hook(self: Any, req_id: str, req_state: Any) -> None:
+        removed(self, req_id, req_state)
+        drafter = _drafter(self)
+        if drafter is not None:
+            drafter.removed(req_id)
+
+    runner_class.execute_model = execute_model_timed
+    runner_class.propose_draft_token_ids = propose_with_states
+    runner_class._on_request_state_removed = removed_hook
+
+
+def das_rpc(worker: Any, name: str, *args: Any) -> Any:
+    """The worker's calls into the engine core's drafter (bound as vLLM's Worker.das_rpc and
+    reached through collective_rpc("das_rpc", ...)): EngineDrafter's settle, add_rollouts,
+    set_version, stats or group_lengths; None without a DasProposer."""
+    if name not in _RPCS:
+        raise ValueError(f"unknown das_rpc {name!r}")
+    drafter = _drafter(worker.model_runner)
+    if drafter is None:
+        return None
+    return getattr(drafter, name)(*args)
+
+
+_RPCS = frozenset({"settle", "add_rollouts", "set_version", "stats", "group_lengths"})

@@ -1,0 +1,123 @@
+"""EngineDrafter, the engine-core side of the vLLM backend, driven by hand-made batch rows
+(no vLLM): requests start from the rows' extra_args, drafts come from the group's history,
+only settled natural ends enter it, and the calibrator fits vLLM's step times."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from service.vllm_backend.config import DasVllmOptions
+from service.vllm_backend.drafting import (
+    GROUP_ARG,
+    ID_ARG,
+    SAMPLE_ARG,
+    Calibrator,
+    EngineDrafter,
+    Row,
+)
+
+PROMPT = [5, 6, 7]
+ANSWER = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+
+
+def row(req_id: str, sampled: Sequence[int], das_id: str, cap: int = 8, group: str = "g") -> Row:
+    args = {GROUP_ARG: group, SAMPLE_ARG: 0, ID_ARG: das_id}
+    return Row(req_id, list(sampled), lambda: PROMPT, args, cap)
+
+
+def run_answer(drafter: EngineDrafter, req_id: str, das_id: str) -> list[list[int]]:
+    """Feed ANSWER as the target's tokens, accepting what matches; the drafts proposed."""
+    proposed: list[list[int]] = []
+    pos = 0
+    draft: list[int] = []
+    while pos < len(ANSWER):
+        accepted = 0
+        for token in draft:
+            if pos + accepted < len(ANSWER) - 1 and ANSWER[pos + accepted] == token:
+                accepted += 1
+            else:
+                break
+        gained = ANSWER[pos : pos + accepted + 1]
+        pos += len(gained)
+        (draft,) = drafter.propose([row(req_id, gained, das_id)])
+        proposed.append(draft)
+    return proposed
+
+
+def fixed() -> EngineDrafter:
+    return EngineDrafter(DasVllmOptions(policy="fixed:8", cost_model="smollm2-cpu"))
+
+
+def test_history_drafts_the_second_rollout_and_counts_it() -> None:
+    drafter = fixed()
+    run_answer(drafter, "vllm-a", "a#0")
+    drafter.removed("vllm-a")
+    answer = drafter.settle([("a#0", True, len(ANSWER))])
+    assert answer["pending"] == []
+    assert answer["rollouts"] == [("g", PROMPT, ANSWER, 0)]
+    forwards, _, accepted, _ = answer["counters"]["a#0"]
+    assert forwards == len(ANSWER) and accepted == 0  # nothing to draft from yet
+
+    proposed = run_answer(drafter, "vllm-b", "b#0")
+    drafter.removed("vllm-b")
+    counters = drafter.settle([("b#0", True, len(ANSWER))])["counters"]["b#0"]
+    assert proposed[0] == ANSWER[1:9]  # the first rollout, drafted after its first token
+    assert counters[2] > 0 and counters[0] < len(ANSWER)
+
+
+def test_an_aborted_request_never_enters_the_history() -> None:
+    drafter = fixed()
+    run_answer(drafter, "vllm-a", "a#0")
+    drafter.removed("vllm-a")
+    answer = drafter.settle([("a#0", False, len(ANSWER))])
+    assert answer["rollouts"] == [] and "a#0" in answer["counters"]
+    assert drafter.stats()["history_groups"] == 0
+
+
+def test_settle_before_removal_and_tokens_past_a_stop() -> None:
+    drafter = fixed()
+    run_answer(drafter, "vllm-a", "a#0")
+    # The front end saw the end first (vLLM removes the request with its next step) and cut
+    # the output at a stop string 5 tokens in.
+    answer = drafter.settle([("a#0", True, 5)])
+    assert answer["rollouts"] == [("g", PROMPT, ANSWER[:5], 0)]
+    assert drafter.propose([row("vllm-a", [99], "a#0")]) == [[]]  # never drafted for again
+    drafter.removed("vllm-a")
+    assert drafter.stats()["live_requests"] == 0
+    assert drafter.settle([("zz#0", True, 3)])["pending"] == ["zz#0"]  # not seen here
+
+
+def test_prefilling_rows_and_caps_get_no_draft() -> None:
+    drafter = fixed()
+    run_answer(drafter, "vllm-a", "a#0")
+    drafter.removed("vllm-a")
+    drafter.settle([("a#0", True, len(ANSWER))])
+    rows = [row("vllm-b", [], "b#0"), row("vllm-c", ANSWER[:1], "c#0", cap=0)]
+    assert drafter.propose(rows) == [[], []]
+    assert drafter.propose([row("vllm-d", ANSWER[:1], "d#0", cap=3)]) == [ANSWER[1:4]]
+
+
+def test_calibration_drafts_nothing_until_fitted() -> None:
+    drafter = EngineDrafter(DasVllmOptions(policy="das", calibration_steps=8))
+    assert drafter.calibrating and drafter.cost is None
+    run_answer(drafter, "vllm-a", "a#0")
+    drafter.removed("vllm-a")
+    drafter.settle([("a#0", True, len(ANSWER))])
+    assert run_answer(drafter, "vllm-b", "b#0") == [[]] * len(ANSWER)
+    calibrator = Calibrator(steps=8, skip=0)
+    fit = None
+    for n in (1, 8, 16, 32, 64, 128, 1, 64):
+        fit = calibrator.add(n, 0.05 + 0.001 * n)
+    assert fit is not None
+    assert fit.c_base == pytest.approx(0.05) and fit.c_tok == pytest.approx(0.001)
+
+
+def test_options_refuse_what_vllm_cannot_run() -> None:
+    with pytest.raises(ValueError, match="none"):
+        DasVllmOptions(policy="none")
+    with pytest.raises(ValueError, match="cost model"):
+        DasVllmOptions(cost_model="fast")
+    options = DasVllmOptions(policy="fixed:4", max_draft=8)
+    assert DasVllmOptions.from_dict({**options.to_dict(), "unknown": 1}) == options
