@@ -28,6 +28,7 @@ from service.errors import (
     UpstreamError,
     UpstreamTimeout,
     error_for_status,
+    error_response,
 )
 from service.metrics import Metrics
 from service.routing import build_ring, pick_worker, routing_key
@@ -170,12 +171,17 @@ class Gateway:
             return await self._send(worker, path, body_for(worker), upstream_headers, stream)
         except httpx.ConnectError:
             self._mark_down(worker, "connection refused")
+        except _NoAnswer:  # it went away before answering: nothing reached the client yet
+            self._mark_down(worker, "connection lost before an answer")
         retry = self.choose(key, exclude=worker.url)
         try:
             return await self._send(retry, path, body_for(retry), upstream_headers, stream)
         except httpx.ConnectError as error:
             self._mark_down(retry, "connection refused")
             raise UpstreamError(f"{self.worker_name(retry.url)} is unreachable") from error
+        except _NoAnswer as error:
+            self._mark_down(retry, "connection lost before an answer")
+            raise UpstreamError(f"{self.worker_name(retry.url)} failed: no answer") from error
 
     async def _send(
         self, worker: Upstream, path: str, body: bytes, headers: dict[str, str], stream: bool
@@ -191,6 +197,11 @@ class Gateway:
             worker.inflight -= 1
             inflight.dec()
             raise
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as error:
+            worker.inflight -= 1
+            inflight.dec()
+            self.metrics.upstream_requests.labels(worker=url, status="error").inc()
+            raise _NoAnswer from error
         except httpx.HTTPError as error:
             worker.inflight -= 1
             inflight.dec()
@@ -210,6 +221,10 @@ class Gateway:
             try:
                 async for part in response.aiter_raw():
                     yield part
+            except httpx.HTTPError as error:  # the worker went away mid-stream: say so
+                self._mark_down(worker, f"stream lost: {type(error).__name__}")
+                failure = _upstream_error(self.worker_name(url), error)
+                yield f"data: {error_response(failure).model_dump_json()}\n\n".encode()
             finally:
                 await response.aclose()
                 worker.inflight -= 1
@@ -322,6 +337,11 @@ class Gateway:
             log.warning("worker %s removed: %s", worker.url, why)
         worker.healthy = False
         self.metrics.worker_up.labels(worker=worker.url).set(0)
+
+
+class _NoAnswer(Exception):
+    """The worker's connection failed before any of its answer arrived (its process died,
+    say): the request may go to another worker."""
 
 
 def _upstream_error(name: str, error: httpx.HTTPError) -> UpstreamError | UpstreamTimeout:

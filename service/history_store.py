@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -108,9 +109,13 @@ class HistoryStore:
         buffer_size: int = 10_000,
         sync_interval_s: float = 0.05,
         prefix: str = "das",
+        close_timeout_s: float = 10.0,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if close_timeout_s < 0:
+            raise ValueError(f"close_timeout_s must be >= 0, got {close_timeout_s}")
+        self._close_timeout = close_timeout_s
         if sync_interval_s <= 0:
             raise ValueError(f"sync_interval_s must be > 0, got {sync_interval_s}")
         self.config = config
@@ -160,9 +165,31 @@ class HistoryStore:
                 await self._task
             self._task = None
         if self.redis is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self.flush()
+            await self._final_flush()
             await self.redis.aclose()
+
+    async def _final_flush(self) -> None:
+        """At shutdown: flush what is buffered, retrying while Redis is away for at most
+        close_timeout_s; what is still buffered then is lost, logged and counted."""
+        assert self.redis is not None
+        deadline = time.monotonic() + self._close_timeout
+        while self._pending:
+            try:
+                await self.flush()
+            except (RedisError, OSError):
+                self._redis_failed()
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(min(self._interval * 4, max(0.0, deadline - time.monotonic())))
+        if self._pending:
+            lost = len(self._pending)
+            self._pending.clear()
+            self._dropped.inc(lost)
+            log.error(
+                "shutdown: %d buffered rollouts lost (Redis unreachable for %.1f s)",
+                lost,
+                self._close_timeout,
+            )
 
     # -- the worker's calls -------------------------------------------------------------
 

@@ -159,6 +159,12 @@ class Settings(BaseSettings):
     redis_timeout_s: Annotated[float, WORKER] = Field(
         0.5, gt=0.0, description="seconds a Redis call may take"
     )
+    history_close_timeout_s: Annotated[float, WORKER] = Field(
+        10.0,
+        ge=0.0,
+        description="at shutdown, seconds to keep retrying the flush of buffered rollouts while "
+        "Redis is down; what is left then is logged and counted as dropped",
+    )
 
     # -- gateway ----------------------------------------------------------------------
     worker_urls: Annotated[list[str], Flag("gateway", name="--worker", metavar="URL")] = Field(

@@ -82,6 +82,7 @@ def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker)
             redis,
             buffer_size=settings.history_buffer_size,
             sync_interval_s=settings.history_sync_interval_s,
+            close_timeout_s=settings.history_close_timeout_s,
         )
         worker = worker_factory(settings, store, metrics)
         log.info("starting worker %s (model %s)", name, settings.model)

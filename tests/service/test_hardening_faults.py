@@ -1,0 +1,198 @@
+"""Issue 13, faults, with real processes: `das worker` processes stopped by SIGTERM while
+their Redis (a real redis-server) is down, killed by SIGKILL mid-stream behind a gateway, and
+clients that leave a non-streaming request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.service.conftest import RedisServer, Server, free_port
+
+
+class WorkerProcess:
+    """`das worker --model fake` in a process of its own."""
+
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--model", "fake",
+             "--port", str(self.port), "--worker-id", f"p{self.port}", *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start: {self.stderr()}")
+            time.sleep(0.1)
+
+    def stderr(self) -> str:
+        self.process.wait(timeout=60)
+        assert self.process.stderr is not None
+        return self.process.stderr.read()
+
+    def complete(self, group: str, **body: object) -> httpx.Response:
+        payload = {"prompt": f"prompt {group}", "max_tokens": 8, "prompt_group": group, **body}
+        return httpx.post(self.url + "/v1/completions", json=payload, timeout=30)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def processes() -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(*flags: str) -> WorkerProcess:
+        started.append(WorkerProcess(*flags))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+def shared_rollouts(redis: RedisServer) -> int:
+    """Rollouts in the Redis streams (XLEN of every das:rollouts:* key), over RESP."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+        sock.sendall(b"KEYS das:rollouts:*\r\n")
+        reply = _read(sock)
+        keys = [line for line in reply.split(b"\r\n")[1:] if line and not line.startswith(b"$")]
+        total = 0
+        for key in keys:
+            sock.sendall(b"XLEN " + key + b"\r\n")
+            total += int(_read(sock)[1:].split(b"\r\n")[0])
+        return total
+
+
+def _read(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    while not data.endswith(b"\r\n"):
+        data += sock.recv(65536)
+    return data
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.05)
+
+
+def test_sigterm_with_redis_down_logs_and_counts_what_is_lost(
+    redis_server: RedisServer, processes: Callable[..., WorkerProcess]
+) -> None:
+    worker = processes("--redis-url", redis_server.url, "--history-close-timeout", "0.5")
+    for group in ("a", "b", "c"):
+        assert worker.complete(group).status_code == 200
+    wait_for(lambda: shared_rollouts(redis_server) == 3)  # Redis up: nothing is lost
+    redis_server.stop()
+    for group in ("d", "e"):
+        assert worker.complete(group).status_code == 200
+    worker.process.send_signal(signal.SIGTERM)
+    stderr = worker.stderr()
+    assert worker.process.returncode in (0, -signal.SIGTERM), stderr  # uvicorn re-raises it
+    assert "shutdown: 2 buffered rollouts lost" in stderr
+
+
+def test_sigterm_retries_the_flush_until_redis_is_back(
+    redis_server: RedisServer, processes: Callable[..., WorkerProcess]
+) -> None:
+    worker = processes("--redis-url", redis_server.url, "--history-close-timeout", "20")
+    redis_server.stop()
+    for group in ("d", "e"):
+        assert worker.complete(group).status_code == 200
+    worker.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the worker is retrying its flush (no assertion rests on this wait)
+    assert worker.process.poll() is None
+    redis_server.start()  # a fresh, empty Redis on the same port
+    stderr = worker.stderr()
+    assert worker.process.returncode in (0, -signal.SIGTERM), stderr  # uvicorn re-raises it
+    assert "lost" not in stderr
+    assert shared_rollouts(redis_server) == 2
+
+
+# -- a worker killed behind the gateway ---------------------------------------------------------
+
+
+@pytest.fixture
+def two_workers_behind_a_gateway(
+    processes: Callable[..., WorkerProcess], serve_gateway: Callable[..., Server]
+) -> tuple[Server, list[WorkerProcess]]:
+    workers = [processes("--fake-step-delay", "0.02") for _ in range(2)]
+    gateway = serve_gateway([w.url for w in workers], health_interval_s=0.2)
+    return gateway, workers
+
+
+LONG = {"prompt": "long", "max_tokens": 3000, "ignore_eos": True, "seed": 1}
+
+
+def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_event(
+    two_workers_behind_a_gateway: tuple[Server, list[WorkerProcess]],
+) -> None:
+    gateway, workers = two_workers_behind_a_gateway
+    by_url = {w.url: w for w in workers}
+    with (
+        httpx.Client(base_url=gateway.url, timeout=30) as http,
+        http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as stream,
+    ):
+        assert stream.status_code == 200
+        events = stream.iter_lines()
+        assert next(events).startswith("data: {")  # it started
+        by_url[stream.headers["x-das-worker"]].process.kill()  # SIGKILL
+        rest = [line for line in events if line.startswith("data: ")]
+    last = rest[-1]
+    assert last != "data: [DONE]"  # not a silent truncation either
+    error = json.loads(last.removeprefix("data: "))["error"]
+    assert error["code"] == 502 and error["type"] == "upstream_error"
+    assert "127.0.0.1" not in error["message"]
+
+
+def test_a_request_not_yet_answered_is_retried_on_another_worker(
+    two_workers_behind_a_gateway: tuple[Server, list[WorkerProcess]],
+) -> None:
+    gateway, workers = two_workers_behind_a_gateway
+    outcome: dict[str, httpx.Response] = {}
+
+    def run() -> None:
+        body = {**LONG, "max_tokens": 150}  # ~3 s on the second worker (no drafts there)
+        outcome["response"] = httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+
+        def busy() -> WorkerProcess | None:
+            for worker in workers:
+                info = httpx.get(worker.url + "/get_server_info", timeout=5).json()
+                if info["running_requests"]:
+                    return worker
+            return None
+
+        wait_for(lambda: busy() is not None)
+        serving = busy()
+        assert serving is not None
+        serving.process.kill()  # SIGKILL while it computes: no byte of the answer was sent
+    finally:
+        thread.join(timeout=60)
+    response = outcome["response"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-das-worker"] != serving.url
+    assert response.json()["choices"][0]["finish_reason"] == "length"
