@@ -67,7 +67,10 @@ def test_where_sglang_calls_them() -> None:
     forward = inspect.getsource(NGRAMWorker.forward_batch_generation)
     assert "self._prepare_for_speculative_decoding(batch)" in forward
     assert "self._update_ngram_corpus(batch)" in forward
-    assert "self.draft_worker.clear_cache_pool()" in inspect.getsource(scheduler.Scheduler)
+    scheduler_source = inspect.getsource(scheduler.Scheduler)
+    assert "self.spec_algorithm.create_worker(self.server_args)" in scheduler_source
+    assert "self.draft_worker.clear_cache_pool()" in scheduler_source
+    assert "load_plugins()" in inspect.getsource(scheduler)  # in the scheduler's process
     results = inspect.getsource(batch_result_processor)
     assert "self.draft_worker.note_request_finished(" in results
     # The overlap splice reads these, as NGRAMWorker does.
