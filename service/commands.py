@@ -51,7 +51,8 @@ def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
         "backend_args",
         nargs="*",
         metavar="-- ARG",
-        help="after --: arguments for the backend's own server (--backend sglang: SGLang's)",
+        help="after --: arguments for the backend's own server (--backend sglang: SGLang's; "
+        "--backend vllm: vLLM engine flags)",
     )
     return parser
 
@@ -179,10 +180,15 @@ def run_worker(args: argparse.Namespace) -> int:
             return run_sglang_worker(settings, backend_args)
         except ValueError as error:
             parser.error(str(error))
-    if backend_args:
+    if backend_args and settings.backend != "vllm":
         parser.error(f"unrecognized arguments: {' '.join(backend_args)}")
     from service.worker_app import create_app
 
+    if settings.backend == "vllm" and backend_args:  # vLLM engine flags for its AsyncLLM
+        from service.vllm_backend.worker import worker_factory
+
+        _serve(create_app(settings, worker_factory(backend_args)), settings)
+        return 0
     _serve(create_app(settings), settings)
     return 0
 

@@ -28,10 +28,10 @@ def register() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
     from service.vllm_backend import sampler_fix
-    from service.vllm_backend.proposer import DasProposer, das_rpc, patch_runner
+    from service.vllm_backend.proposer import das_rpc, patch_runner, proposer_class
 
     if current_platform.is_cpu() and sampler_fix.install():
         log.info("DAS: CPU rejection-sampler fix installed (vLLM issue 55005)")
-    runner_module.SuffixDecodingProposer = DasProposer
+    runner_module.SuffixDecodingProposer = proposer_class()
     patch_runner(runner_module.GPUModelRunner)
     WorkerBase.das_rpc = das_rpc

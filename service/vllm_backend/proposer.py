@@ -17,73 +17,91 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from vllm.config import VllmConfig
-from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
-
 from service.vllm_backend.config import CONFIG_KEY, DasVllmOptions
 from service.vllm_backend.drafting import EngineDrafter, Row
 
 
-class DasProposer(SuffixDecodingProposer):  # type: ignore[misc]  # vLLM is untyped here
-    """Ours where vLLM's additional_config has a "das" entry; otherwise vLLM's own suffix
-    decoding (Arctic's cache), unchanged, so one process can serve either."""
+@functools.cache
+def proposer_class() -> type[Any]:
+    """DasProposer, built on first use: vLLM is imported only inside its processes."""
+    from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
 
-    def __init__(self, vllm_config: VllmConfig) -> None:
-        extra = vllm_config.additional_config
-        data = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-        self.drafter: EngineDrafter | None = None
-        self.requests: dict[str, Any] = {}  # the runner's CachedRequestState by request id
-        if data is None:
-            super().__init__(vllm_config)
-            return
-        # Not SuffixDecodingProposer.__init__: it builds Arctic's cache, which we do not use.
-        config = vllm_config.speculative_config
-        if config is None:
-            raise ValueError("DasProposer needs a speculative config")
-        self.num_speculative_tokens = config.num_speculative_tokens
-        self.max_model_len = vllm_config.model_config.max_model_len
-        self.drafter = EngineDrafter(DasVllmOptions.from_dict(data))
+    class DasProposer(SuffixDecodingProposer):  # type: ignore[misc]  # vLLM is untyped here
+        """Ours where vLLM's additional_config has a "das" entry; otherwise vLLM's own suffix
+        decoding (Arctic's cache), unchanged, so one process can serve either."""
 
-    def propose(
-        self,
-        num_speculative_tokens: int,
-        input_batch: Any,
-        sampled_token_ids: list[list[int]],
-        slot_mappings: Any = None,
-    ) -> list[list[int]]:
-        if self.drafter is None:
-            drafts: list[list[int]] = super().propose(
-                num_speculative_tokens, input_batch, sampled_token_ids, slot_mappings
-            )
-            return drafts
-        limit = min(num_speculative_tokens, self.num_speculative_tokens)
-        rows = []
-        token_ids = input_batch.token_ids_cpu
-        for i, sampled in enumerate(sampled_token_ids):
-            req_id = input_batch.req_ids[i]
-            index = input_batch.req_id_to_index[req_id]
-            num_tokens = int(input_batch.num_tokens_no_spec[index])
-            num_prompt = int(input_batch.num_prompt_tokens[index])
-            state = self.requests.get(req_id)
-            params = None if state is None else state.sampling_params
-            cap = min(limit, self.max_model_len - num_tokens - 1)
-            if params is not None and params.max_tokens is not None:
-                # The next step's own token is free: a draft longer than what is left minus
-                # one would only be cut.
-                cap = min(cap, params.max_tokens - (num_tokens - num_prompt) - 1)
-            rows.append(
-                Row(
-                    req_id=req_id,
-                    sampled=list(sampled),
-                    prompt=functools.partial(_prompt, token_ids, index, num_prompt),
-                    extra_args=None if params is None else params.extra_args,
-                    cap=max(cap, 0),
+        def __init__(self, vllm_config: Any) -> None:
+            extra = vllm_config.additional_config
+            data = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+            self.engine_drafter: EngineDrafter | None = None
+            self.requests: dict[str, Any] = {}  # the runner's CachedRequestState by id
+            if data is None:
+                super().__init__(vllm_config)
+                return
+            # Not SuffixDecodingProposer.__init__: it builds Arctic's cache, unused here.
+            config = vllm_config.speculative_config
+            if config is None:
+                raise ValueError("DasProposer needs a speculative config")
+            self.num_speculative_tokens = config.num_speculative_tokens
+            self.max_model_len = vllm_config.model_config.max_model_len
+            self.engine_drafter = EngineDrafter(DasVllmOptions.from_dict(data))
+
+        def propose(
+            self,
+            num_speculative_tokens: int,
+            input_batch: Any,
+            sampled_token_ids: list[list[int]],
+            slot_mappings: Any = None,
+        ) -> list[list[int]]:
+            if self.engine_drafter is None:
+                drafts: list[list[int]] = super().propose(
+                    num_speculative_tokens, input_batch, sampled_token_ids, slot_mappings
                 )
+                return drafts
+            limit = min(num_speculative_tokens, self.num_speculative_tokens)
+            rows = batch_rows(
+                input_batch, sampled_token_ids, self.requests, limit, self.max_model_len
             )
-        return self.drafter.propose(rows)
+            return self.engine_drafter.propose(rows)
 
-    def load_model(self, *args: Any, **kwargs: Any) -> None:
-        pass  # no draft model
+        def load_model(self, *args: Any, **kwargs: Any) -> None:
+            pass  # no draft model
+
+    return DasProposer
+
+
+def batch_rows(
+    input_batch: Any,
+    sampled_token_ids: list[list[int]],
+    requests: dict[str, Any],
+    limit: int,
+    max_model_len: int,
+) -> list[Row]:
+    """The rows of vLLM's InputBatch as EngineDrafter reads them."""
+    rows = []
+    token_ids = input_batch.token_ids_cpu
+    for i, sampled in enumerate(sampled_token_ids):
+        req_id = input_batch.req_ids[i]
+        index = input_batch.req_id_to_index[req_id]
+        num_tokens = int(input_batch.num_tokens_no_spec[index])
+        num_prompt = int(input_batch.num_prompt_tokens[index])
+        state = requests.get(req_id)
+        params = None if state is None else state.sampling_params
+        cap = min(limit, max_model_len - num_tokens - 1)
+        if params is not None and params.max_tokens is not None:
+            # The next step's own token is free: a draft longer than what is left minus one
+            # would only be cut.
+            cap = min(cap, params.max_tokens - (num_tokens - num_prompt) - 1)
+        rows.append(
+            Row(
+                req_id=req_id,
+                sampled=list(sampled),
+                prompt=functools.partial(_prompt, token_ids, index, num_prompt),
+                extra_args=None if params is None else params.extra_args,
+                cap=max(cap, 0),
+            )
+        )
+    return rows
 
 
 def _prompt(token_ids: Any, index: int, num_prompt: int) -> list[int]:
@@ -91,8 +109,11 @@ def _prompt(token_ids: Any, index: int, num_prompt: int) -> list[int]:
 
 
 def _drafter(runner: Any) -> EngineDrafter | None:
-    proposer = getattr(runner, "drafter", None)
-    return proposer.drafter if isinstance(proposer, DasProposer) else None  # None: vLLM's
+    """The runner's EngineDrafter; None for any other drafter (vLLM's suffix included)."""
+    drafter: EngineDrafter | None = getattr(
+        getattr(runner, "drafter", None), "engine_drafter", None
+    )
+    return drafter
 
 
 def patch_runner(runner_class: Any) -> None:
@@ -115,7 +136,7 @@ def patch_runner(runner_class: Any) -> None:
     def propose_with_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         drafter = _drafter(self)
         if drafter is not None:
-            self.drafter.requests = self.requests
+            self.drafter.requests = self.requests  # the proposer reads sampling params there
             drafter.step_timed(int(scheduler_output.total_num_scheduled_tokens))
         return propose(self, scheduler_output, *args, **kwargs)
 

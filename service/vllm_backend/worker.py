@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,15 @@ class EngineHistoryView:
 
     def group_stats(self, group: str) -> GroupStats:
         return length_stats(group, self.recent_lengths(group))
+
+
+def worker_factory(engine_args: Sequence[str]) -> Callable[[Settings, HistoryStore, Metrics], Any]:
+    """What create_app builds for `das worker --backend vllm ... -- ENGINE FLAGS`."""
+
+    def build(settings: Settings, store: HistoryStore, metrics: Metrics) -> VllmWorker:
+        return VllmWorker(settings, store, metrics, engine_args)
+
+    return build
 
 
 class VllmWorker:

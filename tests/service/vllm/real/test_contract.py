@@ -13,7 +13,7 @@ from vllm.v1.spec_decode.suffix_decoding import SuffixDecodingProposer
 from vllm.v1.worker.gpu_input_batch import InputBatch
 from vllm.v1.worker.worker_base import WorkerBase
 
-from service.vllm_backend.proposer import DasProposer
+from service.vllm_backend.proposer import proposer_class
 
 
 def parameters(function: object) -> list[str]:
@@ -33,7 +33,9 @@ def test_the_suffix_proposer_interface() -> None:
         "sampled_token_ids",
         "slot_mappings",
     ]
-    assert parameters(DasProposer.propose) == parameters(SuffixDecodingProposer.propose)
+    das_proposer = proposer_class()
+    assert issubclass(das_proposer, SuffixDecodingProposer)
+    assert parameters(das_proposer.propose) == parameters(SuffixDecodingProposer.propose)
     assert hasattr(SuffixDecodingProposer, "load_model")
 
 

@@ -1,9 +1,9 @@
-"""`das serve --backend vllm` (a real vLLM on SmolLM2 behind our worker app) through the
+"""`das worker --backend vllm` (a real vLLM on SmolLM2 behind our worker app) through the
 official openai client and our other dialects: completions, chat, streaming, n > 1, logprobs,
 token ids; speculation with logprobs; control endpoints; the rollouts in Redis; metrics.
 
-One server for the module, started as the CLI starts it (vLLM's engine core in its own
-process, the cost model calibrated on vLLM's own steps)."""
+One server for the module, started by the CLI with an extra vLLM engine flag after -- (vLLM's
+engine core in its own process, the cost model calibrated on vLLM's own steps)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "List the first twenty prime numbers, separated by commas:"
 STARTUP_S = 300
+ENGINE_FLAGS = ["--max-num-batched-tokens", "4096"]  # after --: handed to vLLM's engine
 
 
 def free_port() -> int:
@@ -71,7 +72,18 @@ def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [das, "serve", "--backend", "vllm", "--port", str(port), "--redis-url", redis_url],
+            [
+                das,
+                "worker",
+                "--backend",
+                "vllm",
+                "--port",
+                str(port),
+                "--redis-url",
+                redis_url,
+                "--",
+                *ENGINE_FLAGS,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -123,6 +135,7 @@ def generate(server: str, rid: str, **params: Any) -> dict[str, Any]:
 def test_server_info_and_the_calibrated_cost_model(server: str) -> None:
     data = info(server)
     assert data["backend"] == "vllm" and data["speculation"] is True
+    assert data["vllm_engine_args"] == ENGINE_FLAGS
     cost = data["cost_model"]
     assert cost is not None and cost["source"] == "calibrated on vLLM's steps"
     assert 0 < cost["c_tok"] < cost["c_base"] < 5.0
@@ -254,3 +267,28 @@ def test_metrics_come_from_inside_vllm(server: str) -> None:
     assert values["das_forward_passes_total"] > 0
     assert values["das_accepted_tokens_total"] > 0
     assert "das_generation_length_tokens_bucket" in text or "das_generation_length" in text
+
+
+def test_the_group_travels_from_the_gateway_into_vllm(
+    server: str, redis_url: str, serve_gateway: Callable[..., Any]
+) -> None:
+    """The gateway routes by the trainer's group (X-Session-ID here); the worker hands it to
+    vLLM as sampling_params.extra_args; the engine core records the rollout under it, and the
+    Redis stream carries its name."""
+    gateway = serve_gateway([server])
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    for i in range(2):
+        client.completions.create(
+            model="smollm2-135m",
+            prompt="Name the planets of the solar system:",
+            max_tokens=24,
+            temperature=0.0,
+            extra_headers={"X-Session-ID": "planets-group"},
+            seed=i,
+        )
+    keys = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 10
+    while keys.xlen("das:rollouts:planets-group") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert keys.xlen("das:rollouts:planets-group") == 2
+    keys.close()
