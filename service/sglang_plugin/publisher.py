@@ -52,6 +52,7 @@ class ThreadedPublisher:
             connect_redis(settings.redis_url, settings.redis_timeout_s),
             buffer_size=settings.history_buffer_size,
             sync_interval_s=settings.history_sync_interval_s,
+            close_timeout_s=settings.history_close_timeout_s,
         )
         await store.start()
         return store
@@ -62,7 +63,8 @@ class ThreadedPublisher:
         )
 
     def close(self) -> None:
-        """Flush what is buffered (as far as Redis answers) and stop the thread."""
+        """Flush what is buffered (retrying for history_close_timeout_s while Redis is down:
+        what is left then is lost, logged and counted) and stop the thread."""
         if self._loop.is_closed():
             return
         self._call(self.store.close()).result()
