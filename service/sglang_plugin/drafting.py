@@ -100,17 +100,20 @@ class BatchDrafter:
         caps: list[int] = []
         roots: list[int] = []
         for i, req in enumerate(reqs):
-            committed = list(req.output_ids)
-            if spliced is not None:
-                committed += spliced[i]
-            roots.append(committed[-1] if committed else int(req.origin_input_ids_unpadded[-1]))
+            output = req.output_ids
+            extra = spliced[i] if spliced is not None else ()
+            if extra:
+                roots.append(int(extra[-1]))
+            else:
+                roots.append(int(output[-1] if output else req.origin_input_ids_unpadded[-1]))
             if req.finished():  # overlap scheduling runs it one step past its end: no draft
                 continue
             tracked = self._track(req)
-            self._catch_up(tracked, committed)
+            self._catch_up(tracked, output, extra)
             live.append(i)
             specs.append(tracked.spec)
-            caps.append(max(0, min(width - 1, _remaining(req, len(committed)) - 1)))
+            generated = len(output) + len(extra)
+            caps.append(max(0, min(width - 1, _remaining(req, generated) - 1)))
         drafts = [Draft() for _ in reqs]
         for i, spec, draft in zip(live, specs, self.speculator.drafts(specs, caps), strict=True):
             drafts[i] = draft
@@ -136,12 +139,17 @@ class BatchDrafter:
             tracked = self._tracked[req.rid] = Tracked(req, spec)
         return tracked
 
-    def _catch_up(self, tracked: Tracked, committed: Sequence[int]) -> None:
-        """Extend the request by the tokens committed since its last step."""
+    def _catch_up(self, tracked: Tracked, output: Sequence[int], extra: Sequence[int] = ()) -> None:
+        """Extend the request by the tokens committed since its last step: those of
+        output + extra past what it holds (only the new tail is read: a step costs nothing
+        in the length of the rollout)."""
         known = len(tracked.spec.output)
-        if len(committed) <= known:
+        if len(output) + len(extra) <= known:
             return
-        appended = list(committed[known:])
+        if known < len(output):
+            appended = [*output[known:], *extra]
+        else:
+            appended = list(extra[known - len(output) :])
         # One step appends its accepted draft tokens and the target's own next token.
         accepted = min(tracked.drafted, len(appended) - 1)
         self.speculator.extend(tracked.spec, appended, tracked.drafted, accepted)
