@@ -12,6 +12,8 @@ caller repeats wins (SGLang's argparse keeps the last):
 - --speculative-ngram-capacity: small, since SGLang's own corpus stays empty under our worker
   (its trie preallocates that many nodes);
 - --host, --port, --model-path, --served-model-name, --api-key from our settings.
+Without speculation (--no-speculation, --spec-policy none) none of the NGRAM flags: plain
+SGLang, the baseline.
 Every setting goes into the environment as DAS_<FIELD> (flags included), where SGLang's
 scheduler processes build their speculator from it (config.py). The gateway reaches the
 server like any worker, by its URL (`das gateway --sglang-worker URL`); SGLang answers
@@ -36,11 +38,19 @@ PLUGIN_NAME = "das"  # our entry point's name in sglang.srt.plugins
 def sglang_command(
     settings: Settings, extra: Sequence[str], python: str = sys.executable
 ) -> list[str]:
-    """The SGLang server's command line. ValueError for settings it cannot run with."""
-    sglang_cost_model(settings.cost_model)  # refuse calibrate and the CPU preset up front
+    """The SGLang server's command line. ValueError for settings it cannot run with. Without
+    speculation (--no-speculation or --spec-policy none) it is plain SGLang, no NGRAM: the
+    baseline our drafts are measured against."""
+    speculating = settings.speculation_policy != "none"
     algorithm = _flag_value(extra, "--speculative-algorithm")
-    if algorithm is not None and algorithm.upper() != "NGRAM":
-        raise ValueError(f"--speculative-algorithm {algorithm}: our drafts go through NGRAM only")
+    if speculating:
+        sglang_cost_model(settings.cost_model)  # refuse calibrate and the CPU preset up front
+        if algorithm is not None and algorithm.upper() != "NGRAM":
+            raise ValueError(
+                f"--speculative-algorithm {algorithm}: our drafts go through NGRAM only"
+            )
+    elif algorithm is not None:
+        raise ValueError("--speculative-algorithm with --no-speculation: choose one")
     command = [
         python,
         "-m",
@@ -51,15 +61,18 @@ def sglang_command(
         settings.host,
         "--port",
         str(settings.port),
-        "--speculative-algorithm",
-        "NGRAM",
-        "--speculative-num-draft-tokens",
-        str(DEFAULT_DRAFT_WIDTH),
         "--max-running-requests",
         str(settings.max_batch),
-        "--speculative-ngram-capacity",
-        str(NGRAM_CAPACITY),
     ]
+    if speculating:
+        command += [
+            "--speculative-algorithm",
+            "NGRAM",
+            "--speculative-num-draft-tokens",
+            str(DEFAULT_DRAFT_WIDTH),
+            "--speculative-ngram-capacity",
+            str(NGRAM_CAPACITY),
+        ]
     if settings.served_model_name:
         command += ["--served-model-name", settings.served_model_name]
     if settings.api_key:

@@ -38,12 +38,22 @@ def test_the_command_runs_ngram_with_our_flags_and_then_the_callers() -> None:
         "--model-path", "/models/m",
         "--host", "127.0.0.1",
         "--port", "30000",
+        "--max-running-requests", "64",
         "--speculative-algorithm", "NGRAM",
         "--speculative-num-draft-tokens", str(DEFAULT_DRAFT_WIDTH),
-        "--max-running-requests", "64",
         "--speculative-ngram-capacity", str(launch_module.NGRAM_CAPACITY),
         "--tp", "2",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("off", [{"speculation": False}, {"spec_policy": "none"}])
+def test_without_speculation_it_is_plain_sglang(off: dict[str, Any]) -> None:
+    # The baseline: no NGRAM, so the plugin never engages; no cost model is needed either.
+    command = sglang_command(settings(cost_model="calibrate", **off), [], python="py")
+    assert not any(arg.startswith("--speculative") for arg in command)
+    assert "--max-running-requests" in command
+    with pytest.raises(ValueError, match="choose one"):
+        sglang_command(settings(**off), ["--speculative-algorithm", "NGRAM"])
 
 
 def test_the_served_name_and_api_key_go_to_sglang() -> None:
