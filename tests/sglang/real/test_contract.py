@@ -71,6 +71,14 @@ def test_where_sglang_calls_them() -> None:
     assert "self.spec_algorithm.create_worker(self.server_args)" in scheduler_source
     assert "self.draft_worker.clear_cache_pool()" in scheduler_source
     assert "load_plugins()" in inspect.getsource(scheduler)  # in the scheduler's process
+    # release_memory_occupation (colocated RL) flushes through the scheduler's flush_cache.
+    from sglang.srt.managers.scheduler_components.weight_updater import (
+        SchedulerWeightUpdaterManager,
+    )
+
+    release = inspect.getsource(SchedulerWeightUpdaterManager.release_memory_occupation)
+    assert "self.flush_cache()" in release
+    assert "flush_cache=self.flush_cache" in scheduler_source
     results = inspect.getsource(batch_result_processor)
     assert "self.draft_worker.note_request_finished(" in results
     # The overlap splice reads these, as NGRAMWorker does.
