@@ -193,7 +193,7 @@ class Gateway:
         try:
             request = self.client.build_request("POST", url + path, content=body, headers=headers)
             response = await self.client.send(request, stream=stream)
-        except httpx.ConnectError:
+        except (httpx.ConnectError, asyncio.CancelledError):  # refused, or the client left
             worker.inflight -= 1
             inflight.dec()
             raise
@@ -248,16 +248,32 @@ class Gateway:
     # -- control ------------------------------------------------------------------------
 
     async def broadcast(self, method: str, path: str, body: bytes = b"") -> dict[str, Any]:
-        """Send a control call to every worker; {"success", "workers": {url: reply}}, or an
-        error: the workers' own (by status) if they all agree it is a client error, else
-        UpstreamError (502)."""
+        """Send a control call to every healthy worker; {"success", "workers": {url: reply},
+        "skipped": [names of the workers out of routing]}, or an error: the workers' own (by
+        status) if they all agree it is a client error, else UpstreamError (502). A worker
+        that does not answer within control_timeout_s (frozen, say) fails the call and is
+        taken out of routing. A weight update goes to every worker, healthy or not, and may
+        take upstream_timeout_s: one a worker misses fails the call (502), never silently."""
+        timeout = self.settings.control_timeout_s
+        live = self.healthy()
+        if path == "/update_weights_from_disk":
+            timeout = self.settings.upstream_timeout_s
+            live = list(self.workers)
+        if not live:
+            raise Unavailable("no healthy worker")
 
         async def call(url: str, method: str, path: str, body: bytes) -> tuple[str, int, Any]:
             try:
                 response = await self.client.request(
-                    method, url + path, content=body or None, headers=self._control_headers
+                    method,
+                    url + path,
+                    content=body or None,
+                    headers=self._control_headers,
+                    timeout=httpx.Timeout(timeout, connect=2.0),
                 )
             except httpx.HTTPError as error:
+                if isinstance(error, httpx.TimeoutException | httpx.ConnectError):
+                    self._mark_down(self.workers[url], f"{path}: {type(error).__name__}")
                 return url, 502, {"error": type(error).__name__}
             try:
                 return url, response.status_code, response.json()
@@ -269,7 +285,7 @@ class Gateway:
                 return await call(url, method, path, body)
             return await self._sglang_control(url, method, path, body, call)
 
-        replies = await asyncio.gather(*(one(url) for url in self.workers))
+        replies = await asyncio.gather(*(one(url) for url in live))
         failed = [(url, status, reply) for url, status, reply in replies if status >= 400]
         if failed:
             prefix = f"{len(failed)} of {len(replies)} workers failed"
@@ -283,7 +299,11 @@ class Gateway:
                 for url, status, reply in failed
             )
             raise UpstreamError(f"{prefix}: {detail}")
-        return {"success": True, "workers": {url: reply for url, _, reply in replies}}
+        return {
+            "success": True,
+            "workers": {url: reply for url, _, reply in replies},
+            "skipped": [self.worker_name(url) for url in self.workers if url not in live],
+        }
 
     async def _sglang_control(
         self,
@@ -444,6 +464,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             conn.writer.write(payload)
             await conn.writer.drain()
             head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), read_timeout)
+        except asyncio.CancelledError:  # our client left: the worker sees this one leave too
+            conn.close()
+            raise
         except asyncio.IncompleteReadError as error:
             conn.close()
             if not error.partial:
@@ -490,6 +513,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                     release = conn.close
                 else:
                     content = await asyncio.wait_for(conn.reader.readexactly(length), read_timeout)
+            except asyncio.CancelledError:
+                conn.close()
+                raise
             except (OSError, asyncio.IncompleteReadError, TimeoutError) as error:
                 conn.close()
                 raise httpx.ReadError("truncated response body", request=request) from error

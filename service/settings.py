@@ -202,6 +202,13 @@ class Settings(BaseSettings):
     health_failures: Annotated[int, GATEWAY] = Field(
         2, ge=1, description="consecutive failed health checks that take a worker out"
     )
+    control_timeout_s: Annotated[float, GATEWAY] = Field(
+        10.0,
+        gt=0.0,
+        description="seconds a control call (pause, continue, abort, flush, versions) may take "
+        "on one worker; one that does not answer is taken out of routing and reported (weight "
+        "updates take --upstream-timeout)",
+    )
     upstream_timeout_s: Annotated[float, GATEWAY] = Field(
         600.0, gt=0.0, description="seconds a request to a worker may take"
     )

@@ -10,6 +10,7 @@ and answered 500 "internal server error", its text never sent.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -273,6 +274,49 @@ class UnexpectedErrors:
             await error_json(InternalError())(scope, receive, send)
 
 
+CLIENT_CLOSED = 499
+
+
+class CancelOnDisconnect:
+    """A client that leaves a generation request before its answer cancels the request
+    (pure ASGI): the handler's task is cancelled, so the worker aborts it in the engine and
+    frees its slot, and the abandoned rollout never ends by itself (nor enters the history).
+    Streams already stop this way (Starlette watches them); this covers whole answers. One
+    task reads the client's messages and hands them to the app through a queue."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        messages: asyncio.Queue[Message] = asyncio.Queue()
+        handler = asyncio.ensure_future(self.app(scope, messages.get, send))
+        left = False
+
+        async def watch() -> None:
+            nonlocal left
+            while True:
+                message = await receive()
+                messages.put_nowait(message)
+                if message["type"] == "http.disconnect":
+                    left = not handler.done()
+                    handler.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not left:  # this task was cancelled, not by the client: pass it on
+                raise
+            scope.setdefault("state", {})["das_client_left"] = True
+        finally:
+            watcher.cancel()
+            handler.cancel()
+
+
 class MetricsMiddleware:
     """Counts requests and errors, and times them, by endpoint and status (pure ASGI)."""
 
@@ -302,6 +346,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            if scope.get("state", {}).get("das_client_left"):
+                status = CLIENT_CLOSED  # the client left before its answer, as nginx counts it
             code = str(status)
             self.requests.labels(self.worker, endpoint, code).inc()
             if status >= 400:
@@ -364,6 +410,7 @@ def finish_app(
     app.add_middleware(UnexpectedErrors)  # inside the metrics: its 500s are counted
     app.add_middleware(BodyLimit)  # before any body is read (and inside the key check)
     app.add_middleware(ApiKeys)  # outside the app: a refused body is never read
+    app.add_middleware(CancelOnDisconnect)  # inside the metrics: a left request counts 499
     app.add_middleware(MetricsMiddleware, metrics=metrics, worker=name, endpoints=endpoints)
     app.state.metrics = metrics
     return app

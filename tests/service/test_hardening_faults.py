@@ -5,6 +5,7 @@ clients that leave a non-streaming request."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -196,3 +197,64 @@ def test_a_request_not_yet_answered_is_retried_on_another_worker(
     assert response.status_code == 200, response.text
     assert response.headers["x-das-worker"] != serving.url
     assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
+# -- a client that leaves -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("through", ["worker", "gateway"])
+def test_a_client_that_leaves_a_whole_request_cancels_it(
+    serve: Callable[..., Server], serve_gateway: Callable[..., Server], through: str
+) -> None:
+    """Not streamed: the worker notices the client's connection close, aborts the request
+    (its samples stop, its slot is free) and records no rollout; through a gateway too."""
+    worker = serve(fake_step_delay_s=0.02)
+    target = worker if through == "worker" else serve_gateway([worker.url])
+    body = json.dumps({"prompt": "left", "max_tokens": 2000, "ignore_eos": True}).encode()
+
+    def info() -> dict[str, int]:
+        reply: dict[str, int] = httpx.get(worker.url + "/get_server_info", timeout=5).json()
+        return reply
+
+    with socket.create_connection(("127.0.0.1", target.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(body) + body
+        )
+        wait_for(lambda: info()["running_requests"] == 1)
+    # Left: without the cancellation it would run for 2000 passes (40 s).
+    wait_for(lambda: info()["running_requests"] == 0)
+    assert info()["history_groups"] == 0  # the abandoned rollout is no history
+    metrics = httpx.get(worker.url + "/metrics", timeout=5).text
+    assert 'endpoint="/v1/completions",status="499"' in metrics
+    ok = httpx.post(target.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+# -- a frozen worker ----------------------------------------------------------------------------
+
+
+def test_a_frozen_worker_fails_a_control_call_in_its_timeout_and_is_then_skipped(
+    processes: Callable[..., WorkerProcess], serve_gateway: Callable[..., Server]
+) -> None:
+    workers = [processes() for _ in range(2)]
+    # Health checks far apart: the control call is the first to find the worker frozen.
+    gateway = serve_gateway([w.url for w in workers], control_timeout_s=1.0, health_interval_s=30)
+    live, frozen = workers
+    os.kill(frozen.process.pid, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:  # 600 s before this issue
+            first = http.post("/pause_generation")
+            assert first.status_code == 502
+            assert "worker-1" in first.json()["error"]["message"]
+            assert frozen.url not in first.text
+            paused = http.post("/pause_generation")  # now out of routing: skipped, reported
+            assert paused.status_code == 200 and paused.json()["skipped"] == ["worker-1"]
+            assert httpx.get(live.url + "/health").json()["status"] == "paused"
+            assert http.post("/continue_generation").status_code == 200
+            served = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert served.status_code == 200 and served.headers["x-das-worker"] == live.url
+            versions = http.get("/get_weight_version").json()
+            assert set(versions["workers"]) == {live.url}
+    finally:
+        os.kill(frozen.process.pid, signal.SIGCONT)

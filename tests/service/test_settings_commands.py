@@ -125,7 +125,7 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
         "host": "0.0.0.0", "port": "9", "api_key": "k", "log_level": "debug", "model": "fake",
         "admin_api_key": "a-k", "worker_admin_api_key": "wa-k", "max_body_bytes": "4096",
         "max_prompts_per_request": "8", "max_inflight_samples": "64",
-        "history_close_timeout_s": "1.5",
+        "history_close_timeout_s": "1.5", "control_timeout_s": "3",
         "backend": "sglang",
         "served_model_name": "m", "device": "cuda:1", "dtype": "bfloat16",
         "spec_policy": "fixed:3", "cost_model": "h100-7b", "spec_budget": "2",
