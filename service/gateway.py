@@ -54,6 +54,7 @@ class Upstream:
     healthy: bool = True
     failures: int = 0  # consecutive failed health checks
     inflight: int = 0
+    version: str | None = None  # the policy version it last reported (None: not reported)
 
 
 @dataclass(slots=True)
@@ -98,6 +99,7 @@ class Gateway:
             self._control_headers["authorization"] = f"Bearer {settings.worker_admin_api_key}"
         self._client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.announced: str | None = None  # the policy version its weight updates reached
         for url in self.workers:
             metrics.worker_up.labels(worker=url).set(1)
 
@@ -132,11 +134,26 @@ class Gateway:
     def healthy(self) -> list[str]:
         return [url for url, w in self.workers.items() if w.healthy]
 
+    def in_policy(self, worker: Upstream) -> bool:
+        """Whether the worker serves the policy version this gateway announces (the one its
+        last weight update reached); one that reports another (it missed an update, or came
+        back at its start-up version) is held out of routing, never served beside it."""
+        return self.announced is None or worker.version in (None, self.announced)
+
+    def routable(self) -> list[str]:
+        return [url for url, w in self.workers.items() if w.healthy and self.in_policy(w)]
+
+    def skew(self) -> list[str]:
+        """The workers (by name) that report a policy version other than the announced."""
+        return [self.worker_name(url) for url, w in self.workers.items() if not self.in_policy(w)]
+
     def choose(self, key: str, exclude: str | None = None) -> Upstream:
-        healthy = [url for url in self.healthy() if url != exclude]
+        routable = [url for url in self.routable() if url != exclude]
         loads = {url: w.inflight for url, w in self.workers.items()}
-        url = pick_worker(self.ring, key, loads, healthy, self.settings.routing_load_factor)
+        url = pick_worker(self.ring, key, loads, routable, self.settings.routing_load_factor)
         if url is None:
+            if self.healthy():
+                raise Unavailable(f"no healthy worker on policy version {self.announced}")
             raise Unavailable("no healthy worker")
         return self.workers[url]
 
@@ -286,6 +303,8 @@ class Gateway:
             return await self._sglang_control(url, method, path, body, call)
 
         replies = await asyncio.gather(*(one(url) for url in live))
+        if path in ("/update_weights_from_disk", "/get_weight_version"):
+            self._note_versions(path, replies)
         failed = [(url, status, reply) for url, status, reply in replies if status >= 400]
         if failed:
             prefix = f"{len(failed)} of {len(replies)} workers failed"
@@ -304,6 +323,20 @@ class Gateway:
             "workers": {url: reply for url, _, reply in replies},
             "skipped": [self.worker_name(url) for url in self.workers if url not in live],
         }
+
+    def _note_versions(self, path: str, replies: list[tuple[str, int, Any]]) -> None:
+        """The versions the workers answered; after a weight update, the newest one reached
+        becomes the announced version (workers left behind are then held out)."""
+        reached = []
+        for url, status, reply in replies:
+            version = reply.get("weight_version") if isinstance(reply, dict) else None
+            if status < 400 and version is not None:
+                self.workers[url].version = str(version)
+                reached.append(str(version))
+        if path == "/update_weights_from_disk" and reached:
+            self.announced = max(reached, key=sglang_upstream.version_order)
+            for name in self.skew():
+                log.warning("%s is not on policy version %s: held out", name, self.announced)
 
     async def _sglang_control(
         self,
@@ -336,6 +369,9 @@ class Gateway:
             except httpx.HTTPError:
                 ok = False
             if ok:
+                reported = _reported_version(response)
+                if reported is not None:
+                    worker.version = reported
                 if not worker.healthy:
                     log.warning("worker %s is back", worker.url)
                 worker.healthy, worker.failures = True, 0
@@ -368,6 +404,16 @@ def _upstream_error(name: str, error: httpx.HTTPError) -> UpstreamError | Upstre
     if isinstance(error, httpx.TimeoutException):
         return UpstreamTimeout(f"{name} did not answer in time: {type(error).__name__}")
     return UpstreamError(f"{name} failed: {type(error).__name__}")
+
+
+def _reported_version(response: httpx.Response) -> str | None:
+    """The weight_version a worker's /health reports (ours do; an SGLang server does not)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    version = body.get("weight_version") if isinstance(body, dict) else None
+    return None if version is None else str(version)
 
 
 def _param(reply: Any) -> str | None:

@@ -83,8 +83,9 @@ async def weight_version(request: Request, gateway: GatewayDep) -> Response:
     reply = await gateway.broadcast("GET", "/get_weight_version")
     workers = reply["workers"].items()
     versions = {_shown(request, gateway, u): w["weight_version"] for u, w in workers}
-    latest = max(versions.values(), key=version_order)
-    return json_response({"weight_version": latest, "workers": versions})
+    latest = gateway.announced or max(versions.values(), key=version_order)
+    # skew: the workers on another version, held out of routing until they are on this one
+    return json_response({"weight_version": latest, "workers": versions, "skew": gateway.skew()})
 
 
 @router.get("/v1/models")
@@ -102,6 +103,7 @@ async def health_generate(gateway: GatewayDep) -> Response:
 @router.get("/get_server_info")
 async def server_info(request: Request, gateway: GatewayDep) -> Response:
     workers = [(_shown(request, gateway, w.url), w) for w in gateway.workers.values()]
+    routable = set(gateway.routable())
     return json_response(
         {
             "role": "gateway",
@@ -111,8 +113,17 @@ async def server_info(request: Request, gateway: GatewayDep) -> Response:
                 "vnodes": gateway.settings.routing_vnodes,
             },
             "workers": [
-                {"url": url, "healthy": w.healthy, "inflight": w.inflight} for url, w in workers
+                {
+                    "url": url,
+                    "healthy": w.healthy,
+                    "inflight": w.inflight,
+                    "weight_version": w.version,
+                    "routable": w.url in routable,
+                }
+                for url, w in workers
             ],
+            "weight_version": gateway.announced,
+            "skew": gateway.skew(),
         }
     )
 

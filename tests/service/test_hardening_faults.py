@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -23,8 +24,8 @@ from tests.service.conftest import RedisServer, Server, free_port
 class WorkerProcess:
     """`das worker --model fake` in a process of its own."""
 
-    def __init__(self, *flags: str) -> None:
-        self.port = free_port()
+    def __init__(self, *flags: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker", "--model", "fake",
@@ -61,8 +62,8 @@ class WorkerProcess:
 def processes() -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(*flags: str) -> WorkerProcess:
-        started.append(WorkerProcess(*flags))
+    def start(*flags: str, port: int | None = None) -> WorkerProcess:
+        started.append(WorkerProcess(*flags, port=port))
         return started[-1]
 
     yield start
@@ -258,3 +259,41 @@ def test_a_frozen_worker_fails_a_control_call_in_its_timeout_and_is_then_skipped
             assert set(versions["workers"]) == {live.url}
     finally:
         os.kill(frozen.process.pid, signal.SIGCONT)
+
+
+# -- a worker that misses a weight update --------------------------------------------------------
+
+
+def test_a_worker_that_missed_a_weight_update_is_held_out_and_reported(
+    processes: Callable[..., WorkerProcess], serve_gateway: Callable[..., Server]
+) -> None:
+    """Before: the update answered 502 while the live worker moved on, and the restarted
+    worker rejoined at v0 to serve beside it. Now the gateway announces the version its update
+    reached and routes only to workers on it; the others are listed as skew."""
+    live, missed = processes(), processes()
+    gateway = serve_gateway([live.url, missed.url], health_interval_s=0.1, health_failures=1)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        assert http.post("/update_weights_from_disk", json={"model_path": "/ckpt/1"}).is_success
+        missed.kill()  # SIGKILL
+        update = http.post("/update_weights_from_disk", json={"model_path": "/ckpt/2"})
+        assert update.status_code == 502  # the caller learns that one worker missed it
+        back = processes(port=missed.port)  # restarted: its start-up version, 0
+
+        def info() -> dict[str, Any]:
+            reply: dict[str, Any] = http.get("/get_server_info").json()
+            return reply
+
+        wait_for(
+            lambda: info()["workers"][1]["healthy"]
+            and info()["workers"][1]["weight_version"] == "0"
+        )
+        assert info()["workers"][1]["routable"] is False and info()["skew"] == ["worker-1"]
+        versions = http.get("/get_weight_version").json()
+        assert versions["weight_version"] == "2" and versions["skew"] == ["worker-1"]
+        for i in range(12):  # groups that hash to either worker: all served on version 2
+            body = {"prompt": f"p{i}", "max_tokens": 2, "prompt_group": f"g{i}"}
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 200
+            assert response.headers["x-das-worker"] == live.url
+            assert response.json()["weight_version"] == "2"
+        assert httpx.get(back.url + "/get_weight_version").json()["weight_version"] == "0"
