@@ -367,7 +367,7 @@ async def metrics_endpoint(request: Request) -> Response:
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema with the errors this service really returns: a request that fails
     validation is a 400 ErrorResponse (never FastAPI's 422 HTTPValidationError); a keyed path
-    may answer 401, a body 413, a generation 429 (all ErrorResponse)."""
+    may answer 401, a body 413, a generation 404 (model) and 429, any 503 (ErrorResponse)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
@@ -391,8 +391,10 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
                 responses["401"] = error("a missing or wrong API key (or admin key)")
             if method == "post":
                 responses["413"] = error("a body above --max-body-bytes")
-                if path in GENERATION_PATHS:
-                    responses["429"] = error("the worker is full: retry after Retry-After")
+            if path in GENERATION_PATHS:
+                responses["404"] = error("a model this worker does not serve")
+                responses["429"] = error("the worker is full: retry after Retry-After")
+            responses["503"] = error("not now: loading, shutting down, paused, no worker")
     app.openapi_schema = spec
     return spec
 
