@@ -292,7 +292,15 @@ class CancelOnDisconnect:
             await self.app(scope, receive, send)
             return
         messages: asyncio.Queue[Message] = asyncio.Queue()
-        handler = asyncio.ensure_future(self.app(scope, messages.get, send))
+        answered = False  # the whole answer went out: a disconnect now is the normal end
+
+        async def send_all(message: Message) -> None:
+            nonlocal answered
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered = True
+
+        handler = asyncio.ensure_future(self.app(scope, messages.get, send_all))
         left = False
 
         async def watch() -> None:
@@ -301,8 +309,9 @@ class CancelOnDisconnect:
                 message = await receive()
                 messages.put_nowait(message)
                 if message["type"] == "http.disconnect":
-                    left = not handler.done()
-                    handler.cancel()
+                    if not answered and not handler.done():
+                        left = True
+                        handler.cancel()
                     return
 
         watcher = asyncio.ensure_future(watch())
