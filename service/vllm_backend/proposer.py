@@ -14,6 +14,7 @@ Pinned to vLLM 0.32.0's interfaces; tests/vllm/test_contract.py fails when they 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -138,7 +139,18 @@ def patch_runner(runner_class: Any) -> None:
         if drafter is not None:
             self.drafter.requests = self.requests  # the proposer reads sampling params there
             drafter.step_timed(int(scheduler_output.total_num_scheduled_tokens))
-        return propose(self, scheduler_output, *args, **kwargs)
+        tally: SpecTally | None = getattr(self, "_das_tally", None)
+        if tally is None:
+            tally = self._das_tally = SpecTally()
+        sampled = args[0] if args else kwargs.get("sampled_token_ids")
+        if isinstance(sampled, list):
+            tally.verified(self.input_batch.req_ids, sampled)
+        began = time.perf_counter()
+        drafts = propose(self, scheduler_output, *args, **kwargs)
+        tally.seconds += time.perf_counter() - began
+        if isinstance(drafts, list):
+            tally.proposed(self.input_batch.req_ids, drafts)
+        return drafts
 
     @functools.wraps(removed)
     def removed_hook(self: Any, req_id: str, req_state: Any) -> None:
@@ -152,10 +164,47 @@ def patch_runner(runner_class: Any) -> None:
     runner_class._on_request_state_removed = removed_hook
 
 
+class SpecTally:
+    """Drafted and accepted tokens of whatever drafter vLLM runs (ours, its ngram or its
+    suffix decoding), counted the same way: a request's draft of k tokens, then the tokens it
+    gained in the next step (accepted = gained - 1). The benchmark compares the methods by
+    it; the proposer's own time per step is here too."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, int] = {}
+        self.drafted = 0
+        self.accepted = 0
+        self.steps = 0
+        self.seconds = 0.0
+
+    def verified(self, req_ids: list[str], sampled: list[list[int]]) -> None:
+        self.steps += 1
+        for req_id, tokens in zip(req_ids, sampled, strict=False):
+            drafted = self.pending.pop(req_id, 0)
+            if drafted and tokens:
+                self.drafted += drafted
+                self.accepted += min(len(tokens) - 1, drafted)
+
+    def proposed(self, req_ids: list[str], drafts: list[Any]) -> None:
+        self.pending = {r: len(d) for r, d in zip(req_ids, drafts, strict=False) if len(d)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "steps": self.steps,
+            "propose_seconds": self.seconds,
+        }
+
+
 def das_rpc(worker: Any, name: str, *args: Any) -> Any:
     """The worker's calls into the engine core's drafter (bound as vLLM's Worker.das_rpc and
     reached through collective_rpc("das_rpc", ...)): EngineDrafter's settle, add_rollouts,
-    set_version, stats or group_lengths; None without a DasProposer."""
+    set_version, stats or group_lengths (None without a DasProposer), and "tally" (any
+    drafter: SpecTally's counts)."""
+    if name == "tally":
+        tally: SpecTally | None = getattr(worker.model_runner, "_das_tally", None)
+        return (tally or SpecTally()).to_dict()
     if name not in _RPCS:
         raise ValueError(f"unknown das_rpc {name!r}")
     drafter = _drafter(worker.model_runner)
