@@ -118,6 +118,7 @@ def test_simulate_defaults_to_das(
         "max_rollouts_per_group": 64,
         "min_prob": 0.1,
         "tree_drafts": False,
+        "live_siblings": False,
     }
 
 
