@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -51,6 +52,11 @@ T = TypeVar("T")
 # samples' final deltas, completion tokens in all) or None for none.
 Chunk = Callable[[int, SampleDelta], str]
 Tail = Callable[[list[SampleDelta], int], str]
+
+
+@dataclass(slots=True, eq=False)
+class _Admitted:
+    samples: int  # n for each prompt, summed: what the request holds of the worker
 
 
 @dataclass(slots=True)
@@ -115,7 +121,7 @@ class Generation:
         self.name = worker_name
         self.limits = limits or Limits(FAKE_MAX_MODEL_LEN)
         self._active: dict[str, list[str]] = {}  # client request id -> worker request ids
-        self._samples: dict[str, int] = {}  # client request id -> its samples (admission)
+        self._samples: dict[str, _Admitted] = {}  # client request id -> its admission
         self.inflight_samples = 0  # samples of the requests running or queued here
         labels = {"worker": worker_name}
         self._prompt_tokens = metrics.prompt_tokens.labels(**labels)
@@ -217,7 +223,11 @@ class Generation:
                 self._end(request_id)
                 await merged.aclose()
 
-        return events()
+        stream = events()
+        # A stream never iterated (its client left before the first chunk went out) runs no
+        # finally: its admission ends when it is collected, unless it ended already.
+        weakref.finalize(stream, self._end, request_id, self._samples[request_id])
+        return stream
 
     async def abort(self, request_id: str | None) -> int:
         """Abort a request by the id its client knows (None: all); the number aborted."""
@@ -253,13 +263,18 @@ class Generation:
         samples = sum(r.params.n for r in requests)
         self.limits.admit(samples, self.inflight_samples)
         self._active[request_id] = [r.request_id for r in requests]
-        self._samples[request_id] = samples
+        self._samples[request_id] = _Admitted(samples)
         self.inflight_samples += samples
         self._prompt_tokens.inc(sum(len(r.prompt_token_ids) for r in requests))
 
-    def _end(self, request_id: str) -> None:
+    def _end(self, request_id: str, admitted: _Admitted | None = None) -> None:
+        """The request left the worker (admitted: only if it is still that admission)."""
+        entry = self._samples.get(request_id)
+        if entry is None or (admitted is not None and entry is not admitted):
+            return
+        del self._samples[request_id]
         self._active.pop(request_id, None)
-        self.inflight_samples -= self._samples.pop(request_id, 0)
+        self.inflight_samples -= entry.samples
 
     def check_text(self, chars: int, param: str) -> None:
         """Refuse text too long for any prompt of this worker before it is tokenized."""

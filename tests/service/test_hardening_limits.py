@@ -212,3 +212,38 @@ def test_health_answers_while_a_long_request_runs(serve: Callable[..., Server]) 
     finally:
         thread.join(timeout=60)
     assert outcome["status"] == 200
+
+
+def test_a_stream_never_iterated_releases_its_admission() -> None:
+    """A client that leaves between a stream's first delta and its first chunk: the stream is
+    never iterated (no finally runs), yet its samples are released once it is collected."""
+    import asyncio
+    import gc
+
+    from drafter import DrafterConfig
+    from service.entrypoints.generation import Generation, Prompt
+    from service.errors import Overloaded
+    from service.fake_worker import FakeWorker
+    from service.history_store import HistoryStore
+    from service.metrics import Metrics
+    from service.worker import SamplingParams
+
+    async def main() -> None:
+        metrics = Metrics()
+        worker = FakeWorker(HistoryStore(DrafterConfig(), metrics, "w"), step_delay_s=0.01)
+        generation = Generation(worker, metrics, "w", Limits(1000, max_inflight_samples=4))
+        params = SamplingParams(n=4, max_tokens=8)
+        stream = await generation.stream(
+            "left", [Prompt([1, 2, 3], "")], params, None, lambda p, d: "", None
+        )
+        assert generation.inflight_samples == 4
+        with pytest.raises(Overloaded):
+            await generation.run_all("next", [Prompt([1], "")], SamplingParams(), None)
+        del stream
+        gc.collect()
+        assert generation.inflight_samples == 0
+        (samples,) = await generation.run_all("next", [Prompt([1], "")], SamplingParams(), None)
+        assert len(samples) == 1 and generation.inflight_samples == 0
+        await worker.close()
+
+    asyncio.run(main())
