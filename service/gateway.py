@@ -115,6 +115,11 @@ class Gateway:
             transport=KeepAliveTransport(),
         )
         await self.check_health()
+        # A gateway (re)started beside running workers announces the newest version they
+        # report: one behind it (restarted, or it missed an update) is held out from the start.
+        reported = [w.version for w in self.workers.values() if w.version is not None]
+        if reported:
+            self.announced = max(reported, key=sglang_upstream.version_order)
         self._health_task = asyncio.create_task(self._health_loop(), name="gateway-health")
 
     async def close(self) -> None:

@@ -297,3 +297,17 @@ def test_a_worker_that_missed_a_weight_update_is_held_out_and_reported(
             assert response.headers["x-das-worker"] == live.url
             assert response.json()["weight_version"] == "2"
         assert httpx.get(back.url + "/get_weight_version").json()["weight_version"] == "0"
+
+
+def test_a_gateway_started_beside_workers_on_two_versions_holds_out_the_older(
+    serve: Callable[..., Server], serve_gateway: Callable[..., Server]
+) -> None:
+    ahead, behind = serve(), serve()
+    assert httpx.post(ahead.url + "/update_weights_from_disk", json={"model_path": "/c/1"})
+    gateway = serve_gateway([ahead.url, behind.url])
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        versions = http.get("/get_weight_version").json()
+        assert versions["weight_version"] == "1" and versions["skew"] == ["worker-1"]
+        for i in range(8):
+            body = {"prompt": "x", "max_tokens": 2, "prompt_group": f"g{i}"}
+            assert http.post("/v1/completions", json=body).headers["x-das-worker"] == ahead.url
