@@ -127,6 +127,16 @@ def _post_later(url: str, path: str, body: dict[str, Any], out: dict[str, Any]) 
     return thread
 
 
+def _until_running(http: httpx.Client) -> None:
+    """Wait until the worker runs a request and has generated some of it (a loaded machine
+    may take longer than any fixed sleep)."""
+    deadline = time.monotonic() + 30
+    while http.get("/get_server_info").json()["running_requests"] < 1:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
 def test_abort_returns_partial_output(serve: Callable[..., Server]) -> None:
     server = serve(fake_step_delay_s=0.005, speculation=False)
     out: dict[str, Any] = {}
@@ -134,7 +144,7 @@ def test_abort_returns_partial_output(serve: Callable[..., Server]) -> None:
             "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}  # fmt: skip
     thread = _post_later(server.url, "/generate", body, out)
     with httpx.Client(base_url=server.url) as http:
-        time.sleep(0.2)
+        _until_running(http)
         assert http.post("/abort_request", json={"rid": "long-1"}).status_code == 200
         thread.join(10)
         meta = out["body"]["meta_info"]
@@ -144,7 +154,7 @@ def test_abort_returns_partial_output(serve: Callable[..., Server]) -> None:
         out2: dict[str, Any] = {}
         body2 = {"prompt": "x", "max_tokens": 2000, "ignore_eos": True}
         thread = _post_later(server.url, "/v1/completions", body2, out2)
-        time.sleep(0.2)
+        _until_running(http)
         assert http.post("/abort_request", json={"abort_all": True}).status_code == 200
         thread.join(10)
         assert out2["body"]["choices"][0]["finish_reason"] == "abort"
