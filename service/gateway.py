@@ -98,6 +98,7 @@ class Gateway:
         if settings.worker_admin_api_key:
             self._control_headers["authorization"] = f"Bearer {settings.worker_admin_api_key}"
         self._client: httpx.AsyncClient | None = None
+        self._transport: KeepAliveTransport | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.announced: str | None = None  # the policy version its weight updates reached
         for url in self.workers:
@@ -110,9 +111,10 @@ class Gateway:
         return self._client
 
     async def start(self) -> None:
+        self._transport = KeepAliveTransport()
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.settings.upstream_timeout_s, connect=2.0),
-            transport=KeepAliveTransport(),
+            transport=self._transport,
         )
         await self.check_health()
         # A gateway (re)started beside running workers announces the newest version they
@@ -396,6 +398,9 @@ class Gateway:
     def _mark_down(self, worker: Upstream, why: str) -> None:
         if worker.healthy:
             log.warning("worker %s removed: %s", worker.url, why)
+            if self._transport is not None:  # what waits on it fails now, not in 600 s
+                url = httpx.URL(worker.url)
+                self._transport.drop((url.host, url.port or 80))
         worker.healthy = False
         self.metrics.worker_up.labels(worker=worker.url).set(0)
 
@@ -452,6 +457,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, max_idle_per_origin: int = 512) -> None:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._busy: dict[tuple[str, int], set[_Conn]] = {}
         self._max_idle = max_idle_per_origin
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -500,7 +506,15 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectTimeout(f"connect to {origin} timed out", request=request) from error
         except OSError as error:
             raise httpx.ConnectError(str(error), request=request) from error
-        return _Conn(reader, writer)
+        return _Conn(reader, writer, self._busy.setdefault(origin, set()))
+
+    def drop(self, origin: tuple[str, int]) -> None:
+        """Close every connection to `origin` with an exchange under way (its worker is out of
+        routing, frozen say): a request still waiting for its answer fails with ReadError
+        (the gateway retries it elsewhere), a stream ends with an error event."""
+        for conn in list(self._busy.get(origin, ())):
+            conn.dropped = True
+            conn.writer.close()
 
     async def _exchange(
         self,
@@ -511,6 +525,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         timeouts: dict[str, float | None],
     ) -> httpx.Response:
         read_timeout = timeouts.get("read")
+        conn.busy.add(conn)
         try:
             conn.writer.write(payload)
             await conn.writer.drain()
@@ -518,13 +533,14 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         except asyncio.CancelledError:  # our client left: the worker sees this one leave too
             conn.close()
             raise
-        except asyncio.IncompleteReadError as error:
+        except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError) as error:
             conn.close()
-            if not error.partial:
-                raise _StaleConnection from error
-            raise httpx.ReadError("truncated response head", request=request) from error
-        except (ConnectionError, BrokenPipeError) as error:
-            conn.close()
+            if conn.dropped:  # not stale: never resend to a worker out of routing
+                raise httpx.ReadError(
+                    "the worker was taken out of routing", request=request
+                ) from error
+            if isinstance(error, asyncio.IncompleteReadError) and error.partial:
+                raise httpx.ReadError("truncated response head", request=request) from error
             raise _StaleConnection from error
         except TimeoutError as error:
             conn.close()
@@ -577,6 +593,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         )
 
     def _release(self, origin: tuple[str, int], conn: _Conn) -> None:
+        conn.busy.discard(conn)
         idle = self._idle.setdefault(origin, [])
         if len(idle) < self._max_idle:
             idle.append(conn)
@@ -588,13 +605,16 @@ class _StaleConnection(Exception):
     """A kept-alive connection the server had closed before our request reached it."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    busy: set[_Conn]  # its origin's connections with an exchange under way
+    dropped: bool = False  # closed by drop(): its worker was taken out of routing
 
     def close(self) -> None:
         self.writer.close()
+        self.busy.discard(self)
 
 
 class _ChunkedStream(httpx.AsyncByteStream):

@@ -311,3 +311,43 @@ def test_a_gateway_started_beside_workers_on_two_versions_holds_out_the_older(
         for i in range(8):
             body = {"prompt": "x", "max_tokens": 2, "prompt_group": f"g{i}"}
             assert http.post("/v1/completions", json=body).headers["x-das-worker"] == ahead.url
+
+
+def test_a_request_on_a_worker_that_freezes_is_retried_elsewhere(
+    processes: Callable[..., WorkerProcess], serve_gateway: Callable[..., Server]
+) -> None:
+    """The worker computing a whole request is stopped (SIGSTOP): once its health checks fail
+    the gateway drops its connections and the request, not answered yet, goes to the other
+    worker (before this issue it waited for --upstream-timeout, 600 s)."""
+    workers = [processes("--fake-step-delay", "0.02") for _ in range(2)]
+    gateway = serve_gateway([w.url for w in workers], health_interval_s=0.2, health_failures=1)
+    outcome: dict[str, httpx.Response] = {}
+
+    def run() -> None:
+        body = {**LONG, "max_tokens": 150}
+        outcome["response"] = httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    frozen: WorkerProcess | None = None
+    try:
+
+        def busy() -> WorkerProcess | None:
+            for worker in workers:
+                info = httpx.get(worker.url + "/get_server_info", timeout=5).json()
+                if info["running_requests"]:
+                    return worker
+            return None
+
+        wait_for(lambda: busy() is not None)
+        frozen = busy()
+        assert frozen is not None
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        thread.join(timeout=60)
+    finally:
+        if frozen is not None:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+        thread.join(timeout=60)
+    response = outcome["response"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-das-worker"] != frozen.url
