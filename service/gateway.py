@@ -297,7 +297,8 @@ class Gateway:
                 )
             except httpx.HTTPError as error:
                 if isinstance(error, httpx.TimeoutException | httpx.ConnectError):
-                    self._mark_down(self.workers[url], f"{path}: {type(error).__name__}")
+                    frozen = isinstance(error, httpx.ReadTimeout)
+                    self._mark_down(self.workers[url], f"{path}: {type(error).__name__}", frozen)
                 return url, 502, {"error": type(error).__name__}
             try:
                 return url, response.status_code, response.json()
@@ -370,11 +371,12 @@ class Gateway:
 
     async def check_health(self) -> None:
         async def one(worker: Upstream) -> None:
+            frozen = False  # it took the connection but did not answer (SIGSTOP, a hung loop)
             try:
                 response = await self.client.get(worker.url + "/health", timeout=2.0)
                 ok = response.status_code == 200
-            except httpx.HTTPError:
-                ok = False
+            except httpx.HTTPError as error:
+                ok, frozen = False, isinstance(error, httpx.ReadTimeout)
             if ok:
                 reported = _reported_version(response)
                 if reported is not None:
@@ -386,7 +388,7 @@ class Gateway:
             else:
                 worker.failures += 1
                 if worker.failures >= self.settings.health_failures:
-                    self._mark_down(worker, "failed health checks")
+                    self._mark_down(worker, "failed health checks", drop=frozen)
 
         await asyncio.gather(*(one(worker) for worker in self.workers.values()))
 
@@ -395,12 +397,15 @@ class Gateway:
             await asyncio.sleep(self.settings.health_interval_s)
             await self.check_health()
 
-    def _mark_down(self, worker: Upstream, why: str) -> None:
+    def _mark_down(self, worker: Upstream, why: str, drop: bool = False) -> None:
+        """Take the worker out of routing. drop: it is frozen (it took a connection and did
+        not answer), so its busy connections are dropped too; a worker that refuses new ones
+        may be draining its answers (SIGTERM), which keep going."""
         if worker.healthy:
             log.warning("worker %s removed: %s", worker.url, why)
-            if self._transport is not None:  # what waits on it fails now, not in 600 s
-                url = httpx.URL(worker.url)
-                self._transport.drop((url.host, url.port or 80))
+        if drop and self._transport is not None:  # what waits on it fails now, not in 600 s
+            url = httpx.URL(worker.url)
+            self._transport.drop((url.host, url.port or 80))
         worker.healthy = False
         self.metrics.worker_up.labels(worker=worker.url).set(0)
 
