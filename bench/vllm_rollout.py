@@ -313,24 +313,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(run)
             bar.set_postfix(mode=mode, epoch=epoch, s=f"{run.makespan_s:.0f}")
             bar.update(1)
+            write_json(runs, args, setup_s)  # after every run: a long run that stops keeps them
     bar.close()
+    reference = write_json(runs, args, setup_s)
+    print_table(runs, reference)
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        title = f"vLLM rollouts, T = {args.temperature}, {len(prompts)} x {args.samples}"
+        plot(runs, args.plot, title)
+    return 0
+
+
+def write_json(runs: Sequence[Run], args: argparse.Namespace, setup_s: float) -> dict[int, Run]:
+    """Count mismatches against none's run of each epoch, write --json; the reference runs."""
     reference = {run.epoch: run for run in runs if run.mode == "none"}
     for run in runs:
         ref = reference.get(run.epoch)
         if ref is not None and run is not ref:
             run.mismatched = sum(run.outputs.get(k) != v for k, v in ref.outputs.items())
-    print_table(runs, reference)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
         config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
         data = {"config": config, "setup_s": setup_s, "runs": [run.to_json() for run in runs]}
         args.json.write_text(json.dumps(data, indent=1))
-    if args.plot is not None:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        title = f"vLLM rollouts, T = {args.temperature}, {len(prompts)} x {args.samples}"
-        plot(runs, args.plot, title)
-    return 0
+    return reference
 
 
 def print_table(runs: Sequence[Run], reference: dict[int, Run]) -> None:
