@@ -38,9 +38,11 @@ COMMAND_ROLES: dict[str, tuple[Role, ...]] = {
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    return _add_command(
+    parser = _add_command(
         subparsers, "serve", "the API and one embedded worker in one process", run_worker
     )
+    parser.set_defaults(standalone=True)  # no gateway in front: the app exports its metrics
+    return parser
 
 
 def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -189,7 +191,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
         _serve(create_app(settings, worker_factory(backend_args)), settings)
         return 0
-    _serve(create_app(settings), settings)
+    _serve(create_app(settings, standalone=getattr(args, "standalone", False)), settings)
     return 0
 
 

@@ -11,6 +11,12 @@ Definitions:
   worker predicted for it from its group's history before it ran (short / medium / long; a
   group with no history yet is predicted medium; unknown under a policy that predicts no
   lengths: none and fixed:K).
+- generated_tokens, forward_passes, drafted_tokens, accepted_tokens: counted when a sample
+  finishes, under the same length_class label.
+- No counter says where an accepted draft came from (group history, live siblings, own
+  context): a Draft does not record which tree it was taken from (drafter.history picks the
+  better-scoring of the group's tree, which holds stored rollouts and live siblings together,
+  and the request's own).
 """
 
 from __future__ import annotations
@@ -71,17 +77,20 @@ class Metrics:
         self.prompt_tokens = Counter(
             "das_prompt_tokens", "Prompt tokens processed", ["worker"], registry=r
         )
+        # Labelled by the sample's predicted length class (as generation_length), so speedup
+        # and acceptance read per class: the long class sets each step's makespan.
+        per_class = ["worker", "length_class"]
         self.generated_tokens = Counter(
-            "das_generated_tokens", "Output tokens generated", ["worker"], registry=r
+            "das_generated_tokens", "Output tokens generated", per_class, registry=r
         )
         self.forward_passes = Counter(
-            "das_forward_passes", "Target forward passes (verify steps)", ["worker"], registry=r
+            "das_forward_passes", "Target forward passes (verify steps)", per_class, registry=r
         )
         self.drafted_tokens = Counter(
-            "das_drafted_tokens", "Draft tokens proposed", ["worker"], registry=r
+            "das_drafted_tokens", "Draft tokens proposed", per_class, registry=r
         )
         self.accepted_tokens = Counter(
-            "das_accepted_tokens", "Draft tokens accepted", ["worker"], registry=r
+            "das_accepted_tokens", "Draft tokens accepted", per_class, registry=r
         )
         self.accepted_per_forward = Histogram(
             "das_accepted_tokens_per_forward",

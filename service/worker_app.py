@@ -61,7 +61,11 @@ def request_limits(settings: Settings) -> Limits:
     )
 
 
-def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker) -> FastAPI:
+def create_app(
+    settings: Settings, worker_factory: WorkerFactory = build_worker, *, standalone: bool = False
+) -> FastAPI:
+    """standalone: the app is the whole service (`das serve`, no gateway in front), so it
+    also exports the gateway's view of its one worker (das_gateway_worker_up)."""
     metrics = Metrics()
     name = settings.worker_name
 
@@ -88,6 +92,10 @@ def create_app(settings: Settings, worker_factory: WorkerFactory = build_worker)
         log.info("starting worker %s (model %s)", name, settings.model)
         await worker.start()
         generation = Generation(worker, metrics, name, request_limits(settings))
+        if standalone:  # up as a gateway would see it: /health answers and it is not stopped
+            metrics.worker_up.labels(worker=name).set_function(
+                lambda: float(worker.health()["status"] != "stopped")
+            )
         app.state.das = WorkerState(settings, metrics, worker, generation)
         try:
             yield

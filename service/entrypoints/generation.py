@@ -125,10 +125,10 @@ class Generation:
         self.inflight_samples = 0  # samples of the requests running or queued here
         labels = {"worker": worker_name}
         self._prompt_tokens = metrics.prompt_tokens.labels(**labels)
-        self._generated = metrics.generated_tokens.labels(**labels)
-        self._forwards = metrics.forward_passes.labels(**labels)
-        self._drafted = metrics.drafted_tokens.labels(**labels)
-        self._accepted = metrics.accepted_tokens.labels(**labels)
+        self._generated = metrics.generated_tokens
+        self._forwards = metrics.forward_passes
+        self._drafted = metrics.drafted_tokens
+        self._accepted = metrics.accepted_tokens
         self._accept_rate = metrics.accepted_per_forward.labels(**labels)
         self._lengths = metrics.generation_length
         self._finished = metrics.finished
@@ -289,11 +289,12 @@ class Generation:
         return [self.worker.tokenize(text) for text in texts]
 
     def _observe(self, spec: SpecCounters, reason: str, klass: str, length: int) -> None:
-        self._generated.inc(length)
-        self._lengths.labels(worker=self.name, length_class=klass).observe(length)
-        self._forwards.inc(spec.forward_passes)
-        self._drafted.inc(spec.drafted_tokens)
-        self._accepted.inc(spec.accepted_tokens)
+        labels = {"worker": self.name, "length_class": klass}
+        self._generated.labels(**labels).inc(length)
+        self._lengths.labels(**labels).observe(length)
+        self._forwards.labels(**labels).inc(spec.forward_passes)
+        self._drafted.labels(**labels).inc(spec.drafted_tokens)
+        self._accepted.labels(**labels).inc(spec.accepted_tokens)
         if spec.forward_passes:
             self._accept_rate.observe(spec.accepted_tokens / spec.forward_passes)
         self._finished.labels(worker=self.name, reason=reason).inc()

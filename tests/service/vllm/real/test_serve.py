@@ -262,8 +262,9 @@ def test_metrics_come_from_inside_vllm(server: str) -> None:
     values = {}
     for line in text.splitlines():
         if line.startswith(("das_accepted_tokens_total", "das_forward_passes_total")):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = float(value)
+            name, value = line.rsplit(" ", 1)  # one line per length class: summed
+            key = name.split("{")[0]
+            values[key] = values.get(key, 0.0) + float(value)
     assert values["das_forward_passes_total"] > 0
     assert values["das_accepted_tokens_total"] > 0
     assert "das_generation_length_tokens_bucket" in text or "das_generation_length" in text
