@@ -1,6 +1,10 @@
 # Types of the native module built from drafter/_native (see SuffixTree for the semantics).
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
+
+from drafter.draft import Draft
 
 class SuffixTreeCore:
     def __init__(self, max_depth: int) -> None: ...
@@ -11,8 +15,30 @@ class SuffixTreeCore:
     def speculate(
         self, context: npt.NDArray[np.int32], max_tokens: int, min_prob: float, tree: bool
     ) -> tuple[list[int], list[int], list[float], float, int]: ...
+    def speculate_capped(
+        self,
+        context: npt.NDArray[np.int32],
+        max_tokens: int,
+        min_prob: float,
+        tree: bool,
+        spec_factor: float,
+        spec_offset: float,
+    ) -> tuple[list[int], list[int], list[float], float, int]: ...
     def num_sequences(self) -> int: ...
     def num_tokens(self) -> int: ...
     def num_nodes(self) -> int: ...
     def memory_bytes(self) -> int: ...
     def check_integrity(self) -> str: ...
+
+def speculate_batch(
+    own: Sequence[SuffixTreeCore],
+    shared: Sequence[SuffixTreeCore | None],
+    max_tokens: Sequence[int],
+    context_len: int,
+    min_prob: float,
+    tree: bool,
+    spec_factor: float,
+    spec_offset: float,
+    own_wins_ties: bool,
+    draft_type: type[Draft],
+) -> list[Draft]: ...

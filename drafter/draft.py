@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,6 +63,13 @@ def check_speculate_args(max_tokens: int, min_prob: float) -> None:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     if not 0.0 <= min_prob <= 1.0:
         raise ValueError(f"min_prob must be in [0, 1], got {min_prob}")
+
+
+def check_spec_factor(spec_factor: float, spec_offset: float) -> None:
+    if not (math.isfinite(spec_factor) and spec_factor > 0.0):
+        raise ValueError(f"spec_factor must be > 0, got {spec_factor}")
+    if not math.isfinite(spec_offset):
+        raise ValueError(f"spec_offset must be finite, got {spec_offset}")
 
 
 def check_max_depth(max_depth: int) -> None:

@@ -8,12 +8,14 @@ tests and small trees only. The native core stores the same counts in a path-com
 from __future__ import annotations
 
 import heapq
+import math
 
 from drafter.draft import (
     Draft,
     Tokens,
     as_token_array,
     check_max_depth,
+    check_spec_factor,
     check_speculate_args,
     match_limit,
 )
@@ -113,6 +115,42 @@ class ReferenceSuffixTree:
         for prob in probs:  # left to right, as the native core sums
             score += prob
         return Draft(tokens, parents, probs, score, match_len)
+
+    def speculate_capped(
+        self,
+        context: Tokens,
+        max_tokens: int,
+        min_prob: float = 0.1,
+        tree: bool = False,
+        spec_factor: float = 1.0,
+        spec_offset: float = 0.0,
+    ) -> Draft:
+        """Suffix decoding's rule: every context suffix of length m that occurs in the tree
+        drafts at most min(max_tokens, floor(spec_factor * m + spec_offset)) tokens (never
+        deeper than max_depth); the best-scoring draft wins, the longer match on a tie."""
+        check_speculate_args(max_tokens, min_prob)
+        check_spec_factor(spec_factor, spec_offset)
+        ctx = as_token_array(context).tolist()
+        best = Draft()
+        found = False
+        for match_len in range(1, min(len(ctx), self.max_depth - 1) + 1):
+            if max_tokens == 0:
+                break
+            node = self._find(ctx[-match_len:])
+            if node is None:  # no longer suffix occurs either
+                break
+            cap = math.floor(spec_factor * match_len + spec_offset + 1e-9)
+            budget = min(max_tokens, max(0, cap))
+            if tree:
+                tokens, parents, probs = self._grow_tree(node, match_len, budget, min_prob)
+            else:
+                tokens, parents, probs = self._grow_chain(node, match_len, budget, min_prob)
+            score = 0.0
+            for prob in probs:
+                score += prob
+            if not found or score >= best.score:
+                best, found = Draft(tokens, parents, probs, score, match_len), True
+        return best if best.token_ids else Draft()
 
     def num_tokens(self) -> int:
         return sum(len(seq) for seq in self._seqs.values())

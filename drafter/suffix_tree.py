@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from drafter import _core
 from drafter.draft import (
     Draft,
     Tokens,
     as_token_array,
     check_max_depth,
+    check_spec_factor,
     check_speculate_args,
 )
 
@@ -52,6 +55,23 @@ class SuffixTree:
         )
         return Draft(tokens, parents, probs, score, match_len)
 
+    def speculate_capped(
+        self,
+        context: Tokens,
+        max_tokens: int,
+        min_prob: float = 0.1,
+        tree: bool = False,
+        spec_factor: float = 1.0,
+        spec_offset: float = 0.0,
+    ) -> Draft:
+        """Suffix decoding's draft (ReferenceSuffixTree.speculate_capped, exactly)."""
+        check_speculate_args(max_tokens, min_prob)
+        check_spec_factor(spec_factor, spec_offset)
+        tokens, parents, probs, score, match_len = self._core.speculate_capped(
+            as_token_array(context), max_tokens, min_prob, tree, spec_factor, spec_offset
+        )
+        return Draft(tokens, parents, probs, score, match_len)
+
     def num_tokens(self) -> int:
         """Tokens in the stored (not removed) sequences."""
         return int(self._core.num_tokens())
@@ -69,3 +89,38 @@ class SuffixTree:
         problem = self._core.check_integrity()
         if problem:
             raise AssertionError(problem)
+
+
+def speculate_batch(
+    own: Sequence[SuffixTree],
+    shared: Sequence[SuffixTree | None],
+    max_tokens: Sequence[int],
+    context_len: int,
+    min_prob: float = 0.1,
+    tree: bool = False,
+    *,
+    spec_factor: float = 0.0,
+    spec_offset: float = 0.0,
+    own_wins_ties: bool = False,
+) -> list[Draft]:
+    """Every row's draft in one native call, the GIL released while it drafts. Row i drafts
+    after the last context_len tokens of own[i]'s sequence 0 (a request's prompt and output)
+    from own[i] and shared[i] (None: own only) and keeps the better-scoring draft (a tie goes
+    to shared unless own_wins_ties), at most max_tokens[i] tokens. spec_factor 0: speculate's
+    longest match; > 0: speculate_capped's rule. Equal to those per-row calls; not safe while
+    another thread changes one of the trees."""
+    check_speculate_args(0, min_prob)
+    if spec_factor != 0.0:
+        check_spec_factor(spec_factor, spec_offset)
+    return _core.speculate_batch(
+        [t._core for t in own],
+        [None if t is None else t._core for t in shared],
+        max_tokens,
+        context_len,
+        min_prob,
+        tree,
+        spec_factor,
+        spec_offset,
+        own_wins_ties,
+        Draft,
+    )

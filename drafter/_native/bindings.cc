@@ -3,11 +3,16 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
+#include "batch.h"
 #include "suffix_tree.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
+using drafter::BatchDrafts;
+using drafter::BatchOptions;
+using drafter::BatchRow;
 using drafter::DraftResult;
 using drafter::SuffixTreeCore;
 
@@ -38,6 +43,78 @@ nb::tuple speculate(SuffixTreeCore& tree, Tokens context, int64_t max_tokens, do
   return nb::make_tuple(to_list(d.token_ids, as_int), to_list(d.parents, as_int),
                         to_list(d.probs, [](double v) { return PyFloat_FromDouble(v); }),
                         d.score, d.match_len);
+}
+
+nb::tuple speculate_capped(SuffixTreeCore& tree, Tokens context, int64_t max_tokens,
+                           double min_prob, bool use_tree, double spec_factor,
+                           double spec_offset) {
+  const DraftResult& d = tree.speculate_capped(context.data(), context.shape(0), max_tokens,
+                                               min_prob, use_tree, spec_factor, spec_offset);
+  auto as_int = [](int32_t v) { return PyLong_FromLong(v); };
+  return nb::make_tuple(to_list(d.token_ids, as_int), to_list(d.parents, as_int),
+                        to_list(d.probs, [](double v) { return PyFloat_FromDouble(v); }),
+                        d.score, d.match_len);
+}
+
+SuffixTreeCore* tree_or_null(nb::handle item) {
+  return item.is_none() ? nullptr : nb::cast<SuffixTreeCore*>(item);
+}
+
+template <class T, class Convert>
+PyObject* slice_to_list(const std::vector<T>& values, size_t begin, size_t end,
+                        Convert convert) {
+  PyObject* list = PyList_New(Py_ssize_t(end - begin));
+  if (list == nullptr) return nullptr;
+  for (size_t i = begin; i < end; ++i) {
+    PyObject* item = convert(values[i]);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, Py_ssize_t(i - begin), item);
+  }
+  return list;
+}
+
+// Every row's draft in one call (drafter/_native/batch.h); the drafting runs with the GIL
+// released. Returns one draft_type(token_ids, parents, probs, score, match_len) per row.
+nb::list speculate_batch(nb::sequence own, nb::sequence shared,
+                         const std::vector<int64_t>& max_tokens, int64_t context_len,
+                         double min_prob, bool use_tree, double spec_factor,
+                         double spec_offset, bool own_wins_ties, nb::handle draft_type) {
+  const size_t n = nb::len(own);
+  if (nb::len(shared) != n || max_tokens.size() != n)
+    throw nb::value_error("own, shared and max_tokens need one entry per row");
+  if (context_len < 0) throw nb::value_error("context_len must be >= 0");
+  std::vector<BatchRow> rows(n);
+  for (size_t i = 0; i < n; ++i) {
+    SuffixTreeCore* tree = tree_or_null(own[i]);
+    if (tree == nullptr) throw nb::value_error("every row needs its own tree");
+    if (max_tokens[i] < 0) throw nb::value_error("max_tokens must be >= 0");
+    rows[i] = BatchRow{tree, tree_or_null(shared[i]), max_tokens[i]};
+  }
+  const BatchOptions options{context_len, min_prob, use_tree, spec_factor, spec_offset,
+                             own_wins_ties};
+  BatchDrafts drafts;
+  {
+    nb::gil_scoped_release release;
+    drafter::speculate_batch(rows.data(), n, options, &drafts);
+  }
+  auto as_int = [](int32_t v) { return PyLong_FromLong(v); };
+  auto as_float = [](double v) { return PyFloat_FromDouble(v); };
+  PyObject* result = PyList_New(Py_ssize_t(n));
+  if (result == nullptr) throw nb::python_error();
+  nb::list out = nb::steal<nb::list>(result);
+  for (size_t i = 0; i < n; ++i) {
+    const size_t begin = drafts.offsets[i], end = drafts.offsets[i + 1];
+    nb::object tokens = nb::steal(slice_to_list(drafts.token_ids, begin, end, as_int));
+    nb::object parents = nb::steal(slice_to_list(drafts.parents, begin, end, as_int));
+    nb::object probs = nb::steal(slice_to_list(drafts.probs, begin, end, as_float));
+    if (!tokens.is_valid() || !parents.is_valid() || !probs.is_valid()) throw nb::python_error();
+    nb::object draft = draft_type(tokens, parents, probs, drafts.scores[i], drafts.match_lens[i]);
+    PyList_SET_ITEM(result, Py_ssize_t(i), draft.release().ptr());
+  }
+  return out;
 }
 
 }  // namespace
@@ -71,5 +148,10 @@ NB_MODULE(_core, m) {
           },
           "tokens"_a)
       .def("speculate", &speculate, "context"_a, "max_tokens"_a, "min_prob"_a, "tree"_a)
+      .def("speculate_capped", &speculate_capped, "context"_a, "max_tokens"_a, "min_prob"_a,
+           "tree"_a, "spec_factor"_a, "spec_offset"_a)
       .def("check_integrity", &SuffixTreeCore::check_integrity);
+  m.def("speculate_batch", &speculate_batch, "own"_a, "shared"_a, "max_tokens"_a,
+        "context_len"_a, "min_prob"_a, "tree"_a, "spec_factor"_a, "spec_offset"_a,
+        "own_wins_ties"_a, "draft_type"_a);
 }

@@ -1,6 +1,7 @@
 #include "suffix_tree.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace drafter {
 
@@ -565,6 +566,57 @@ const DraftResult& SuffixTreeCore::speculate(const int32_t* context, size_t n,
     grow_chain(at, max_tokens, min_prob);
   for (double p : d.probs) d.score += p;
   return d;
+}
+
+const DraftResult& SuffixTreeCore::speculate_capped(const int32_t* context, size_t n,
+                                                    int64_t max_tokens, double min_prob,
+                                                    bool tree, double spec_factor,
+                                                    double spec_offset) {
+  DraftResult& d = draft_;
+  DraftResult& best = best_;
+  best.token_ids.clear();
+  best.parents.clear();
+  best.probs.clear();
+  best.score = 0.0;
+  best.match_len = 0;
+  // A match at depth max_depth has nothing below it.
+  const int32_t longest = int32_t(std::min<int64_t>(int64_t(n), max_depth_ - 1));
+  bool found = false;
+  for (int32_t m = 1; max_tokens > 0 && m <= longest; ++m) {
+    Position at;
+    // A suffix occurs wherever a longer one does: the first miss ends the search.
+    if (!match(context + n - m, m, &at)) break;
+    // The 1e-9 keeps a product that should be whole (1.0 * 3) from rounding down.
+    const double cap = std::floor(spec_factor * double(m) + spec_offset + 1e-9);
+    const int64_t budget = cap <= 0.0 ? 0 : cap >= double(max_tokens) ? max_tokens : int64_t(cap);
+    d.token_ids.clear();
+    d.parents.clear();
+    d.probs.clear();
+    d.score = 0.0;
+    d.match_len = m;
+    if (budget > 0) {
+      if (tree)
+        grow_tree(at, budget, min_prob);
+      else
+        grow_chain(at, budget, min_prob);
+    }
+    for (double p : d.probs) d.score += p;
+    if (!found || d.score >= best.score) {
+      std::swap(best, d);
+      found = true;
+    }
+  }
+  std::swap(best, d);
+  if (d.token_ids.empty()) d.match_len = 0;  // as speculate: no draft, no match
+  return d;
+}
+
+std::pair<const int32_t*, size_t> SuffixTreeCore::tail(int64_t seq_id, size_t n) const {
+  auto it = slot_of_.find(seq_id);
+  if (it == slot_of_.end()) return {nullptr, 0};
+  const std::vector<int32_t>& tokens = seqs_[size_t(it->second)].tokens;
+  const size_t take = std::min(n, tokens.size());
+  return {tokens.data() + tokens.size() - take, take};
 }
 
 void SuffixTreeCore::grow_chain(Position at, int64_t max_tokens, double min_prob) {

@@ -27,6 +27,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "child_index.h"
@@ -117,6 +118,17 @@ class SuffixTreeCore {
   // The returned reference is valid until the next call.
   const DraftResult& speculate(const int32_t* context, size_t n, int64_t max_tokens,
                                double min_prob, bool tree);
+
+  // Suffix decoding's rule (ArcticInference): every context suffix of length m = 1, 2, ...
+  // that occurs in the tree drafts at most min(max_tokens, floor(spec_factor * m +
+  // spec_offset)) tokens (and no deeper than max_depth); the best-scoring of those drafts is
+  // returned, the longer match on a tie. Valid until the next call.
+  const DraftResult& speculate_capped(const int32_t* context, size_t n, int64_t max_tokens,
+                                      double min_prob, bool tree, double spec_factor,
+                                      double spec_offset);
+
+  // The last min(n, length) tokens of live sequence seq_id; {nullptr, 0} if it is not live.
+  std::pair<const int32_t*, size_t> tail(int64_t seq_id, size_t n) const;
 
   // "" when every invariant holds, else a description of the first violation found.
   std::string check_integrity() const;
@@ -223,6 +235,7 @@ class SuffixTreeCore {
 
   // Scratch, reused by every call.
   DraftResult draft_;
+  DraftResult best_;  // speculate_capped: the best draft so far
   std::vector<Candidate> heap_;
   std::vector<ScoredChild> children_;
   std::vector<int32_t> ranked_;

@@ -1,0 +1,50 @@
+// Drafts for every row of a verify step in one call: the loop the speculation core would
+// otherwise run in Python, one row at a time. It touches no Python object, so its caller runs
+// it with the GIL released.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "suffix_tree.h"
+
+namespace drafter {
+
+// One row: the request's own tree, whose sequence 0 is the request's prompt and output so far
+// (the context is its tail), and the shared tree it also drafts from (its group's rollouts, or
+// suffix decoding's global cache).
+struct BatchRow {
+  SuffixTreeCore* own;
+  SuffixTreeCore* shared;
+  int64_t max_tokens;  // >= 0; 0: no draft
+};
+
+struct BatchOptions {
+  int64_t context_len;  // the context is the last context_len tokens of own's sequence 0
+  double min_prob;
+  bool tree;
+  // spec_factor > 0: suffix decoding's rule (SuffixTreeCore::speculate_capped); 0: the
+  // longest match, uncapped (SuffixTreeCore::speculate).
+  double spec_factor;
+  double spec_offset;
+  bool own_wins_ties;  // which draft a tie of scores goes to
+};
+
+// Row i's draft is token_ids[offsets[i], offsets[i + 1]) (parents and probs likewise),
+// with scores[i] and match_lens[i].
+struct BatchDrafts {
+  std::vector<int32_t> token_ids;
+  std::vector<int32_t> parents;
+  std::vector<double> probs;
+  std::vector<size_t> offsets;
+  std::vector<double> scores;
+  std::vector<int32_t> match_lens;
+};
+
+// Every row's draft: the better-scoring of its own tree's and its shared tree's (each as
+// speculate or speculate_capped would draft it alone), so the result equals the per-row calls.
+void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options,
+                     BatchDrafts* out);
+
+}  // namespace drafter
