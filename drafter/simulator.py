@@ -2,10 +2,12 @@
 
 Each epoch of the trace is one batch: its rollouts start together and the batch drains as they
 finish. At every step each live rollout gets a budget from the policy (the live batch is every
-unfinished rollout), drafts that many tokens from the RolloutHistory (earlier epochs' rollouts of
-its group, plus its own prompt and output so far), and the target "verifies" the draft against
-the recorded output: the longest draft path that matches it is accepted and the target adds its
-own next token, so a step emits accepted + 1 tokens (never past the recorded end). A step costs
+unfinished rollout) and drafts that many tokens from the RolloutHistory (earlier epochs' rollouts
+of its group, plus its own prompt and output so far; under the suffix policy from suffix
+decoding's global cache instead, drafter/suffix_decoding.py), all rows in one call before any
+is verified, as in the engine; then the target "verifies" each draft against the recorded
+output: the longest draft path that matches it is accepted and the target adds its own next
+token, so a step emits accepted + 1 tokens (never past the recorded end). A step costs
 c_base + c_tok * (sum over live rollouts of 1 + draft length) under the cost model. After the
 epoch its rollouts enter the history (version = epoch) and the history moves to version epoch + 1.
 
@@ -27,6 +29,7 @@ from drafter.draft import Draft
 from drafter.history import RolloutHistory, TreeFactory
 from drafter.policy import Policy, RequestView
 from drafter.policy_spec import parse_policy
+from drafter.speculator import DraftSource, draft_source
 from drafter.suffix_tree import SuffixTree
 from drafter.traces import TraceRecord
 
@@ -157,6 +160,7 @@ def simulate(
     config = config or DrafterConfig()
     policy = parse_policy(policy_spec, cost, das_config)
     history = RolloutHistory(config, tree_factory=tree_factory)
+    source = draft_source(policy, history)
     outputs: list[tuple[int, ...]] = [()] * len(trace)
     reports = []
     # disable=None: tqdm draws only on a terminal.
@@ -167,10 +171,10 @@ def simulate(
             batch = []
             for index, record in enumerate(trace):
                 if record.epoch == epoch:
-                    history.start_request(index, record.group, record.prompt)
+                    source.start_request(index, record.group, record.prompt)
                     view = policy.request(record.group)
                     batch.append(_Live(index, record, view, [] if record_outputs else None))
-            counts = _run_batch(list(batch), policy, history, cost, bar)
+            counts = _run_batch(list(batch), policy, source, bar)
             lengths = [len(entry.record.output) for entry in batch]
             reports.append(
                 EpochReport(
@@ -215,23 +219,19 @@ class _Counts:
         return cost.c_base * self.steps + cost.c_tok * self.processed
 
 
-def _run_batch(
-    live: list[_Live],
-    policy: Policy,
-    history: RolloutHistory,
-    cost: CostModel,
-    bar: tqdm,
-) -> _Counts:
+def _run_batch(live: list[_Live], policy: Policy, source: DraftSource, bar: tqdm) -> _Counts:
     """Decode one batch until every rollout in `live` is done (emptying it)."""
     counts = _Counts()
     while live:
         budgets = policy.budgets([entry.view for entry in live])
+        # Every row drafts before any is verified: a row never sees a companion's tokens
+        # of this step (the engine's order).
+        drafts = source.speculate_batch([entry.index for entry in live], budgets)
         step_tokens = 0
         still_live = []
-        for entry, budget in zip(live, budgets, strict=True):
+        for entry, draft in zip(live, drafts, strict=True):
             output = entry.record.output
             position = entry.view.generated
-            draft = history.speculate(entry.index, budget) if budget > 0 else Draft()
             target = output[position : position + len(draft) + 1]
             matched = accepted_tokens(draft, target)
             # The verify pass also yields the target's own next token, if the rollout has one.
@@ -242,14 +242,14 @@ def _run_batch(
             counts.accepted += len(matched)
             if len(draft):
                 policy.observe_step(entry.record.group, len(draft), len(matched))
-            history.extend_request(entry.index, emitted)
+            source.extend_request(entry.index, emitted)
             if entry.emitted is not None:
                 entry.emitted.extend(emitted)
             entry.view = entry.view.advanced(len(emitted))
             if entry.view.generated < len(output):
                 still_live.append(entry)
                 continue
-            history.stop_request(entry.index)
+            source.stop_request(entry.index)
             policy.observe_finished(entry.record.group, len(output))
             counts.forwards += entry.forwards
             bar.update(1)

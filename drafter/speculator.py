@@ -5,7 +5,9 @@ thread that owns the engine (it is not thread-safe):
 - start(request_id, group, prompt, sample_index) when a sample joins the batch;
 - drafts(requests, max_draft) once per verify step with every live sample: budgets from the
   policy for the live batch (its size, the cost model, each request's predicted length), then
-  each request's draft from its group's windowed history and its own context;
+  every request's draft from its group's windowed history and its own context, in one native
+  call for the whole step (suffix decoding, the "suffix" policy, drafts from its own global
+  cache instead: draft_source);
 - extend(request, tokens, drafted, accepted) after verification with the tokens it appended;
 - finish(request, natural) when it ends: a rollout that ended by itself (stop or length) joins
   the local history at once and is handed to the publisher (e.g. Redis, to the other workers);
@@ -15,12 +17,14 @@ Per request it counts forward passes, drafted and accepted tokens; no torch, no 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from drafter.draft import Draft, Tokens, as_token_array
 from drafter.history import RolloutHistory
 from drafter.policy import Policy, RequestView
+from drafter.suffix_decoding import SuffixPolicy
 
 
 @dataclass(slots=True)
@@ -41,6 +45,25 @@ class Rollout:
 
 
 Publisher = Callable[[Rollout], None]
+
+
+class DraftSource(Protocol):
+    """Where live requests' drafts come from: the rollout history (RolloutHistory), or
+    suffix decoding's own cache (SuffixDecodingCache) under the suffix policy."""
+
+    def start_request(self, request_id: Hashable, group: str, prompt: Tokens) -> None: ...
+    def extend_request(self, request_id: Hashable, tokens: Tokens) -> None: ...
+    def stop_request(self, request_id: Hashable) -> None: ...
+    def speculate(self, request_id: Hashable, max_tokens: int) -> Draft: ...
+    def speculate_batch(
+        self, request_ids: Sequence[Hashable], max_tokens: Sequence[int]
+    ) -> list[Draft]: ...
+
+
+def draft_source(policy: Policy, history: RolloutHistory) -> DraftSource:
+    """The suffix policy drafts from its own global cache, as suffix decoding does; every
+    other policy from the rollout history."""
+    return policy.cache if isinstance(policy, SuffixPolicy) else history
 
 
 @dataclass(slots=True, eq=False)
@@ -76,6 +99,7 @@ class Speculator:
             raise ValueError(f"max_draft must be >= 0, got {max_draft}")
         self.history = history
         self.policy = policy
+        self.source = draft_source(policy, history)
         self.max_draft = max_draft
         self._publish = publish
         # Without drafting the per-request suffix trees are not worth maintaining.
@@ -91,7 +115,7 @@ class Speculator:
             request_id, sample_index, group, tokens.tolist(), self.policy.request(group)
         )
         if self.drafting:
-            self.history.start_request(request.key, group, tokens)
+            self.source.start_request(request.key, group, tokens)
         return request
 
     def drafts(self, requests: Sequence[SpecRequest], max_draft: Sequence[int]) -> list[Draft]:
@@ -102,11 +126,12 @@ class Speculator:
         if not self.drafting or not requests:
             return [Draft() for _ in requests]
         budgets = self.policy.budgets([request.view for request in requests])
-        drafts = []
-        for request, budget, cap in zip(requests, budgets, max_draft, strict=True):
-            size = min(budget, self.max_draft, cap)
-            drafts.append(self.history.speculate(request.key, size) if size > 0 else Draft())
-        return drafts
+        limit = self.max_draft
+        sizes = [
+            max(0, min(budget, limit, cap)) for budget, cap in zip(budgets, max_draft, strict=True)
+        ]
+        # One native call for the whole step.
+        return self.source.speculate_batch([request.key for request in requests], sizes)
 
     def extend(
         self, request: SpecRequest, tokens: Sequence[int], drafted: int, accepted: int
@@ -128,7 +153,7 @@ class Speculator:
         counters.drafted += drafted
         counters.accepted += min(accepted, len(appended))
         if self.drafting and appended:
-            self.history.extend_request(request.key, appended)
+            self.source.extend_request(request.key, appended)
 
     def finish(self, request: SpecRequest, natural: bool) -> Rollout | None:
         """The request ended: by itself (natural: a stop or its length limit), or aborted.
@@ -137,7 +162,7 @@ class Speculator:
             raise ValueError(f"request {request.key!r} has finished")
         request.finished = True
         if self.drafting:
-            self.history.stop_request(request.key)
+            self.source.stop_request(request.key)
         if not natural:
             return None
         rollout = Rollout(request.group, request.prompt, request.output, self.history.version)

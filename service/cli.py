@@ -1,6 +1,6 @@
 """The `das` command line.
 
-    das simulate --trace T.jsonl [--policy das|das-eq7|fixed:K|none] [--json OUT]
+    das simulate --trace T.jsonl [--policy das|das-eq7|fixed:K|suffix|none] [--json OUT]
                  [--cost-model smollm2-cpu|h100-7b|C_BASE,C_TOK] [--c-base S --c-tok S]
                  [--max-depth D --window W]
     das synth-trace --out T.jsonl [--groups G --samples N --epochs E --seed S]
@@ -78,7 +78,7 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--policy",
         default="das",
         type=policy_spec,
-        help="das, das-eq7, fixed:K or none (default: das)",
+        help="das, das-eq7, fixed:K, suffix or none (default: das)",
     )
     cost_help = (Settings.model_fields["cost_model"].description or "").replace("%", "%%")
     sim.add_argument(

@@ -135,6 +135,27 @@ def test_das_policy_is_lossless(tiny_model: torch.nn.Module) -> None:
     assert engine.stats.drafted_tokens > 0
 
 
+def test_suffix_policy_is_lossless(tiny_model: torch.nn.Module) -> None:
+    """--spec-policy suffix: drafts from its own global cache, which fills as the engine
+    decodes; a second round of the same requests (new ids) drafts from the first's outputs."""
+    params = dataclasses.replace(SAMPLED, n=2)
+    baseline = make_engine(tiny_model).generate(requests(params))
+    engine = make_engine(tiny_model, "suffix")
+    assert engine.policy.name == "suffix"
+    assert_same_outputs(baseline, engine.generate(requests(params)))
+    again = [
+        GenerateRequest(f"again-{r.request_id}", r.prompt_token_ids, params)
+        for r in requests(params)
+    ]
+    second = engine.generate(again)
+    for want, got in zip(baseline, second, strict=True):
+        for a, b in zip(want.samples, got.samples, strict=True):
+            assert b.token_ids == a.token_ids
+            assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    assert engine.stats.accepted_tokens > 0
+    assert forward_passes(second) < forward_passes(baseline)
+
+
 def test_samples_of_one_request_differ_and_seed_is_reported(tiny_model: torch.nn.Module) -> None:
     params = dataclasses.replace(SAMPLED, n=3, seed=None)
     output = make_engine(tiny_model).generate(requests(params, [PROMPTS[0]]))[0]
