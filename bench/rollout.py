@@ -6,9 +6,10 @@ on after each epoch as a weight update would). Every (epoch, prompt) request get
 and the sample index is part of the sampling RNG key, so each rollout draws its own stream, the
 same in every mode: with lossless speculation the outputs must be identical across modes.
 
-Each speculation mode (none, fixed:K, das) has its own engine with its own history, and runs
-every epoch. The modes take turns epoch by epoch (epoch 0 of every mode, then epoch 1, ...), so
-a slow stretch of a shared machine falls on all of them rather than on one mode's whole run.
+Each speculation mode (none, fixed:K, das, suffix) has its own engine with its own history (and
+suffix its own global response cache), and runs every epoch. The modes take turns epoch by
+epoch (epoch 0 of every mode, then epoch 1, ...), so a slow stretch of a shared machine falls on
+all of them rather than on one mode's whole run.
 The benchmark records, per mode and epoch:
     makespan_s            wall time from submission until the last rollout finished
     tokens                output tokens generated

@@ -260,3 +260,14 @@ def test_plot_writes_a_png(tmp_path: Path, greedy_result: BenchResult) -> None:
     path = tmp_path / "bench.png"
     write_plot(greedy_result, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suffix_runs_side_by_side_and_changes_no_rollout(tiny_model: torch.nn.Module) -> None:
+    config = RolloutConfig(**{**_fields(TINY), "temperature": 0.0, "modes": ("suffix", "none")})
+    result = run_bench(config, tiny_model, None)
+    assert sorted(run.mode for run in result.runs) == ["none", "none", "suffix", "suffix"]
+    assert [run.mismatched_rollouts for run in result.runs] == [0] * 4
+    # Epoch 1 repeats epoch 0's greedy rollouts, which stay in suffix's global cache.
+    suffix_epoch_1 = result.runs_of("suffix")[1]
+    assert suffix_epoch_1.accepted > 0
+    assert suffix_epoch_1.forwards < suffix_epoch_1.tokens
