@@ -1,6 +1,7 @@
-"""Benchmark of the suffix tree: speculate latency, extend cost and memory per stored token.
+"""Benchmark of the suffix tree: speculate latency, extend cost and memory per stored token;
+and of one verify step's drafts, batched (one native call) against a per-row loop.
 
-    python -m bench.drafter [--json OUT] [--quick] [--min-prob P]
+    python -m bench.drafter [--json OUT] [--quick] [--min-prob P] [--part all|trees|batch]
 
 (`python bench/drafter.py` works too with the editable install, whose import hook finds the
 drafter package before this file's folder.)
@@ -17,7 +18,16 @@ Speculate is timed per call through the Python SuffixTree API, max_tokens 16, on
 windows of held-out sequences of the same generator; extend is timed per whole-sequence call and
 reported per appended token, as is removing the oldest tenth of the sequences at the end.
 The Python ReferenceSuffixTree runs at the smallest size only.
-No timing is asserted: this prints a table and writes JSON.
+
+Batched drafts (--part batch, written to the JSON's "batch" rows): one RL step of R live
+requests (R = 1, 16, 64, 256) over 32 prompt groups, each group's tree holding 8 earlier rollouts
+of 1,000 tokens (realistic tokens; a group's rollouts are one base sequence with 5% of its tokens
+redrawn, so drafts are long), each request 64 prompt tokens and 100-900 tokens of its own variant
+so far. Per row, microseconds per step of: RolloutHistory.speculate called in a Python loop,
+RolloutHistory.speculate_batch (one native call), the speculation core's drafts() (budgets from
+fixed:16, then the batched call), and the same loop and batch on suffix decoding's cache (the
+suffix policy: global cache, per-request trees, capped drafts). Medians over repeated steps.
+No timing is asserted: this prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -34,7 +44,12 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from drafter.config import DrafterConfig
+from drafter.history import RolloutHistory
+from drafter.policy import FixedPolicy
 from drafter.reference import ReferenceSuffixTree
+from drafter.speculator import SpecRequest, Speculator
+from drafter.suffix_decoding import SuffixDecodingCache
 from drafter.suffix_tree import SuffixTree
 
 SEED = 20250101
@@ -238,6 +253,126 @@ def print_table(rows: list[Row]) -> None:
     )
 
 
+BATCH_ROWS = (1, 16, 64, 256)
+BATCH_GROUPS = 32
+BATCH_ROLLOUTS = 8  # per group
+PROMPT_LEN = 64
+
+
+@dataclass(slots=True)
+class BatchRow:
+    rows: int
+    loop_us_per_row: float  # RolloutHistory.speculate, one Python call per row
+    batch_us_per_row: float  # RolloutHistory.speculate_batch, one native call
+    speculator_us_per_row: float  # Speculator.drafts (fixed:16 budgets + the batched call)
+    suffix_loop_us_per_row: float  # SuffixDecodingCache.speculate per row
+    suffix_batch_us_per_row: float  # SuffixDecodingCache.speculate_batch
+    mean_draft_len: float
+    steps_timed: int
+
+
+def batch_workload(
+    rows: int,
+) -> tuple[
+    RolloutHistory, SuffixDecodingCache, Speculator, list[SpecRequest], list[tuple[str, int]]
+]:
+    """The step of the module docstring: a history and a suffix cache holding the same
+    rollouts and live requests, and the speculation core's handles of the requests."""
+    rng = np.random.default_rng(SEED + 5)
+    generate = WORKLOADS["realistic"]
+    history = RolloutHistory(DrafterConfig(max_depth=MAX_DEPTH))
+    cache = SuffixDecodingCache()
+    bases = generate(rng, BATCH_GROUPS)
+    prompts = generate(rng, BATCH_GROUPS)[:, :PROMPT_LEN]
+
+    def variant(group: int) -> Batch:
+        out: Batch = bases[group].copy()
+        redraw = rng.random(SEQ_LEN) < 0.05
+        out[redraw] = generate(rng, 1)[0][: int(redraw.sum())]
+        return out
+
+    for group in range(BATCH_GROUPS):
+        for i in range(BATCH_ROLLOUTS):
+            output = variant(group)
+            history.add_rollout(f"g{group}", output, 0, prompts[group])
+            key = ("done", group * BATCH_ROLLOUTS + i)
+            cache.start_request(key, f"g{group}", prompts[group])
+            cache.extend_request(key, output)
+            cache.stop_request(key)
+    speculator = Speculator(history, FixedPolicy(MAX_TOKENS), max_draft=MAX_TOKENS)
+    handles: list[SpecRequest] = []
+    keys = []
+    for row in range(rows):
+        group = row % BATCH_GROUPS
+        so_far = variant(group)[: int(rng.integers(100, 901))]
+        handle = speculator.start(f"r{row}", f"g{group}", prompts[group])
+        speculator.extend(handle, so_far.tolist(), 0, 0)
+        handles.append(handle)
+        keys.append(handle.key)
+        cache.start_request(handle.key, f"g{group}", prompts[group])
+        cache.extend_request(handle.key, so_far)
+    return history, cache, speculator, handles, keys
+
+
+def _median_us_per_row(step: Callable[[], object], rows: int, steps: int) -> float:
+    times = np.empty(steps)
+    for i in range(steps):
+        start = time.perf_counter_ns()
+        step()
+        times[i] = time.perf_counter_ns() - start
+    return float(np.median(times)) / 1e3 / rows
+
+
+def run_batch_case(rows: int, steps: int) -> BatchRow:
+    history, cache, speculator, handles, keys = batch_workload(rows)
+    budgets = [MAX_TOKENS] * rows
+    caps = [MAX_TOKENS] * rows
+    drafts = history.speculate_batch(keys, budgets)
+    if drafts != [history.speculate(k, MAX_TOKENS) for k in keys]:
+        raise RuntimeError("the batched drafts differ from the per-row ones")
+    return BatchRow(
+        rows=rows,
+        loop_us_per_row=_median_us_per_row(
+            lambda: [history.speculate(k, MAX_TOKENS) for k in keys], rows, steps
+        ),
+        batch_us_per_row=_median_us_per_row(
+            lambda: history.speculate_batch(keys, budgets), rows, steps
+        ),
+        speculator_us_per_row=_median_us_per_row(
+            lambda: speculator.drafts(handles, caps), rows, steps
+        ),
+        suffix_loop_us_per_row=_median_us_per_row(
+            lambda: [cache.speculate(k, MAX_TOKENS) for k in keys], rows, steps
+        ),
+        suffix_batch_us_per_row=_median_us_per_row(
+            lambda: cache.speculate_batch(keys, budgets), rows, steps
+        ),
+        mean_draft_len=float(np.mean([len(d) for d in drafts])),
+        steps_timed=steps,
+    )
+
+
+def print_batch_table(rows: list[BatchRow]) -> None:
+    header = (
+        f"{'rows':>5} {'loop':>8} {'batch':>8} {'drafts()':>9} {'speedup':>8} "
+        f"{'sfx loop':>9} {'sfx batch':>9} {'draft len':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r.rows:>5} {r.loop_us_per_row:>8.2f} {r.batch_us_per_row:>8.2f} "
+            f"{r.speculator_us_per_row:>9.2f} {r.loop_us_per_row / r.batch_us_per_row:>7.1f}x "
+            f"{r.suffix_loop_us_per_row:>9.2f} {r.suffix_batch_us_per_row:>9.2f} "
+            f"{r.mean_draft_len:>9.1f}"
+        )
+    print(
+        "microseconds per row per step (medians): loop = RolloutHistory.speculate per row, "
+        "batch = speculate_batch, drafts() = the speculation core's whole call; sfx = the "
+        "suffix policy's cache."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
@@ -245,8 +380,42 @@ def main() -> None:
     parser.add_argument(
         "--min-prob", type=float, default=0.0, help="speculate's min_prob (0: full drafts)"
     )
+    parser.add_argument(
+        "--part", choices=("all", "trees", "batch"), default="all", help="what to run"
+    )
     args = parser.parse_args()
+    rows = run_trees(args) if args.part != "batch" else []
+    batch_rows = []
+    if args.part != "trees":
+        steps = 20 if args.quick else 200
+        batch_rows = [run_batch_case(n, steps) for n in BATCH_ROWS]
+    if rows:
+        print_table(rows)
+    if batch_rows:
+        print_batch_table(batch_rows)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "seed": SEED,
+        "max_depth": MAX_DEPTH,
+        "max_tokens": MAX_TOKENS,
+        "min_prob": args.min_prob,
+        "context_len": CONTEXT_LEN,
+        "speculate_calls": 500 if args.quick else 5_000,
+        "part": args.part,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+    payload = {
+        "meta": meta,
+        "rows": [asdict(r) for r in rows],
+        "batch": [asdict(r) for r in batch_rows],
+    }
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
+
+def run_trees(args: argparse.Namespace) -> list[Row]:
     sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
     calls = 500 if args.quick else 5_000
     groups, group_tokens = (0, 0) if args.quick else (1_000, 10_000)
@@ -265,23 +434,7 @@ def main() -> None:
         if groups:
             part = data[: groups * group_tokens // SEQ_LEN]
             rows.append(run_case(name, part, contexts, groups, False, args.min_prob))
-
-    print_table(rows)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "seed": SEED,
-        "max_depth": MAX_DEPTH,
-        "max_tokens": MAX_TOKENS,
-        "min_prob": args.min_prob,
-        "context_len": CONTEXT_LEN,
-        "speculate_calls": calls,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-    }
-    payload = {"meta": meta, "rows": [asdict(r) for r in rows]}
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -76,6 +76,48 @@ PyObject* slice_to_list(const std::vector<T>& values, size_t begin, size_t end,
   return list;
 }
 
+// Builds draft_type(token_ids, parents, probs, score, match_len) objects. Draft is a frozen
+// slots dataclass, whose __init__ sets each field through object.__setattr__: about 0.8 us a
+// row, more than drafting it. Where the five fields are slot descriptors, a new instance gets
+// them set through the descriptors directly, as __init__ would leave them; otherwise the type
+// is called.
+class DraftMaker {
+ public:
+  explicit DraftMaker(nb::handle type) : type_(type) {
+    static const char* const kFields[kNumFields] = {"token_ids", "parents", "probs", "score",
+                                                    "match_len"};
+    direct_ = PyType_Check(type.ptr());
+    for (int i = 0; i < kNumFields && direct_; ++i) {
+      slots_[i] = nb::steal(PyObject_GetAttrString(type.ptr(), kFields[i]));
+      if (!slots_[i].is_valid()) throw nb::python_error();
+      direct_ = Py_TYPE(slots_[i].ptr()) == &PyMemberDescr_Type;
+    }
+  }
+
+  // Steals nothing; returns a new reference.
+  nb::object make(nb::handle tokens, nb::handle parents, nb::handle probs, double score,
+                  int32_t match_len) const {
+    if (!direct_) return type_(tokens, parents, probs, score, match_len);
+    auto* type = reinterpret_cast<PyTypeObject*>(type_.ptr());
+    nb::object draft = nb::steal(type->tp_alloc(type, 0));
+    if (!draft.is_valid()) throw nb::python_error();
+    nb::object values[kNumFields] = {nb::borrow(tokens), nb::borrow(parents), nb::borrow(probs),
+                                     nb::float_(score), nb::int_(match_len)};
+    for (int i = 0; i < kNumFields; ++i) {
+      PyObject* slot = slots_[i].ptr();
+      if (Py_TYPE(slot)->tp_descr_set(slot, draft.ptr(), values[i].ptr()) != 0)
+        throw nb::python_error();
+    }
+    return draft;
+  }
+
+ private:
+  static constexpr int kNumFields = 5;
+  nb::handle type_;
+  nb::object slots_[kNumFields];
+  bool direct_;
+};
+
 // Every row's draft in one call (drafter/_native/batch.h); the drafting runs with the GIL
 // released. Returns one draft_type(token_ids, parents, probs, score, match_len) per row.
 nb::list speculate_batch(nb::sequence own, nb::sequence shared,
@@ -100,6 +142,7 @@ nb::list speculate_batch(nb::sequence own, nb::sequence shared,
     nb::gil_scoped_release release;
     drafter::speculate_batch(rows.data(), n, options, &drafts);
   }
+  const DraftMaker maker(draft_type);
   auto as_int = [](int32_t v) { return PyLong_FromLong(v); };
   auto as_float = [](double v) { return PyFloat_FromDouble(v); };
   PyObject* result = PyList_New(Py_ssize_t(n));
@@ -111,7 +154,7 @@ nb::list speculate_batch(nb::sequence own, nb::sequence shared,
     nb::object parents = nb::steal(slice_to_list(drafts.parents, begin, end, as_int));
     nb::object probs = nb::steal(slice_to_list(drafts.probs, begin, end, as_float));
     if (!tokens.is_valid() || !parents.is_valid() || !probs.is_valid()) throw nb::python_error();
-    nb::object draft = draft_type(tokens, parents, probs, drafts.scores[i], drafts.match_lens[i]);
+    nb::object draft = maker.make(tokens, parents, probs, drafts.scores[i], drafts.match_lens[i]);
     PyList_SET_ITEM(result, Py_ssize_t(i), draft.release().ptr());
   }
   return out;
