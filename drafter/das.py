@@ -109,6 +109,9 @@ class DasPolicy:
     def name(self) -> str:
         return "das" if self.config.rule == "marginal" else f"das-{self.config.rule}"
 
+    def reprice(self, cost: CostModel) -> None:
+        self.cost = cost
+
     def request(self, group: str) -> RequestView:
         return RequestView(group, 0, initial_class(self._group_lengths(group), self.bounds()))
 

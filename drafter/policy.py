@@ -60,6 +60,11 @@ class Policy(Protocol):
         """True if request() predicts the request's length class from its group's history."""
         ...
 
+    def reprice(self, cost: CostModel) -> None:
+        """The worker measured its cost model again: price draft tokens with this one from
+        now on, keeping every estimate learned so far (a policy that prices none ignores it)."""
+        ...
+
     def request(self, group: str) -> RequestView: ...
     def budgets(self, requests: Sequence[RequestView]) -> list[int]: ...
     def observe_step(self, group: str, drafted: int, accepted: int) -> None: ...
@@ -84,6 +89,9 @@ class FixedPolicy:
     @property
     def drafts(self) -> bool:
         return self.budget > 0
+
+    def reprice(self, cost: CostModel) -> None:
+        pass  # it prices nothing
 
     def request(self, group: str) -> RequestView:
         return RequestView(group)

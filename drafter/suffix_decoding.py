@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from drafter.acceptance import check_step
+from drafter.cost import CostModel
 from drafter.draft import Draft, Tokens, as_token_array, check_max_depth
 from drafter.history import TokenTree
 from drafter.lengths import check_length
@@ -198,6 +199,9 @@ class SuffixPolicy:
 
     def budgets(self, requests: Sequence[RequestView]) -> list[int]:
         return [self.config.max_spec_tokens] * len(requests)
+
+    def reprice(self, cost: CostModel) -> None:
+        pass  # it prices nothing
 
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
         check_step(drafted, accepted)

@@ -62,24 +62,40 @@ class _Tracked:
 
 @dataclass(slots=True)
 class Calibrator:
-    """Fits c_base + c_tok * n to vLLM's own step times (n: tokens scheduled in the step)."""
+    """Fits c_base + c_tok * n to vLLM's own step times (n: tokens scheduled in the step).
+
+    The first fit comes from the worker's start-up requests (prompts of 8 to 128 tokens);
+    after it the calibrator keeps timing decode steps and refits every `refit_every` of them
+    on the last `window`, so the model prices what drafting really costs in the verify steps
+    of this engine under this load (a prefill step is cheaper per token than a verify step)."""
 
     steps: int
     skip: int = 4  # the first steps warm vLLM up (allocations, kernel selection)
+    window: int = 256
+    refit_every: int = 32
     points: list[tuple[int, float]] = field(default_factory=list)
     seen: int = 0
+    fitted: bool = False
+    since_fit: int = 0
 
     def add(self, tokens: int, seconds: float) -> CostModel | None:
-        """One timed step; the fitted model once enough steps of different sizes are in
-        (the worker's start-up requests provide them: prompts of 8 to 128 tokens)."""
+        """One timed step; a new fit when one is due and the points allow one."""
         self.seen += 1
         if self.seen <= self.skip:
             return None
         self.points.append((tokens, seconds))
-        if len(self.points) < self.steps:
+        del self.points[: -self.window]
+        self.since_fit += 1
+        if len(self.points) < self.steps or (self.fitted and self.since_fit < self.refit_every):
             return None
+        cost = self._fit()
+        if cost is not None:
+            self.fitted, self.since_fit = True, 0
+        return cost
+
+    def _fit(self) -> CostModel | None:
         sizes = sorted({n for n, _ in self.points})
-        if len(sizes) < 3 or sizes[-1] < max(16, 4 * sizes[0]):
+        if len(sizes) < 3 or sizes[-1] < max(16, 2 * sizes[0]):
             return None
         # Medians per size keep one stalled step (another process on the CPU) out of the fit.
         by_size: dict[int, list[float]] = {}
@@ -89,8 +105,6 @@ class Calibrator:
         try:
             return CostModel.fit(medians)
         except ValueError:  # c_base or c_tok came out <= 0: keep measuring
-            if len(self.points) > 16 * self.steps:
-                self.points = self.points[-self.steps :]
             return None
 
 
@@ -110,6 +124,8 @@ class EngineDrafter:
         priced = parse_policy_spec(options.policy).kind.startswith("das")  # fixed:K is not
         calibrate = cost is None and priced
         self._calibrator = Calibrator(options.calibration_steps) if calibrate else None
+        self.calibrating = calibrate  # no fit yet: draft nothing
+        self.refits = 0  # fits after the first one
         # Until calibrated, the policy is priced with a placeholder and never asked for a
         # budget: drafts stay empty, requests and rollouts are tracked all the same.
         self.speculator = Speculator(
@@ -129,10 +145,6 @@ class EngineDrafter:
         return parse_policy(self.options.policy, cost)
 
     @property
-    def calibrating(self) -> bool:
-        return self._calibrator is not None
-
-    @property
     def cost(self) -> CostModel | None:
         """The cost model drafts are priced with (None: still calibrating, or a policy that
         prices nothing, fixed:K)."""
@@ -144,17 +156,26 @@ class EngineDrafter:
         """The runner began a forward pass (for the calibration's timing)."""
         self._step_started = time.perf_counter()
 
-    def step_timed(self, tokens: int) -> None:
-        """The forward pass and sampling of `tokens` scheduled tokens are done."""
+    def step_timed(self, tokens: int, prefill: bool = False) -> None:
+        """The forward pass and sampling of `tokens` scheduled tokens are done (`prefill`:
+        the step began new requests; refits time decode steps only)."""
         started, self._step_started = self._step_started, None
-        if self._calibrator is None or started is None or tokens <= 0:
+        calibrator = self._calibrator
+        if calibrator is None or started is None or tokens <= 0:
             return
-        cost = self._calibrator.add(tokens, time.perf_counter() - started)
-        if cost is not None:
-            self._calibrator = None
-            self.cost_source = "calibrated on vLLM's steps"
+        if prefill and calibrator.fitted:
+            return
+        cost = calibrator.add(tokens, time.perf_counter() - started)
+        if cost is None:
+            return
+        if self.calibrating:
+            self.calibrating = False
             self.speculator.policy = self._policy(cost)
             log.info("DAS cost model from vLLM's steps: %s", cost)
+        else:
+            self.speculator.policy.reprice(cost)
+            self.refits += 1
+        self.cost_source = "calibrated on vLLM's steps"
 
     def propose(self, rows: Sequence[Row]) -> list[list[int]]:
         """One draft per row (maybe empty): record what each row gained, then draft."""
@@ -179,7 +200,7 @@ class EngineDrafter:
                 caps.append(row.cap)
                 order.append(i)
         out: list[list[int]] = [[] for _ in rows]
-        if drafting and self._calibrator is None:
+        if drafting and not self.calibrating:
             drafts = speculator.drafts([t.spec for t in drafting], caps)
             for i, tracked, draft in zip(order, drafting, drafts, strict=True):
                 tokens = list(draft.token_ids)
@@ -267,6 +288,7 @@ class EngineDrafter:
             "policy": self.speculator.policy.name,
             "cost_model": None if cost is None else {"c_base": cost.c_base, "c_tok": cost.c_tok},
             "cost_source": "calibrating" if self.calibrating else self.cost_source,
+            "cost_refits": self.refits,
             "steps": self.steps,
             "propose_seconds": self.propose_seconds,
         }

@@ -138,7 +138,10 @@ def patch_runner(runner_class: Any) -> None:
         drafter = _drafter(self)
         if drafter is not None:
             self.drafter.requests = self.requests  # the proposer reads sampling params there
-            drafter.step_timed(int(scheduler_output.total_num_scheduled_tokens))
+            drafter.step_timed(
+                int(scheduler_output.total_num_scheduled_tokens),
+                prefill=bool(scheduler_output.scheduled_new_reqs),
+            )
         tally: SpecTally | None = getattr(self, "_das_tally", None)
         if tally is None:
             tally = self._das_tally = SpecTally()

@@ -4,6 +4,7 @@ only settled natural ends enter it, and the calibrator fits vLLM's step times.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -112,6 +113,33 @@ def test_calibration_drafts_nothing_until_fitted() -> None:
         fit = calibrator.add(n, 0.05 + 0.001 * n)
     assert fit is not None
     assert fit.c_base == pytest.approx(0.05) and fit.c_tok == pytest.approx(0.001)
+
+
+def timed_step(drafter: EngineDrafter, tokens: int, seconds: float, prefill: bool = False) -> None:
+    """A step of `tokens` scheduled tokens that took `seconds`, as the runner hooks time it."""
+    drafter.step_started()
+    drafter._step_started = time.perf_counter() - seconds
+    drafter.step_timed(tokens, prefill=prefill)
+
+
+def test_cost_model_refit_on_decode_steps_keeps_what_the_policy_learned() -> None:
+    """After the first fit, decode steps refit the cost model every refit_every steps
+    (prefill steps are left out); the policy is repriced, not rebuilt."""
+    drafter = EngineDrafter(DasVllmOptions(policy="das", calibration_steps=8))
+    for n in (0, 0, 0, 0, 1, 8, 16, 32, 64, 128, 1, 64):  # 4 warm-up steps, then the fit
+        timed_step(drafter, max(n, 1), 0.05 + 0.001 * n)
+    assert not drafter.calibrating and drafter.refits == 0
+    policy = drafter.speculator.policy
+    assert policy.cost is not None and policy.cost.c_tok == pytest.approx(0.001, rel=0.05)
+    policy.observe_finished("g", 40)
+    for i in range(256):  # verify steps: c_base 0.04, c_tok 0.005, and big cheap prefills
+        tokens = 32 + 8 * (i % 8)
+        timed_step(drafter, tokens, 0.04 + 0.005 * tokens)
+        timed_step(drafter, 4096, 0.5, prefill=True)
+    assert drafter.refits > 0 and drafter.speculator.policy is policy
+    assert policy.cost.c_base == pytest.approx(0.04, abs=2e-3)
+    assert policy.cost.c_tok == pytest.approx(0.005, rel=0.05)
+    assert drafter.stats()["cost_refits"] == drafter.refits
 
 
 def test_options_refuse_what_vllm_cannot_run() -> None:
