@@ -45,11 +45,12 @@ def engine_server(**overrides: Any) -> Server:
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, Server]]:
-    """Workers that differ only in speculation: none, fixed:4 and das."""
+    """Workers that differ only in speculation: none, fixed:4, das and suffix."""
     started = {
         "none": engine_server(speculation=False),
         "fixed:4": engine_server(spec_policy="fixed:4"),
         "das": engine_server(spec_policy="das"),
+        "suffix": engine_server(spec_policy="suffix"),
     }
     yield started
     for server in started.values():
@@ -150,7 +151,7 @@ def _rollouts(server: Server, group: str, n: int = 2) -> list[dict[str, Any]]:
     return list(data["choices"])
 
 
-@pytest.mark.parametrize("policy", ["fixed:4", "das"])
+@pytest.mark.parametrize("policy", ["fixed:4", "das", "suffix"])
 def test_lossless_through_the_api(servers: dict[str, Server], policy: str) -> None:
     """Speculation changes the number of forwards, never a token or a logprob."""
     plain, spec = servers["none"], servers[policy]
