@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NATIVE := CMakeLists.txt $(wildcard drafter/_native/*) $(wildcard service/engine/_native/*)
 
-.PHONY: install run test test-sglang test-vllm lint pytest bench-drafter bench-rollout bench-gateway bench-steps clean
+.PHONY: install run test test-sglang test-vllm lint pytest bench-drafter bench-rollout bench-gateway bench-steps dashboard-png clean
 
 install: $(STAMP)
 
@@ -105,6 +105,13 @@ bench-gateway: $(STAMP)
 # SmolLM2 verify-step times over batch sizes and draft lengths (about 1 min).
 bench-steps: $(STAMP)
 	$(BIN)/python -m bench.steps --json bench/results/steps.json
+
+# docs/dashboard.png: the dashboard's main panels drawn from a real Prometheus that scraped a
+# gateway and a SmolLM2 worker through a short workload (tests/deploy/test_prometheus.py;
+# needs Debian's prometheus package; about 40 s).
+dashboard-png: $(STAMP)
+	DAS_DASHBOARD_PNG=$(abspath docs/dashboard.png) $(BIN)/pytest -m slow \
+		tests/deploy/test_prometheus.py -k render
 
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) $(VLLM_VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis

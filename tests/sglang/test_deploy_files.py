@@ -32,22 +32,24 @@ def test_the_image_is_sglangs_official_one_at_the_pinned_version() -> None:
     assert '"--backend", "sglang"' in dockerfile
 
 
-def test_the_compose_service_runs_our_launcher_with_a_gpu_cost_model() -> None:
+def test_the_compose_services_run_our_launcher_with_a_gpu_cost_model() -> None:
     compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
-    service = compose["services"]["worker-sglang"]
-    assert service["build"]["dockerfile"] == "docker/sglang-worker.Dockerfile"
-    assert service["command"][:3] == ["worker", "--backend", "sglang"]
-    env = service["environment"]
-    cost = re.fullmatch(r"\$\{DAS_SGLANG_COST_MODEL:-(.+)\}", env["DAS_COST_MODEL"])
-    assert cost is not None
-    assert sglang_cost_model(cost.group(1)) == parse_cost_model(cost.group(1))
-    assert env["DAS_REDIS_URL"].startswith("redis://redis:")
-    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    others = [
-        gpu
-        for name, other in compose["services"].items()
-        if name != "worker-sglang" and "deploy" in other
-        for gpu in other["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
-    ]
-    assert not set(device["device_ids"]) & set(others)  # a GPU of its own
+    services = {
+        name: service
+        for name, service in compose["services"].items()
+        if "gpu-sglang" in service.get("profiles", []) and service["command"][0] == "worker"
+    }
+    assert sorted(services) == ["sglang-worker-0", "sglang-worker-1"]
+    gpus = []
+    for service in services.values():
+        assert service["build"]["dockerfile"] == "docker/sglang-worker.Dockerfile"
+        assert service["command"][:3] == ["worker", "--backend", "sglang"]
+        env = service["environment"]
+        cost = re.fullmatch(r"\$\{DAS_SGLANG_COST_MODEL:-(.+)\}", env["DAS_COST_MODEL"])
+        assert cost is not None
+        assert sglang_cost_model(cost.group(1)) == parse_cost_model(cost.group(1))
+        assert env["DAS_REDIS_URL"].startswith("redis://redis:")
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        gpus += device["device_ids"]
+    assert sorted(gpus) == ["0", "1"]  # a GPU of its own each
