@@ -52,6 +52,7 @@ from service.worker import (
     SampleDelta,
     SampleResult,
     SamplingParams,
+    check_version_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -346,13 +347,21 @@ class EngineWorker:
         self._paused = False
 
     async def update_weights(self, path: str) -> int:
+        return await self._update_weights(path, None)
+
+    async def update_weights_to(self, path: str, version: int) -> int:
+        check_version_forward(version, self._version)
+        return await self._update_weights(path, version)
+
+    async def _update_weights(self, path: str, to: int | None) -> int:
+        """Load the weights at `path` as policy version `to` (None: the next one)."""
         if not path:
             raise InvalidRequest("model_path must not be empty", "model_path")
         config = self._config
         try:
             # Loaded off both threads: the engine keeps stepping meanwhile.
             model, _ = await asyncio.to_thread(load_model, path, config.device, config.torch_dtype)
-            version: int = await self._call(lambda engine: self._load_weights(engine, model))
+            version: int = await self._call(lambda engine: self._load_weights(engine, model, to))
         except (ValueError, OSError) as error:  # no checkpoint there, or one of another shape
             # One message whatever the cause (missing, not a .gguf, no config.json, another
             # shape): the caller learns nothing of the worker's filesystem; the log does.
@@ -546,8 +555,8 @@ class EngineWorker:
                 count += 1
         return count
 
-    def _load_weights(self, engine: Engine, model: Any) -> int:
-        version = engine.load_weights(model)
+    def _load_weights(self, engine: Engine, model: Any, version: int | None) -> int:
+        version = engine.load_weights(model, version)
         assert self._view is not None
         self._view.note_all(engine.history)
         return version

@@ -44,6 +44,7 @@ from service.worker import (
     SampleResult,
     SamplingParams,
     SpecCounters,
+    check_version_forward,
 )
 
 BOS = 256
@@ -201,11 +202,15 @@ class FakeWorker:
         self._gate.set()
 
     async def update_weights(self, path: str) -> int:
+        return await self.update_weights_to(path, self._version + 1)
+
+    async def update_weights_to(self, path: str, version: int) -> int:
         if not path:
             raise InvalidRequest("model_path must not be empty", "model_path")
-        self._version += 1  # the fake has no weights: a new path is a new policy
-        await self.store.set_version(self._version)
-        return self._version
+        check_version_forward(version, self._version)
+        self._version = version  # the fake has no weights: a new path is a new policy
+        await self.store.set_version(version)
+        return version
 
     async def flush_cache(self) -> None:
         self.cache_flushes += 1  # no KV cache here; the history is deliberately untouched

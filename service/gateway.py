@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,7 @@ from service.errors import (
     error_for_status,
     error_response,
 )
+from service.limits import KeyBudget, requested_samples
 from service.metrics import Metrics
 from service.routing import build_ring, pick_worker, routing_key
 from service.settings import Settings
@@ -55,6 +58,9 @@ class Upstream:
     failures: int = 0  # consecutive failed health checks
     inflight: int = 0
     version: str | None = None  # the policy version it last reported (None: not reported)
+    catching_up: bool = False  # the last update is being re-sent to it (see _catch_up)
+    catch_up_failures: int = 0  # failed catch-ups in a row
+    catch_up_after: float = 0.0  # time.monotonic() before which no catch-up is tried again
 
 
 @dataclass(slots=True)
@@ -73,10 +79,11 @@ def check_keys(settings: Settings) -> None:
     """Refuse a gateway that would forward every call to workers that refuse it: one with an
     API key of its own (so its workers, started from the same deployment, have one too) and
     none to send them."""
-    if settings.api_key and not settings.worker_api_key:
+    if (settings.api_key or settings.client_api_keys) and not settings.worker_api_key:
         raise ValueError(
-            "the gateway has an API key (--api-key, DAS_API_KEY) but none for its workers: "
-            "give --worker-api-key (DAS_WORKER_API_KEY), the key the workers require"
+            "the gateway has an API key (--api-key, DAS_API_KEY, or --client-api-key) but "
+            "none for its workers: give --worker-api-key (DAS_WORKER_API_KEY), the key the "
+            "workers require"
         )
 
 
@@ -97,10 +104,15 @@ class Gateway:
         self._control_headers = dict(self._headers)  # control calls: the workers' admin key
         if settings.worker_admin_api_key:
             self._control_headers["authorization"] = f"Bearer {settings.worker_admin_api_key}"
+        self.key_budget = KeyBudget(settings.max_inflight_samples_per_key)
         self._client: httpx.AsyncClient | None = None
         self._transport: KeepAliveTransport | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.announced: str | None = None  # the policy version its weight updates reached
+        # The update body that reached the announced version, with that version set: what
+        # brings a worker on another version to it (None: no update through this gateway yet).
+        self._last_update: bytes | None = None
+        self._catch_ups: set[asyncio.Task[None]] = set()
         for url in self.workers:
             metrics.worker_up.labels(worker=url).set(1)
 
@@ -125,10 +137,11 @@ class Gateway:
         self._health_task = asyncio.create_task(self._health_loop(), name="gateway-health")
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in [self._health_task, *self._catch_ups]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._client is not None:
             await self._client.aclose()
 
@@ -166,7 +179,11 @@ class Gateway:
 
     # -- generation ---------------------------------------------------------------------
 
-    async def forward(self, path: str, body: bytes, headers: Mapping[str, str]) -> Forwarded:
+    async def forward(
+        self, path: str, body: bytes, headers: Mapping[str, str], client: str = "anonymous"
+    ) -> Forwarded:
+        """Route one generation request; `client` (the caller's API key, by name) is admitted
+        first against its own budget of samples (KeyBudget), held until the answer is sent."""
         try:
             parsed = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -183,6 +200,33 @@ class Gateway:
             if value is not None:
                 upstream_headers[name] = value
         group = parsed.get("prompt_group") or headers.get("x-session-id")
+        release = self.key_budget.acquire(client, requested_samples(path, parsed))
+        try:
+            forwarded = await self._route(path, body, parsed, key, group, upstream_headers, stream)
+        except BaseException:
+            release()
+            raise
+        if forwarded.stream is None:
+            release()
+        else:
+            forwarded.stream = _releasing(forwarded.stream, release)
+            # A stream the client left before its first chunk is never iterated (its finally
+            # never runs): its samples come back when it is collected.
+            weakref.finalize(forwarded.stream, release)
+        return forwarded
+
+    async def _route(
+        self,
+        path: str,
+        body: bytes,
+        parsed: dict[str, Any],
+        key: str,
+        group: Any,
+        upstream_headers: dict[str, str],
+        stream: bool,
+    ) -> Forwarded:
+        """Send to the chosen worker; a connection refused or lost before any answer is
+        retried once on the next choice."""
 
         def body_for(worker: Upstream) -> bytes:
             if not worker.sglang:
@@ -312,7 +356,7 @@ class Gateway:
 
         replies = await asyncio.gather(*(one(url) for url in live))
         if path in ("/update_weights_from_disk", "/get_weight_version"):
-            self._note_versions(path, replies)
+            self._note_versions(path, body, replies)
         failed = [(url, status, reply) for url, status, reply in replies if status >= 400]
         if failed:
             prefix = f"{len(failed)} of {len(replies)} workers failed"
@@ -332,9 +376,10 @@ class Gateway:
             "skipped": [self.worker_name(url) for url in self.workers if url not in live],
         }
 
-    def _note_versions(self, path: str, replies: list[tuple[str, int, Any]]) -> None:
+    def _note_versions(self, path: str, body: bytes, replies: list[tuple[str, int, Any]]) -> None:
         """The versions the workers answered; after a weight update, the newest one reached
-        becomes the announced version (workers left behind are then held out)."""
+        becomes the announced version (workers left behind are then held out, and caught up
+        by check_health) and the update, set to that version, the one a catch-up re-sends."""
         reached = []
         for url, status, reply in replies:
             version = reply.get("weight_version") if isinstance(reply, dict) else None
@@ -343,6 +388,9 @@ class Gateway:
                 reached.append(str(version))
         if path == "/update_weights_from_disk" and reached:
             self.announced = max(reached, key=sglang_upstream.version_order)
+            self._last_update = _update_to(body, self.announced)
+            for worker in self.workers.values():  # a new version: every worker may try at once
+                worker.catch_up_failures, worker.catch_up_after = 0, 0.0
             for name in self.skew():
                 log.warning("%s is not on policy version %s: held out", name, self.announced)
 
@@ -385,12 +433,64 @@ class Gateway:
                     log.warning("worker %s is back", worker.url)
                 worker.healthy, worker.failures = True, 0
                 self.metrics.worker_up.labels(worker=worker.url).set(1)
+                if self._should_catch_up(worker):
+                    task = asyncio.create_task(self._catch_up(worker), name="gateway-catch-up")
+                    self._catch_ups.add(task)
+                    task.add_done_callback(self._catch_ups.discard)
             else:
                 worker.failures += 1
                 if worker.failures >= self.settings.health_failures:
                     self._mark_down(worker, "failed health checks", drop=frozen)
 
         await asyncio.gather(*(one(worker) for worker in self.workers.values()))
+
+    def _should_catch_up(self, worker: Upstream) -> bool:
+        """A healthy worker that reports a policy version other than the announced one, when
+        this gateway has the update that reached it and no try is under way or backing off."""
+        return (
+            self._last_update is not None
+            and not worker.sglang  # SGLang's /health reports no version (and its own API)
+            and worker.version is not None
+            and worker.version != self.announced
+            and not worker.catching_up
+            and time.monotonic() >= worker.catch_up_after
+        )
+
+    async def _catch_up(self, worker: Upstream) -> None:
+        """Re-send the last update, set to the announced version, to this worker alone. It
+        stays out of routing until its /health reports that version (in_policy); a failure is
+        logged and tried again on a later health check, the wait doubling each time."""
+        body, version, name = self._last_update, self.announced, self.worker_name(worker.url)
+        if body is None or version is None:
+            return
+        worker.catching_up = True
+        try:
+            response = await self.client.post(
+                worker.url + "/update_weights_from_disk",
+                content=body,
+                headers=self._control_headers,
+                timeout=httpx.Timeout(self.settings.upstream_timeout_s, connect=2.0),
+            )
+            reached = _reported_version(response) if response.status_code == 200 else None
+            why = f"{response.status_code} {_message(_json(response))}".strip()
+        except httpx.HTTPError as error:
+            reached, why = None, type(error).__name__
+        finally:
+            worker.catching_up = False
+        if reached == version:
+            worker.catch_up_failures, worker.catch_up_after = 0, 0.0
+            log.warning("%s was caught up to policy version %s", name, version)
+            return
+        worker.catch_up_failures += 1
+        wait = min(
+            self.settings.health_interval_s * 2**worker.catch_up_failures,
+            self.settings.catch_up_max_backoff_s,
+        )
+        worker.catch_up_after = time.monotonic() + wait
+        log.warning(
+            "%s: catch-up to policy version %s failed (%s); held out, next try in %.1f s",
+            name, version, why, wait,
+        )  # fmt: skip
 
     async def _health_loop(self) -> None:
         while True:
@@ -410,6 +510,16 @@ class Gateway:
         self.metrics.worker_up.labels(worker=worker.url).set(0)
 
 
+async def _releasing(
+    stream: AsyncIterator[bytes], release: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    try:
+        async for part in stream:
+            yield part
+    finally:
+        release()
+
+
 class _NoAnswer(Exception):
     """The worker's connection failed before any of its answer arrived (its process died,
     say): the request may go to another worker."""
@@ -422,13 +532,30 @@ def _upstream_error(name: str, error: httpx.HTTPError) -> UpstreamError | Upstre
 
 
 def _reported_version(response: httpx.Response) -> str | None:
-    """The weight_version a worker's /health reports (ours do; an SGLang server does not)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
+    """The weight_version a worker's /health (or update) reports (ours do; an SGLang server's
+    /health does not)."""
+    body = _json(response)
     version = body.get("weight_version") if isinstance(body, dict) else None
     return None if version is None else str(version)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _update_to(body: bytes, version: str) -> bytes | None:
+    """An update body set to policy `version`: our workers' versions are numbers (None
+    otherwise, and for a body that is not a JSON object)."""
+    try:
+        update = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(update, dict) or not version.isdecimal():
+        return None
+    return json.dumps({**update, "weight_version": int(version)}).encode()
 
 
 def _param(reply: Any) -> str | None:

@@ -19,7 +19,7 @@ from service.gateway import BROADCAST_PATHS, Gateway
 from service.metrics import Metrics
 from service.settings import Settings
 from service.sglang_plugin.upstream import version_order
-from service.web import GENERATION_PATHS, finish_app, is_admin, json_response
+from service.web import GENERATION_PATHS, client_key, finish_app, is_admin, json_response
 
 
 @dataclass(slots=True)
@@ -40,7 +40,9 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 async def _forward(request: Request) -> Response:
     # A plain Starlette endpoint: the hot path skips FastAPI's dependency solving.
     state: GatewayState = request.app.state.das
-    forwarded = await state.gateway.forward(request.url.path, await request.body(), request.headers)
+    forwarded = await state.gateway.forward(
+        request.url.path, await request.body(), request.headers, client_key(request)
+    )
     headers = {"x-das-worker": _shown(request, state.gateway, forwarded.worker)}
     if forwarded.retry_after is not None:
         headers["retry-after"] = forwarded.retry_after
@@ -119,6 +121,7 @@ async def server_info(request: Request, gateway: GatewayDep) -> Response:
                     "inflight": w.inflight,
                     "weight_version": w.version,
                     "routable": w.url in routable,
+                    "catch_up_failures": w.catch_up_failures,  # in a row, to the announced
                 }
                 for url, w in workers
             ],

@@ -18,8 +18,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag
 
-from service.worker import MAX_N, MAX_TOP_LOGPROBS
-
 TokenIds = list[int]
 
 # -- request values ---------------------------------------------------------------------------
@@ -30,8 +28,17 @@ TokenIds = list[int]
 
 MAX_TOKEN_ID = 2**31 - 1
 MAX_SEED = 2**63 - 1
-MAX_STOP = 16  # stop strings per request
-MAX_STOP_CHARS = 1024  # characters of one stop string
+MAX_TOP_LOGPROBS = 20
+
+# Bounds a deployment sets (Settings: --max-n, --max-stop-strings, --max-stop-chars): the wire
+# model bounds only the type, service.limits refuses a value above the configured one (a 400
+# naming the field), and the OpenAPI schema carries the configured value: service.web fills
+# in each value marked LIMIT_KEY (a Settings field's name) as the bound its type takes.
+LIMIT_KEY = "x-das-limit"
+
+
+def _configured(setting: str) -> dict[str, Any]:
+    return {LIMIT_KEY: setting}
 
 
 def _utf8(text: str) -> str:
@@ -47,10 +54,12 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_TOKEN_ID)]
 PromptIds = Annotated[list[TokenId], Field(min_length=1)]
-StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)]
+StopText = Annotated[Text, Field(min_length=1, json_schema_extra=_configured("max_stop_chars"))]
+Stop = (
+    StopText | Annotated[list[StopText], Field(json_schema_extra=_configured("max_stop_strings"))]
+)
 StopTokenIds = Annotated[list[TokenId], Field(max_length=1024)]
-Count = Annotated[int, Field(ge=1, le=MAX_N)]
+Count = Annotated[int, Field(ge=1, le=MAX_TOKEN_ID, json_schema_extra=_configured("max_n"))]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKEN_ID)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -418,6 +427,9 @@ class UpdateWeightsRequest(_Request):
     model_path: Text
     load_format: Text | None = None
     abort_all_requests: bool = False
+    # The policy version the weights become (as SGLang's weight_version; a decimal string is
+    # taken as its number); None: the worker's next. Never below the worker's current one.
+    weight_version: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
 
 
 class UpdateWeightsResponse(_Response):

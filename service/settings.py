@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     api_key: Annotated[str | None, PROCESS] = Field(
         None, description="Bearer key required on every endpoint but /health and /metrics"
     )
+    client_api_keys: Annotated[list[str], Flag("process", name="--client-api-key")] = Field(
+        default_factory=list,
+        description="another Bearer key accepted wherever --api-key is: one per client (a "
+        "trainer, an evaluation job), each with its own --max-inflight-samples-per-key budget "
+        "at the gateway; repeat the flag for each (DAS_CLIENT_API_KEYS: a JSON list)",
+    )
     admin_api_key: Annotated[str | None, PROCESS] = Field(
         None,
         description="Bearer key required on the control endpoints (abort, pause, continue, "
@@ -130,6 +136,15 @@ class Settings(BaseSettings):
     # -- limits (a worker's) --------------------------------------------------------------
     max_prompts_per_request: Annotated[int, WORKER] = Field(
         256, ge=1, description="prompts in one request (a batch); more: 400"
+    )
+    max_n: Annotated[int, WORKER] = Field(
+        128, ge=1, description="samples per prompt (n, best_of) in one request; more: 400"
+    )
+    max_stop_strings: Annotated[int, WORKER] = Field(
+        16, ge=0, description="stop strings in one request; more: 400"
+    )
+    max_stop_chars: Annotated[int, WORKER] = Field(
+        1024, ge=1, description="characters of one stop string; more: 400"
     )
     max_inflight_samples: Annotated[int, WORKER] = Field(
         4096,
@@ -208,6 +223,21 @@ class Settings(BaseSettings):
         description="seconds a control call (pause, continue, abort, flush, versions) may take "
         "on one worker; one that does not answer is taken out of routing and reported (weight "
         "updates take --upstream-timeout)",
+    )
+    max_inflight_samples_per_key: Annotated[int | None, GATEWAY] = Field(
+        None,
+        ge=1,
+        description="samples (n for each prompt) one API key (--api-key, each --client-api-key, "
+        "the admin key; without keys, all callers together) may have running or queued "
+        "through the gateway at once; over it, 429 with Retry-After (default: no per-key "
+        "limit, only each worker's --max-inflight-samples)",
+    )
+    catch_up_max_backoff_s: Annotated[float, GATEWAY] = Field(
+        60.0,
+        gt=0.0,
+        description="a worker on another policy version than the gateway announces is sent "
+        "the last weight update again, set to that version; after a failure the next try "
+        "waits --health-interval, doubled per failure, at most this many seconds",
     )
     upstream_timeout_s: Annotated[float, GATEWAY] = Field(
         600.0, gt=0.0, description="seconds a request to a worker may take"

@@ -39,7 +39,8 @@ from service.errors import (
     status_of,
 )
 from service.metrics import CONTENT_TYPE_LATEST, Metrics
-from service.protocol import ErrorResponse
+from service.protocol import LIMIT_KEY, ErrorResponse
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ def keys_match(given: str, key: str) -> bool:
     return hmac.compare_digest(given_digest, key_digest)
 
 
+def client_key(request: Request) -> str:
+    """Which key the caller gave (see ApiKeys): "key-N", "admin", or "anonymous"."""
+    return str(getattr(request.state, "das_key", "anonymous"))
+
+
 def is_admin(request: Request) -> bool:
     """Whether the caller may see and do everything (the admin key, or none configured)."""
     return bool(getattr(request.state, "das_admin", False))
@@ -110,8 +116,9 @@ class ApiKeys:
     """Bearer auth (pure ASGI), decided from the headers alone: a refused request's body is
     never read. Control paths take settings.admin_api_key where one is set (the API key is
     refused there), else the API key; every other path but the probes takes the API key or
-    the admin key. No key configured: open. The caller's standing is kept for the handlers
-    (is_admin): only an admin is shown the gateway's worker URLs."""
+    the admin key; the API key is --api-key or any --client-api-key. No key configured: open.
+    The caller's standing is kept for the handlers (is_admin: only an admin is shown the
+    gateway's worker URLs; client_key: the gateway's admission per key)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -121,18 +128,23 @@ class ApiKeys:
             await self.app(scope, receive, send)
             return
         settings = scope["app"].state.das.settings
-        user: str | None = settings.api_key
+        users: list[str | None] = [settings.api_key, *settings.client_api_keys]
         admin: str | None = settings.admin_api_key
         token = _bearer(scope)
         admitted = admin is not None and token is not None and keys_match(token, admin)
+        user = next((i for i, key in enumerate(users) if key and _given(token, key)), None)
         if admin is not None and scope["path"] in CONTROL_PATHS:
             allowed = admitted
         else:
-            allowed = admitted or user is None or _given(token, user)
+            allowed = admitted or user is not None or not any(users)
         if not allowed:
             await error_json(Unauthorized("invalid or missing API key"))(scope, receive, send)
             return
-        scope.setdefault("state", {})["das_admin"] = admitted or admin is None
+        state = scope.setdefault("state", {})
+        state["das_admin"] = admitted or admin is None
+        # Who is asking, for admission per key: key-0 is --api-key, key-N the Nth
+        # --client-api-key; never the key itself.
+        state["das_key"] = "admin" if admitted else "anonymous" if user is None else f"key-{user}"
         await self.app(scope, receive, send)
 
 
@@ -391,6 +403,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     def error(description: str) -> dict[str, Any]:
         return {"description": description, "content": content}
 
+    _fill_limits(schemas, getattr(getattr(app.state, "das", None), "settings", None))
     for path, operations in spec.get("paths", {}).items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
@@ -406,6 +419,30 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             responses["503"] = error("not now: loading, shutting down, paused, no worker")
     app.openapi_schema = spec
     return spec
+
+
+_LIMIT_BOUND = {"integer": "maximum", "string": "maxLength", "array": "maxItems"}
+
+
+def _fill_limits(node: Any, settings: Settings | None) -> None:
+    """Each value the wire models mark with LIMIT_KEY gets the configured bound (a Settings
+    field: the running app's, else its default) as its type's JSON schema keyword."""
+    if isinstance(node, list):
+        for item in node:
+            _fill_limits(item, settings)
+        return
+    if not isinstance(node, dict):
+        return
+    setting = node.pop(LIMIT_KEY, None)
+    if isinstance(setting, str):
+        value = (
+            getattr(settings, setting)
+            if settings is not None
+            else Settings.model_fields[setting].default
+        )
+        node[_LIMIT_BOUND[node["type"]]] = value
+    for child in node.values():
+        _fill_limits(child, settings)
 
 
 def finish_app(

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from service.errors import InvalidRequest
+from service.protocol import MAX_TOP_LOGPROBS
 
 FinishReason = Literal["stop", "length", "abort"]
-
-MAX_N = 128
-MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +39,8 @@ class SamplingParams:
     no_stop_trim: bool = False  # keep the matched stop string / token in the text
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n <= MAX_N:
-            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+        if self.n < 1:  # its upper bound is the deployment's (service.limits)
+            raise ValueError(f"n must be >= 1, got {self.n}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
@@ -160,3 +160,24 @@ class Worker(Protocol):
     async def close(self) -> None: ...
     def health(self) -> dict[str, Any]: ...
     def server_info(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class SetsWeightVersion(Protocol):
+    """A worker whose weight update can set the policy version instead of bumping it (the
+    FakeWorker and the engine's): what lets a worker that missed updates, or restarted at its
+    start-up version, be brought to the version the rest of the deployment serves."""
+
+    async def update_weights_to(self, path: str, version: int) -> int:
+        """Load new weights as policy `version` (not below the current one); the version."""
+        ...
+
+
+def check_version_forward(version: int, current: int) -> None:
+    """A policy version never goes back: the rollout history is windowed by version."""
+    if version < current:
+        raise InvalidRequest(
+            f"weight_version {version} is behind this worker's {current}: a policy version "
+            "never goes back",
+            "weight_version",
+        )

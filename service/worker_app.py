@@ -58,6 +58,9 @@ def request_limits(settings: Settings) -> Limits:
         context,
         max_prompts=settings.max_prompts_per_request,
         max_inflight_samples=settings.max_inflight_samples,
+        max_n=settings.max_n,
+        max_stop=settings.max_stop_strings,
+        max_stop_chars=settings.max_stop_chars,
     )
 
 

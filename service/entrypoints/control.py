@@ -25,7 +25,12 @@ from service.protocol import (
     WeightVersionResponse,
 )
 from service.web import json_response
-from service.worker import GenerateRequest, SamplingParams
+from service.worker import (
+    GenerateRequest,
+    SamplingParams,
+    SetsWeightVersion,
+    check_version_forward,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,21 @@ async def abort(generation: Generation, request: AbortRequest) -> ControlRespons
 async def update_weights(
     generation: Generation, request: UpdateWeightsRequest
 ) -> UpdateWeightsResponse:
+    """Load new weights: as the policy version given (SGLang's weight_version: how a worker
+    that missed updates is brought to the deployment's version), else the worker's next."""
     worker = generation.worker
+    target = request.weight_version
+    setter = worker if isinstance(worker, SetsWeightVersion) else None
+    if target is not None:  # refused before anything is aborted
+        if setter is None:
+            raise InvalidRequest("this backend cannot set weight_version", "weight_version")
+        check_version_forward(target, worker.weight_version)
     if request.abort_all_requests:
         await worker.abort(None)
-    version = await worker.update_weights(request.model_path)
+    if target is None or setter is None:
+        version = await worker.update_weights(request.model_path)
+    else:
+        version = await setter.update_weights_to(request.model_path, target)
     return UpdateWeightsResponse(
         success=True, message=f"loaded {request.model_path}", weight_version=str(version)
     )

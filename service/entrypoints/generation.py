@@ -249,6 +249,7 @@ class Generation:
         if not prompts:
             raise InvalidRequest("no prompt given", fields.prompt)
         self.limits.check([len(p.token_ids) for p in prompts], params.max_tokens, fields)
+        self.limits.check_sampling(params.n, params.stop, fields)
         for i, p in enumerate(prompts):
             if not p.request_id:
                 p.request_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"

@@ -138,7 +138,9 @@ async def _stream(
 
 def _fields(request: SGLangGenerateRequest) -> Fields:
     prompt = "input_ids" if request.input_ids is not None else "text"
-    return Fields(prompt, "sampling_params.max_new_tokens")
+    return Fields(
+        prompt, "sampling_params.max_new_tokens", "sampling_params.n", "sampling_params.stop"
+    )
 
 
 def _meta(

@@ -66,7 +66,9 @@ async def generate(
     request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
     prompts = [to_prompt(request.token_ids, request_id)]
     group = request.prompt_group or session_id
-    fields = Fields("token_ids", "sampling_params.max_tokens")
+    fields = Fields(
+        "token_ids", "sampling_params.max_tokens", "sampling_params.n", "sampling_params.stop"
+    )
     (samples,) = await generation.run_all(request_id, prompts, params, group, fields)
     return VLLMGenerateResponse(
         request_id=request_id,

@@ -197,6 +197,30 @@ def test_rollouts_are_shared_through_redis(redis_server: RedisServer, tmp_path: 
     asyncio.run(main())
 
 
+def test_a_weight_update_sets_the_version_it_is_given(tmp_path: Path) -> None:
+    """The engine's load_weights path takes the version (a worker that missed updates is
+    brought to the deployment's); it never goes back, and is refused before any loading."""
+
+    async def main() -> None:
+        worker = make_worker()
+        await worker.start()
+        try:
+            tiny_random_model(seed=1).save_pretrained(tmp_path / "v")
+            assert await worker.update_weights_to(str(tmp_path / "v"), 5) == 5
+            assert worker.health()["weight_version"] == 5
+            assert worker.server_info()["weight_version"] == "5"
+            with pytest.raises(InvalidRequest, match="behind this worker's 5"):
+                await worker.update_weights_to("/nonexistent/weights", 4)
+            assert await worker.update_weights_to(str(tmp_path / "v"), 5) == 5  # a reload
+            assert await worker.update_weights(str(tmp_path / "v")) == 6  # no version: next
+            (result,) = await worker.generate(request("after"))
+            assert result.weight_version == 6
+        finally:
+            await worker.close()
+
+    asyncio.run(main())
+
+
 def test_serve_flags() -> None:
     import argparse
 

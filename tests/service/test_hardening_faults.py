@@ -5,6 +5,7 @@ clients that leave a non-streaming request."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -264,39 +265,118 @@ def test_a_frozen_worker_fails_a_control_call_in_its_timeout_and_is_then_skipped
 # -- a worker that misses a weight update --------------------------------------------------------
 
 
-def test_a_worker_that_missed_a_weight_update_is_held_out_and_reported(
-    processes: Callable[..., WorkerProcess], serve_gateway: Callable[..., Server]
+def test_a_weight_update_can_set_the_version_and_never_takes_it_back(
+    serve: Callable[..., Server],
+) -> None:
+    worker = serve()
+    with httpx.Client(base_url=worker.url, timeout=10) as http:
+
+        def update(**body: object) -> httpx.Response:
+            return http.post("/update_weights_from_disk", json={"model_path": "/c", **body})
+
+        assert update().json()["weight_version"] == "1"  # no version: the next one
+        assert update(weight_version=7).json()["weight_version"] == "7"
+        assert update(weight_version="7").json()["weight_version"] == "7"  # SGLang sends text
+        assert http.get("/health").json()["weight_version"] == 7
+        assert update().json()["weight_version"] == "8"
+        for version, why in ((3, "behind"), (-1, "greater than or equal"), ("v9", "integer")):
+            refused = update(weight_version=version, abort_all_requests=True)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == "weight_version" and why in error["message"]
+        assert http.get("/get_weight_version").json()["weight_version"] == "8"
+
+
+def test_a_worker_that_missed_a_weight_update_is_caught_up_and_routed_again(
+    processes: Callable[..., WorkerProcess],
+    serve_gateway: Callable[..., Server],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before: the update answered 502 while the live worker moved on, and the restarted
-    worker rejoined at v0 to serve beside it. Now the gateway announces the version its update
-    reached and routes only to workers on it; the others are listed as skew."""
+    worker rejoined at v0 to serve beside it (then, held out, it never came back). Now the
+    gateway re-sends it the update that reached the announced version, set to that version,
+    and routes to it once its /health reports it: traffic running through the restart and
+    the catch-up is answered on version 2 only, and then by both workers."""
+    caplog.set_level(logging.WARNING, logger="service.gateway")
     live, missed = processes(), processes()
     gateway = serve_gateway([live.url, missed.url], health_interval_s=0.1, health_failures=1)
+    answers: list[tuple[int, str, object]] = []  # (status, worker, weight_version)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            i = 0
+            while not stop.is_set():
+                body = {"prompt": f"p{i}", "max_tokens": 2, "prompt_group": f"g{i % 16}"}
+                response = http.post("/v1/completions", json=body)
+                reply = response.json()
+                answers.append(
+                    (response.status_code, response.headers.get("x-das-worker", ""),
+                     reply.get("weight_version"))
+                )  # fmt: skip
+                i += 1
+
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
         assert http.post("/update_weights_from_disk", json={"model_path": "/ckpt/1"}).is_success
         missed.kill()  # SIGKILL
         update = http.post("/update_weights_from_disk", json={"model_path": "/ckpt/2"})
         assert update.status_code == 502  # the caller learns that one worker missed it
-        back = processes(port=missed.port)  # restarted: its start-up version, 0
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            wait_for(lambda: len(answers) >= 5)  # served by the live worker meanwhile
+            back = processes(port=missed.port)  # restarted: its start-up version, 0
+            wait_for(lambda: any(worker == back.url for _, worker, _ in answers))
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert answers and all(status == 200 for status, _, _ in answers), answers[-3:]
+        assert {version for _, _, version in answers} == {"2"}  # never served while stale
+        assert {worker for _, worker, _ in answers} == {live.url, back.url}
+        versions = http.get("/get_weight_version").json()
+        assert versions == {
+            "weight_version": "2", "workers": {live.url: "2", back.url: "2"}, "skew": []
+        }  # fmt: skip
+    assert "worker-1 was caught up to policy version 2" in caplog.text
+
+
+def test_a_worker_that_cannot_be_caught_up_stays_held_out_and_is_tried_again(
+    processes: Callable[..., WorkerProcess],
+    serve_gateway: Callable[..., Server],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker updated behind the gateway's back (to 3) is ahead of the announced version 1:
+    the catch-up cannot take it back (its 400 is logged), so it stays held out and is tried
+    again, backing off; the next update through the gateway brings the two together."""
+    caplog.set_level(logging.WARNING, logger="service.gateway")
+    a, b = processes(), processes()
+    gateway = serve_gateway([a.url, b.url], health_interval_s=0.1, catch_up_max_backoff_s=0.4)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
 
         def info() -> dict[str, Any]:
             reply: dict[str, Any] = http.get("/get_server_info").json()
             return reply
 
-        wait_for(
-            lambda: info()["workers"][1]["healthy"]
-            and info()["workers"][1]["weight_version"] == "0"
-        )
-        assert info()["workers"][1]["routable"] is False and info()["skew"] == ["worker-1"]
-        versions = http.get("/get_weight_version").json()
-        assert versions["weight_version"] == "2" and versions["skew"] == ["worker-1"]
-        for i in range(12):  # groups that hash to either worker: all served on version 2
+        assert http.post("/update_weights_from_disk", json={"model_path": "/c/1"}).is_success
+        for expected in ("2", "3"):
+            direct = httpx.post(b.url + "/update_weights_from_disk", json={"model_path": "/x"})
+            assert direct.json()["weight_version"] == expected
+        wait_for(lambda: info()["workers"][1]["catch_up_failures"] >= 3)  # tried, and again
+        worker_b = info()["workers"][1]
+        assert worker_b["weight_version"] == "3" and worker_b["routable"] is False
+        assert info()["skew"] == ["worker-1"]
+        for i in range(12):  # groups that hash to either worker: all served on version 1
             body = {"prompt": f"p{i}", "max_tokens": 2, "prompt_group": f"g{i}"}
             response = http.post("/v1/completions", json=body)
-            assert response.status_code == 200
-            assert response.headers["x-das-worker"] == live.url
-            assert response.json()["weight_version"] == "2"
-        assert httpx.get(back.url + "/get_weight_version").json()["weight_version"] == "0"
+            assert response.headers["x-das-worker"] == a.url
+            assert response.json()["weight_version"] == "1"
+        assert "catch-up to policy version 1 failed (400 weight_version 1 is behind" in caplog.text
+        # An update through the gateway: a goes to 2, b to 4, which it announces; a is caught up.
+        update = http.post("/update_weights_from_disk", json={"model_path": "/c/2"})
+        assert update.json()["weight_version"] == "4"
+        wait_for(lambda: all(w["routable"] for w in info()["workers"]))
+        assert [w["weight_version"] for w in info()["workers"]] == ["4", "4"]
+        assert info()["skew"] == []
 
 
 def test_a_gateway_started_beside_workers_on_two_versions_holds_out_the_older(

@@ -15,7 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
-from service.limits import FAKE_MAX_MODEL_LEN, MAX_CHARS_PER_TOKEN, Fields, Limits
+from service.errors import InvalidRequest, Overloaded
+from service.limits import (
+    FAKE_MAX_MODEL_LEN,
+    MAX_CHARS_PER_TOKEN,
+    Fields,
+    KeyBudget,
+    Limits,
+    requested_samples,
+)
+from service.settings import Settings
 from service.worker_app import create_app
 from tests.service.conftest import Server, free_port, start_server, worker_settings
 
@@ -130,6 +139,61 @@ def test_context_and_count_limits_are_400s_naming_the_field(
         assert http.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "x", "n": 5}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 4, "best_of": 5}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c"]}, "stop"),
+        ("/v1/completions", {"prompt": "x", "stop": "s" * 9}, "stop"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 5}, "n"),
+        ("/generate", {"text": "x", "sampling_params": {"n": 5}}, "sampling_params.n"),
+        ("/generate", {"text": "x", "sampling_params": {"stop": ["s" * 9]}},
+         "sampling_params.stop"),
+        ("/inference/v1/generate", {"token_ids": [1], "sampling_params": {"n": 5}},
+         "sampling_params.n"),
+        ("/inference/v1/generate", {"token_ids": [1], "sampling_params": {"stop": ["a"] * 3}},
+         "sampling_params.stop"),
+    ],
+)  # fmt: skip
+def test_n_and_stop_limits_are_settings(
+    serve: Callable[..., Server], path: str, body: dict[str, Any], param: str
+) -> None:
+    """--max-n 4, --max-stop-strings 2, --max-stop-chars 8: above them a 400 naming the
+    dialect's field, at them served; the OpenAPI schema carries the configured bounds."""
+    worker = serve(max_n=4, max_stop_strings=2, max_stop_chars=8)
+    with httpx.Client(base_url=worker.url, timeout=30) as http:
+        response = http.post(path, json=body)
+        assert response.status_code == 400, response.text[:300]
+        assert response.json()["error"]["param"] == param
+        at = {"prompt": "x", "n": 4, "best_of": 4, "stop": ["s" * 8, "t"], "max_tokens": 4}
+        assert http.post("/v1/completions", json=at).status_code == 200
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    n = schemas["CompletionRequest"]["properties"]["n"]
+    assert n["minimum"] == 1 and n["maximum"] == 4
+    assert schemas["VLLMSamplingParams"]["properties"]["n"]["maximum"] == 4
+    text, texts, _ = schemas["SGLangSamplingParams"]["properties"]["stop"]["anyOf"]
+    assert text["maxLength"] == 8 and texts["maxItems"] == 2 and texts["items"]["maxLength"] == 8
+    assert "x-das-limit" not in json.dumps(schemas)
+
+
+def test_n_and_stop_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.worker_app import request_limits
+
+    monkeypatch.setenv("DAS_MAX_N", "3")
+    monkeypatch.setenv("DAS_MAX_STOP_STRINGS", "0")
+    monkeypatch.setenv("DAS_MAX_STOP_CHARS", "5")
+    limits = request_limits(worker_settings())
+    assert (limits.max_n, limits.max_stop, limits.max_stop_chars) == (3, 0, 5)
+    limits.check_sampling(3, (), Fields())
+    with pytest.raises(InvalidRequest, match="1 stop strings; at most 0"):
+        limits.check_sampling(1, ("a",), Fields(stop="sampling_params.stop"))
+    for name in ("DAS_MAX_N", "DAS_MAX_STOP_STRINGS", "DAS_MAX_STOP_CHARS"):
+        monkeypatch.delenv(name)
+    defaults = request_limits(Settings(model="fake"))
+    assert (defaults.max_n, defaults.max_stop, defaults.max_stop_chars) == (128, 16, 1024)
+
+
 def test_a_prompt_that_fills_the_context_less_max_tokens_is_served(limits_worker: Server) -> None:
     with httpx.Client(base_url=limits_worker.url, timeout=60) as http:
         response = http.post("/v1/completions", json={"prompt": LONG, "max_tokens": 100})
@@ -183,6 +247,91 @@ def test_a_full_worker_answers_429_with_retry_after(
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
         response = http.post("/v1/completions", json={"prompt": "y", "max_tokens": 2})
         assert response.status_code == 200  # its samples were released
+
+
+def test_a_key_over_its_budget_gets_429_while_another_key_is_served(
+    serve: Callable[..., Server], serve_gateway: Callable[..., Server]
+) -> None:
+    """Two client keys at a gateway with --max-inflight-samples-per-key 4: key A holds its 4
+    samples in a stream, so its next request is a 429 with Retry-After (one that can never
+    fit, a 400), while key B's 4 samples are served; A's budget returns when its stream ends.
+    The worker itself has room for all of them."""
+    worker = serve(api_key="w", fake_step_delay_s=0.05)
+    gateway = serve_gateway(
+        [worker.url], api_key="key-a", client_api_keys=["key-b"], worker_api_key="w",
+        max_inflight_samples_per_key=4,
+    )  # fmt: skip
+    a, b = ({"authorization": f"Bearer {key}"} for key in ("key-a", "key-b"))
+    hold = {"prompt": "x", "n": 4, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+
+    def post(headers: dict[str, str], **body: object) -> httpx.Response:
+        payload = {"prompt": "y", "max_tokens": 2, **body}
+        return httpx.post(gateway.url + "/v1/completions", json=payload, headers=headers)
+
+    with (
+        httpx.Client(base_url=gateway.url, timeout=30) as http,
+        http.stream(
+            "POST", "/v1/completions", json=hold, headers={**a, "x-request-id": "holder"}
+        ) as holding,
+    ):
+        assert holding.status_code == 200
+        lines = holding.iter_lines()
+        assert next(lines).startswith("data: ")  # key A's 4 samples are running
+        for stream in (False, True):
+            full = post(a, stream=stream)
+            assert full.status_code == 429, full.text
+            assert full.headers["retry-after"] == "1"
+            error = full.json()["error"]
+            assert error["type"] == "rate_limit_error" and "API key" in error["message"]
+        never = post(b, n=5)
+        assert never.status_code == 400 and never.json()["error"]["param"] == "n"
+        served = post(b, n=4)  # the other key: its own budget
+        assert served.status_code == 200 and len(served.json()["choices"]) == 4
+        assert post({"authorization": "Bearer nobody"}).status_code == 401
+        assert http.post("/abort_request", json={"rid": "holder"}, headers=a).is_success
+        for _ in lines:  # the aborted stream ends
+            pass
+    wait_for_status(lambda: post(a).status_code, 200)  # its samples came back
+
+
+def wait_for_status(status: Callable[[], int], want: int) -> None:
+    for _ in range(200):
+        if status() == want:
+            return
+    raise AssertionError(f"never answered {want}")
+
+
+def test_the_key_budget_and_the_samples_a_body_asks_for() -> None:
+    budget = KeyBudget(4)
+    release = budget.acquire("key-0", 3)
+    with pytest.raises(Overloaded, match="3 of its 4"):
+        budget.acquire("key-0", 2)
+    other = budget.acquire("key-1", 4)
+    with pytest.raises(InvalidRequest, match="at most 4"):
+        budget.acquire("key-2", 5)
+    release()
+    release()  # idempotent: gives back once
+    assert budget.inflight == {"key-1": 4}
+    budget.acquire("key-0", 4)()
+    other()
+    assert budget.inflight == {}
+    unlimited = KeyBudget(None)
+    unlimited.acquire("key-0", 10**6)()
+    assert unlimited.inflight == {}
+    with pytest.raises(ValueError):
+        KeyBudget(0)
+    for path, body, samples in (
+        ("/v1/completions", {"prompt": "x", "n": 3}, 3),
+        ("/v1/completions", {"prompt": ["x", "y"], "n": 2}, 4),
+        ("/v1/completions", {"prompt": [1, 2, 3]}, 1),
+        ("/v1/completions", {"prompt": [[1], [2], [3]], "n": True}, 3),
+        ("/v1/chat/completions", {"messages": [], "n": 5}, 5),
+        ("/generate", {"text": ["a", "b"], "sampling_params": {"n": 3}}, 6),
+        ("/generate", {"input_ids": [[1], [2]]}, 2),
+        ("/inference/v1/generate", {"token_ids": [1], "sampling_params": {"n": 7}}, 7),
+        ("/inference/v1/generate", {"token_ids": [1], "sampling_params": "n"}, 1),
+    ):
+        assert requested_samples(path, body) == samples, (path, body)
 
 
 def test_health_answers_while_a_long_request_runs(serve: Callable[..., Server]) -> None:

@@ -175,6 +175,21 @@ def test_a_gateway_with_an_api_key_and_none_for_its_workers_refuses_to_start() -
     assert "--worker-api-key" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_client_keys_are_api_keys_and_a_gateway_needs_one_for_its_workers(
+    serve: Callable[..., Server],
+) -> None:
+    worker = serve(client_api_keys=["c-1", "c-2"])  # no --api-key: the client keys guard it
+    with httpx.Client(base_url=worker.url, timeout=10) as http:
+        body = {"prompt": "x", "max_tokens": 2}
+        assert http.post("/v1/completions", json=body).status_code == 401
+        for key in ("c-1", "c-2"):
+            auth = {"authorization": f"Bearer {key}"}
+            assert http.post("/v1/completions", json=body, headers=auth).status_code == 200
+        assert http.get("/health").status_code == 200
+    with pytest.raises(ValueError, match="--worker-api-key"):
+        check_keys(Settings(worker_urls=["http://127.0.0.1:1"], client_api_keys=["c-1"]))
+
+
 # -- no filesystem probing (the embedded engine, tiny random model) ----------------------------
 
 

@@ -87,7 +87,10 @@ def test_every_setting_is_one_flag_and_every_flag_a_setting() -> None:
         assert all(len(options) == 1 for options in flags.values())
     assert set(serve) | set(gateway) == set(Settings.model_fields)
     common = set(serve) & set(gateway)
-    assert common == {"host", "port", "api_key", "admin_api_key", "log_level", "max_body_bytes"}
+    assert common == {
+        "host", "port", "api_key", "client_api_keys", "admin_api_key", "log_level",
+        "max_body_bytes",
+    }  # fmt: skip
     for name in common:
         assert serve[name] == gateway[name] == [flag_name(name)]
     options = [options[0] for options in (*serve.values(), *gateway.values())]
@@ -124,7 +127,9 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
     values = {
         "host": "0.0.0.0", "port": "9", "api_key": "k", "log_level": "debug", "model": "fake",
         "admin_api_key": "a-k", "worker_admin_api_key": "wa-k", "max_body_bytes": "4096",
-        "max_prompts_per_request": "8", "max_inflight_samples": "64",
+        "max_prompts_per_request": "8", "max_inflight_samples": "64", "max_n": "4",
+        "max_stop_strings": "2", "max_stop_chars": "9", "catch_up_max_backoff_s": "5",
+        "client_api_keys": "c-k", "max_inflight_samples_per_key": "32",
         "history_close_timeout_s": "1.5", "control_timeout_s": "3",
         "backend": "sglang",
         "served_model_name": "m", "device": "cuda:1", "dtype": "bfloat16",
