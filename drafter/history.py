@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Protocol, cast
 
 import numpy as np
@@ -40,6 +41,8 @@ class TokenTree(Protocol):
 
 
 TreeFactory = Callable[[int], TokenTree]
+_GROUP = attrgetter("group")
+_TREE = attrgetter("tree")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,14 +224,14 @@ class RolloutHistory:
         released while it drafts) when the trees are native; equal to the per-row calls."""
         if self._new_tree is not SuffixTree:
             return [self.speculate(r, m) for r, m in zip(request_ids, max_tokens, strict=True)]
-        requests = [self._requests[request_id] for request_id in request_ids]
-        groups = self._groups
-        shared = [groups.get(request.group) for request in requests]
+        # map where it can: at hundreds of rows per step the per-row bytecode shows.
+        requests = list(map(self._requests.__getitem__, request_ids))
+        groups = map(self._groups.get, map(_GROUP, requests))
         cfg = self.config
         # The factory is SuffixTree, so every tree is one.
         return speculate_batch(
-            cast(list[SuffixTree], [request.tree for request in requests]),
-            cast(list[SuffixTree | None], [None if g is None else g.tree for g in shared]),
+            cast(list[SuffixTree], list(map(_TREE, requests))),
+            cast(list[SuffixTree | None], [None if g is None else g.tree for g in groups]),
             max_tokens,
             cfg.max_depth,
             cfg.min_prob,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 from typing import Protocol
 
 from drafter.draft import Draft, Tokens, as_token_array
@@ -84,6 +86,9 @@ class SpecRequest:
         return (self.request_id, self.sample_index)
 
 
+_KEY = attrgetter("key")
+
+
 class Speculator:
     def __init__(
         self,
@@ -126,12 +131,12 @@ class Speculator:
         if not self.drafting or not requests:
             return [Draft() for _ in requests]
         budgets = self.policy.budgets([request.view for request in requests])
-        limit = self.max_draft
-        sizes = [
-            max(0, min(budget, limit, cap)) for budget, cap in zip(budgets, max_draft, strict=True)
-        ]
+        # map, not a comprehension: at hundreds of rows per step the per-row bytecode shows.
+        sizes = list(map(min, budgets, max_draft, repeat(self.max_draft)))
+        if min(sizes) < 0:  # a cap below 0 (nothing left to generate): no draft
+            sizes = [max(0, size) for size in sizes]
         # One native call for the whole step.
-        return self.source.speculate_batch([request.key for request in requests], sizes)
+        return self.source.speculate_batch(list(map(_KEY, requests)), sizes)
 
     def extend(
         self, request: SpecRequest, tokens: Sequence[int], drafted: int, accepted: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 from drafter import _core
 from drafter.draft import (
@@ -13,6 +14,8 @@ from drafter.draft import (
     check_spec_factor,
     check_speculate_args,
 )
+
+_CORE = attrgetter("_core")
 
 
 class SuffixTree:
@@ -113,7 +116,7 @@ def speculate_batch(
     if spec_factor != 0.0:
         check_spec_factor(spec_factor, spec_offset)
     return _core.speculate_batch(
-        [t._core for t in own],
+        list(map(_CORE, own)),
         [None if t is None else t._core for t in shared],
         max_tokens,
         context_len,
