@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,17 @@ async def one(
 
 
 async def drive(
-    url: str, requests: int, concurrency: int, restart: Any, why: list[str]
+    url: str,
+    requests: int,
+    concurrency: int,
+    restart: Any,
+    why: list[str],
+    sample: Callable[[int], None],
+    every: int,
 ) -> dict[str, int]:
+    """Run the requests; sample(done) every `every` requests done (the RSS curve)."""
     tally = {"completed": 0, "lost": 0, "aborted": 0}
+    done = 0
     kinds = ["whole", "stream", "whole", "stream", "abort"]
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
@@ -101,11 +110,15 @@ async def drive(
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
 
         async def runner() -> None:
+            nonlocal done
             while not queue.empty():
                 i = queue.get_nowait()
                 if i == requests // 2:
                     await asyncio.to_thread(restart)
                 await one(http, i, kinds[i % len(kinds)], tally, why)
+                done += 1
+                if every and done % every == 0:
+                    sample(done)
 
         await asyncio.gather(*(runner() for _ in range(concurrency)))
     return tally
@@ -116,6 +129,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--step-delay", type=float, default=0.002)
+    parser.add_argument(
+        "--rss-every", type=int, default=0, help="record every process's RSS every N requests"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
     ports = [free_port(), free_port()]
@@ -134,11 +150,18 @@ def main() -> int:
         workers[1].wait(timeout=120)
         workers[1] = processes["worker-1"] = start_worker(ports[1], args.step_delay)
 
+    curve: list[dict[str, float]] = []
+
+    def sample(done: int) -> None:
+        curve.append({"requests": done, **{n: rss_mb(p.pid) for n, p in processes.items()}})
+
     started = time.perf_counter()
     why: list[str] = []
     try:
         url = f"http://127.0.0.1:{gateway_port}"
-        tally = asyncio.run(drive(url, args.requests, args.concurrency, restart, why))
+        tally = asyncio.run(
+            drive(url, args.requests, args.concurrency, restart, why, sample, args.rss_every)
+        )
         elapsed = time.perf_counter() - started
         rss_end = {name: rss_mb(p.pid) for name, p in processes.items()}
     finally:
@@ -155,6 +178,7 @@ def main() -> int:
         **tally,
         "rss_mb_start": rss_start,
         "rss_mb_end": rss_end,
+        "rss_mb_curve": curve,
         "lost_examples": why[:10],
     }
     print(f"{args.requests} requests at concurrency {args.concurrency} in {elapsed:.1f} s, "
@@ -162,6 +186,9 @@ def main() -> int:
           f"{tally['aborted']} aborted")  # fmt: skip
     for name in processes:
         print(f"  {name}: RSS {rss_start[name]:.0f} -> {rss_end[name]:.0f} MB")
+    for point in curve:
+        row = ", ".join(f"{n} {point[n]:.0f}" for n in processes)
+        print(f"  after {point['requests']:.0f} requests: RSS MB {row}")
     for detail in why[:10]:
         print(f"  lost: {detail}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
