@@ -30,6 +30,7 @@ from drafter.history import RolloutHistory, TreeFactory
 from drafter.policy import Policy, RequestView
 from drafter.policy_spec import parse_policy
 from drafter.speculator import DraftSource, draft_source
+from drafter.suffix_decoding import SuffixDecodingConfig, SuffixPolicy
 from drafter.suffix_tree import SuffixTree
 from drafter.traces import TraceRecord
 
@@ -77,6 +78,8 @@ class SimulationResult:
     synthetic: bool  # the trace (or part of it) came from synthetic_trace
     # With record_outputs: every rollout's emitted tokens, in trace order.
     outputs: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)
+    # The suffix policy's own settings (it drafts from its cache; `config` is then unused).
+    suffix_decoding: SuffixDecodingConfig | None = None
 
     @property
     def total(self) -> EpochReport:
@@ -93,7 +96,7 @@ class SimulationResult:
         )
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "synthetic": self.synthetic,
             "policy": self.policy,
             "cost_model": asdict(self.cost),
@@ -101,6 +104,9 @@ class SimulationResult:
             "epochs": [epoch.to_json() for epoch in self.epochs],
             "total": self.total.to_json(),
         }
+        if self.suffix_decoding is not None:
+            data["suffix_decoding"] = asdict(self.suffix_decoding)
+        return data
 
 
 def accepted_tokens(draft: Draft, target: Sequence[int]) -> list[int]:
@@ -202,6 +208,7 @@ def simulate(
         epochs=tuple(reports),
         synthetic=any(record.synthetic for record in trace),
         outputs=tuple(outputs) if record_outputs else None,
+        suffix_decoding=policy.config if isinstance(policy, SuffixPolicy) else None,
     )
 
 

@@ -1,6 +1,6 @@
 """The `das` command line.
 
-    das simulate --trace T.jsonl [--policy das|das-eq7|fixed:K|suffix|none] [--json OUT]
+    das simulate --trace T.jsonl [--policy das|das-eq7|fixed:K|suffix|none[,...]] [--json OUT]
                  [--cost-model smollm2-cpu|h100-7b|C_BASE,C_TOK] [--c-base S --c-tok S]
                  [--max-depth D --window W]
     das synth-trace --out T.jsonl [--groups G --samples N --epochs E --seed S]
@@ -76,9 +76,11 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     sim.add_argument("--trace", required=True, help="JSON-lines rollout trace")
     sim.add_argument(
         "--policy",
-        default="das",
-        type=policy_spec,
-        help="das, das-eq7, fixed:K, suffix or none (default: das)",
+        default=("das",),
+        type=policy_specs,
+        help="das, das-eq7, fixed:K, suffix or none, or several comma-separated (replayed one "
+        "after another, then a side-by-side table; the JSON then holds a list of runs) "
+        "(default: das)",
     )
     cost_help = (Settings.model_fields["cost_model"].description or "").replace("%", "%%")
     sim.add_argument(
@@ -108,6 +110,14 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate, command_parser=sim)
+
+
+def policy_specs(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated distinct policy names, canonical."""
+    specs = tuple(policy_spec(part) for part in text.split(","))
+    if len(set(specs)) != len(specs):
+        raise argparse.ArgumentTypeError(f"policies must be distinct, got {text!r}")
+    return specs
 
 
 def policy_spec(text: str) -> str:
@@ -167,12 +177,22 @@ def _simulate(args: argparse.Namespace) -> int:
         return fail(f"bad trace: {error}")
     if not trace:
         return fail(f"trace {args.trace} holds no rollouts")
-    result = simulate(trace, args.policy, cost, config, progress=not args.no_progress)
-    print(format_result(result))
+    results = [
+        simulate(trace, policy, cost, config, progress=not args.no_progress)
+        for policy in args.policy
+    ]
+    print("\n\n".join(format_result(result) for result in results))
+    if len(results) > 1:
+        print("\n" + format_side_by_side(results))
     if args.json_out is not None:
+        payload = (
+            results[0].to_json()
+            if len(results) == 1
+            else {"runs": [result.to_json() for result in results]}
+        )
         try:
             with open(args.json_out, "w", encoding="utf-8") as file:
-                json.dump(result.to_json(), file, indent=2)
+                json.dump(payload, file, indent=2)
                 file.write("\n")
         except OSError as error:
             return fail(f"cannot write {args.json_out}: {reason(error)}")
@@ -197,11 +217,22 @@ def format_result(result: SimulationResult) -> str:
     """The per-epoch table `das simulate` prints."""
     cost = result.cost
     label = "SYNTHETIC trace" if result.synthetic else "trace"
+    peer = result.suffix_decoding
+    if peer is None:
+        drafter = (
+            f"max_depth {result.config.max_depth}, window {result.config.window}, "
+            f"{'tree' if result.config.tree_drafts else 'chain'} drafts"
+            f"{', live siblings' if result.config.live_siblings else ''}"
+        )
+    else:  # the drafter knobs do not apply: suffix decoding drafts from its own cache
+        drafter = (
+            f"global cache of {peer.max_cached_requests} responses, depth {peer.max_depth}, "
+            f"{peer.max_spec_tokens} tokens, spec factor {peer.spec_factor}, "
+            f"min prob {peer.min_prob}"
+        )
     lines = [
         f"policy {result.policy} | {label} | cost model c_base {cost.c_base * 1e3:.1f} ms + "
-        f"c_tok {cost.c_tok * 1e3:.2f} ms/token | max_depth {result.config.max_depth}, "
-        f"window {result.config.window}, {'tree' if result.config.tree_drafts else 'chain'} "
-        f"drafts{', live siblings' if result.config.live_siblings else ''}",
+        f"c_tok {cost.c_tok * 1e3:.2f} ms/token | {drafter}",
         "  ".join(f"{name:>{width}}" for name, width in _COLUMNS),
     ]
     for report in (*result.epochs, result.total):
@@ -210,6 +241,21 @@ def format_result(result: SimulationResult) -> str:
         "acc/fwd: accepted draft tokens per rollout forward pass; ratio: modeled makespan / "
         "makespan without speculation"
     )
+    return "\n".join(lines)
+
+
+def format_side_by_side(results: Sequence[SimulationResult]) -> str:
+    """Every policy's makespan ratio per epoch and over all epochs, one row per policy."""
+    epochs = [report.epoch for report in results[0].epochs]
+    width = max(8, *(len(result.policy) for result in results))
+    header = [f"{'policy':<{width}}", *(f"{f'ep {e}':>6}" for e in epochs), "   all", "tok/fwd"]
+    lines = ["side by side: modeled makespan / makespan without speculation", "  ".join(header)]
+    for result in results:
+        cells = [f"{result.policy:<{width}}"]
+        cells += [f"{report.makespan_ratio:>6.3f}" for report in result.epochs]
+        total = result.total
+        cells += [f"{total.makespan_ratio:>6.3f}", f"{total.tokens_per_forward:>7.2f}"]
+        lines.append("  ".join(cells))
     return "\n".join(lines)
 
 

@@ -187,12 +187,40 @@ def test_simulate_labels_a_recorded_trace_as_such(
     assert capsys.readouterr().out.startswith("policy fixed:2 | trace |")
 
 
+def test_simulate_runs_several_policies_side_by_side(
+    small_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "runs.json"
+    argv = ["simulate", "--trace", str(small_trace), "--policy", "none,suffix,das"]
+    assert main([*argv, "--cost-model", "h100-7b", "--json", str(out_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # suffix states its own settings, not the history drafter's it does not use.
+    assert "policy suffix | SYNTHETIC trace" in out
+    assert "global cache of 10000 responses, depth 24, 16 tokens, spec factor 1.0" in out
+    data = json.loads(out_path.read_text())
+    runs = data["runs"]
+    assert [run["policy"] for run in runs] == ["none", "suffix", "das"]
+    assert runs[1]["suffix_decoding"]["max_spec_tokens"] == 16
+    assert "suffix_decoding" not in runs[2]
+    side = out.split("side by side: modeled makespan / makespan without speculation\n")[1]
+    side = side.splitlines()
+    assert side[0].split() == ["policy", "ep", "0", "ep", "1", "all", "tok/fwd"]
+    for line, run in zip(side[1:], runs, strict=True):
+        cells = line.split()
+        assert cells[0] == run["policy"]
+        assert float(cells[3]) == pytest.approx(run["total"]["makespan_ratio"], abs=5e-4)
+    assert runs[0]["total"]["makespan_ratio"] == 1.0
+    assert runs[1]["total"]["accepted"] > 0  # the global cache drafts from the first epoch on
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         [],
         ["simulate"],
         ["simulate", "--trace", "t.jsonl", "--policy", "greedy"],
+        ["simulate", "--trace", "t.jsonl", "--policy", "das,das"],
+        ["simulate", "--trace", "t.jsonl", "--policy", "das,"],
         ["simulate", "--trace", "t.jsonl", "--policy", "fixed:0"],
         ["simulate", "--trace", "t.jsonl", "--c-base", "-1"],
         ["simulate", "--trace", "t.jsonl", "--c-tok", "abc"],
