@@ -106,7 +106,7 @@ class SuffixDecodingCache:
         tree.extend(0, tokens)
         self._requests[request_id] = _Request(tree, tokens[-2 * self.config.max_depth :].tolist())
         old = self._responses.pop(request_id, None)
-        if old is not None:
+        if old is not None and old in self._global:  # one with no token was never stored
             self._global.remove(old)
         self._responses[request_id] = self._next_seq_id
         self._next_seq_id += 1

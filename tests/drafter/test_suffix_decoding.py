@@ -281,6 +281,21 @@ def test_the_oldest_response_is_evicted_first(tree_factory: Callable[[int], Capp
     assert cache.speculate("z", 16).token_ids == [30, 31]  # from its own prompt, not x
 
 
+def test_a_request_id_used_again_replaces_its_cached_response(
+    tree_factory: Callable[[int], CappedTree],
+) -> None:
+    cache = SuffixDecodingCache(SuffixDecodingConfig(), tree_factory)
+    cache.start_request("r", "g", [1])
+    cache.stop_request("r")  # no token: nothing was stored
+    cache.start_request("r", "g", [1])
+    cache.extend_request("r", [60, 61, 62])
+    cache.stop_request("r")
+    cache.start_request("r", "g", [2])  # the old response leaves the cache
+    assert cache.cached_responses() == 1
+    cache.start_request("q", "g", [60, 61])
+    assert cache.speculate("q", 16).token_ids == []
+
+
 def test_cache_rejects_a_request_already_active() -> None:
     cache = SuffixDecodingCache()
     cache.start_request("r", "g", [1, 2])
