@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -49,6 +50,7 @@ from service.worker import (
     SampleResult,
     SamplingParams,
     SpecCounters,
+    check_version_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,35 @@ _SETTLE_TRIES = 200  # drainer rounds a sample may wait for vLLM to remove it (~
 _DRAIN_INTERVAL_S = 0.05
 _STATS_INTERVAL_S = 0.5
 _SEED_RANGE = 2**63
+
+
+# The config.json entries two checkpoints of one model share (the shapes vLLM loads into).
+_SHAPE_KEYS = (
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def check_checkpoint(path: Path, serving: Path) -> None:
+    """Raise ValueError unless `path` is a folder with safetensors (or .bin) weights and a
+    config.json of the same architecture and shapes as the model at `serving`."""
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"{path} holds no .safetensors or .bin weights")
+    try:
+        new = json.loads((path / "config.json").read_text())
+        old = json.loads((serving / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"no readable config.json in {path}") from error
+    differ = [key for key in _SHAPE_KEYS if new.get(key) != old.get(key)]
+    if differ:
+        raise ValueError(f"{path} is another model: {', '.join(differ)} differ")
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -365,22 +396,34 @@ class VllmWorker:
         self._paused = False
 
     async def update_weights(self, path: str) -> int:
+        return await self._update_weights(path, self._version + 1)
+
+    async def update_weights_to(self, path: str, version: int) -> int:
+        check_version_forward(version, self._version)
+        return await self._update_weights(path, version)
+
+    async def _update_weights(self, path: str, version: int) -> int:
+        """vLLM reloads the weights at `path` in place; they are policy `version` from now."""
         if not path:
             raise InvalidRequest("model_path must not be empty", "model_path")
         llm = self._ready()
-        if not Path(path).is_dir():
-            raise InvalidRequest(
-                f"cannot load weights from {path!r}: no such directory", "model_path"
-            )
         try:
+            # Checked here first: a loader error inside vLLM's engine core can leave the
+            # engine dead, so what vLLM is handed must at least be a checkpoint of this model.
+            await asyncio.to_thread(check_checkpoint, Path(path), Path(self._model_path))
             await llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-        except Exception as error:  # vLLM's loader raised: a checkpoint it cannot use
-            message = f"cannot load weights from {path!r}: {error}"
-            raise InvalidRequest(message, "model_path") from error
-        self._version += 1
-        await self.store.set_version(self._version)  # the view forwards it to the engine core
+        except Exception as error:  # not a checkpoint of this model, or vLLM's loader refused it
+            # One message whatever the cause: the caller learns nothing of the worker's
+            # filesystem; the log does.
+            log.warning("cannot load weights from %r", path, exc_info=error)
+            raise InvalidRequest(
+                "cannot load weights from model_path: not a checkpoint of this model",
+                "model_path",
+            ) from error
+        self._version = version
+        await self.store.set_version(version)  # the view forwards it to the engine core
         self._wake.set()
-        return self._version
+        return version
 
     async def flush_cache(self) -> None:
         # The prefix (KV) cache only: the rollout history lives in the proposer, untouched.

@@ -250,6 +250,30 @@ def test_abort_flush_weights_and_pause(server: str, redis_url: str) -> None:
     assert updated.status_code == 200, updated.text
     assert httpx.get(server + "/get_weight_version", timeout=10).json()["weight_version"] == "1"
     assert generate(server, "after-reload")["meta_info"]["weight_version"] == "1"
+    # A worker that missed updates is brought to the deployment's version (the gateway's
+    # catch-up): the update sets it; one that would go back, or a path that is not a
+    # checkpoint, is a 400 that says nothing of the worker's filesystem.
+    updated = httpx.post(
+        server + "/update_weights_from_disk",
+        json={"model_path": path, "weight_version": "5"},
+        timeout=120,
+    )
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["weight_version"] == "5"
+    assert generate(server, "after-set")["meta_info"]["weight_version"] == "5"
+    behind = httpx.post(
+        server + "/update_weights_from_disk",
+        json={"model_path": path, "weight_version": 3},
+        timeout=30,
+    )
+    assert behind.status_code == 400 and behind.json()["error"]["param"] == "weight_version"
+    for missing in ("/nonexistent/checkpoint", "/etc"):
+        refused = httpx.post(
+            server + "/update_weights_from_disk", json={"model_path": missing}, timeout=120
+        )
+        assert refused.status_code == 400, refused.text
+        assert missing not in refused.text and "directory" not in refused.text
+    assert httpx.get(server + "/get_weight_version", timeout=10).json()["weight_version"] == "5"
 
     assert httpx.post(server + "/pause_generation", timeout=30).status_code == 200
     assert info(server)["paused"] is True
