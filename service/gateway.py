@@ -26,6 +26,7 @@ import httpx
 
 from service.errors import (
     InvalidRequest,
+    Overloaded,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -179,6 +180,23 @@ class Gateway:
 
     # -- generation ---------------------------------------------------------------------
 
+    def _admit(self, client: str, samples: int) -> Callable[[], None]:
+        """KeyBudget.acquire, counted: the key's samples in flight and its 429s."""
+        budget, metrics = self.key_budget, self.metrics
+        try:
+            give_back = budget.acquire(client, samples)
+        except Overloaded:
+            metrics.key_rejected.labels(client=client).inc()
+            raise
+        gauge = metrics.key_samples.labels(client=client)
+        gauge.set(budget.inflight.get(client, 0))
+
+        def release() -> None:
+            give_back()
+            gauge.set(budget.inflight.get(client, 0))
+
+        return release
+
     async def forward(
         self, path: str, body: bytes, headers: Mapping[str, str], client: str = "anonymous"
     ) -> Forwarded:
@@ -200,7 +218,7 @@ class Gateway:
             if value is not None:
                 upstream_headers[name] = value
         group = parsed.get("prompt_group") or headers.get("x-session-id")
-        release = self.key_budget.acquire(client, requested_samples(path, parsed))
+        release = self._admit(client, requested_samples(path, parsed))
         try:
             forwarded = await self._route(path, body, parsed, key, group, upstream_headers, stream)
         except BaseException:
@@ -477,7 +495,11 @@ class Gateway:
             reached, why = None, type(error).__name__
         finally:
             worker.catching_up = False
-        if reached == version:
+        caught_up = reached == version
+        self.metrics.catch_ups.labels(
+            worker=worker.url, outcome="caught_up" if caught_up else "failed"
+        ).inc()
+        if caught_up:
             worker.catch_up_failures, worker.catch_up_after = 0, 0.0
             log.warning("%s was caught up to policy version %s", name, version)
             return

@@ -161,6 +161,25 @@ class Metrics:
         self.worker_up = Gauge(
             "das_gateway_worker_up", "1 if the worker passes health checks", ["worker"], registry=r
         )
+        self.catch_ups = Counter(
+            "das_gateway_catch_ups",
+            "Weight updates re-sent to a worker that missed one, by outcome",
+            ["worker", "outcome"],
+            registry=r,
+        )
+        # Per API key (by name: key-N, admin, anonymous; never the key itself).
+        self.key_samples = Gauge(
+            "das_gateway_key_inflight_samples",
+            "Samples an API key has running or queued through the gateway",
+            ["client"],
+            registry=r,
+        )
+        self.key_rejected = Counter(
+            "das_gateway_key_rejected",
+            "Requests refused (429) because their API key's budget of samples was full",
+            ["client"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.gateway_app import create_gateway_app
 from service.settings import Settings
@@ -45,6 +46,17 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def metric_values(base_url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples named `name` on base_url's /metrics: (labels, value) each."""
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 def start_server(app: Any, port: int | None = None) -> Server:

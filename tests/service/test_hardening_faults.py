@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.conftest import RedisServer, Server, free_port
+from tests.service.conftest import RedisServer, Server, free_port, metric_values
 
 
 class WorkerProcess:
@@ -338,6 +338,12 @@ def test_a_worker_that_missed_a_weight_update_is_caught_up_and_routed_again(
             "weight_version": "2", "workers": {live.url: "2", back.url: "2"}, "skew": []
         }  # fmt: skip
     assert "worker-1 was caught up to policy version 2" in caplog.text
+    outcomes = {
+        labels["outcome"]: value
+        for labels, value in metric_values(gateway.url, "das_gateway_catch_ups_total")
+        if labels["worker"] == missed.url
+    }
+    assert outcomes.get("caught_up", 0) >= 1
 
 
 def test_a_worker_that_cannot_be_caught_up_stays_held_out_and_is_tried_again(
@@ -371,6 +377,12 @@ def test_a_worker_that_cannot_be_caught_up_stays_held_out_and_is_tried_again(
             assert response.headers["x-das-worker"] == a.url
             assert response.json()["weight_version"] == "1"
         assert "catch-up to policy version 1 failed (400 weight_version 1 is behind" in caplog.text
+        failed = [
+            value
+            for labels, value in metric_values(gateway.url, "das_gateway_catch_ups_total")
+            if labels == {"worker": b.url, "outcome": "failed"}
+        ]
+        assert failed and failed[0] >= 3
         # An update through the gateway: a goes to 2, b to 4, which it announces; a is caught up.
         update = http.post("/update_weights_from_disk", json={"model_path": "/c/2"})
         assert update.json()["weight_version"] == "4"

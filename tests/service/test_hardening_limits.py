@@ -26,7 +26,13 @@ from service.limits import (
 )
 from service.settings import Settings
 from service.worker_app import create_app
-from tests.service.conftest import Server, free_port, start_server, worker_settings
+from tests.service.conftest import (
+    Server,
+    free_port,
+    metric_values,
+    start_server,
+    worker_settings,
+)
 
 LONG = [65] * (FAKE_MAX_MODEL_LEN - 100)  # fits the fake's context, leaving 100 tokens
 
@@ -287,11 +293,23 @@ def test_a_key_over_its_budget_gets_429_while_another_key_is_served(
         assert never.status_code == 400 and never.json()["error"]["param"] == "n"
         served = post(b, n=4)  # the other key: its own budget
         assert served.status_code == 200 and len(served.json()["choices"]) == 4
+        held = metric_values(gateway.url, "das_gateway_key_inflight_samples")
+        holder = next(labels["client"] for labels, value in held if value == 4)
+        rejected = dict(
+            (labels["client"], value)
+            for labels, value in metric_values(gateway.url, "das_gateway_key_rejected_total")
+        )
+        assert rejected == {holder: 2}  # key A's two 429s, counted under its name
         assert post({"authorization": "Bearer nobody"}).status_code == 401
         assert http.post("/abort_request", json={"rid": "holder"}, headers=a).is_success
         for _ in lines:  # the aborted stream ends
             pass
     wait_for_status(lambda: post(a).status_code, 200)  # its samples came back
+    held = dict(
+        (labels["client"], value)
+        for labels, value in metric_values(gateway.url, "das_gateway_key_inflight_samples")
+    )
+    assert held[holder] == 0
 
 
 def wait_for_status(status: Callable[[], int], want: int) -> None:
