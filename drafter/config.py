@@ -10,6 +10,9 @@ class DrafterConfig:
     max_depth: int = 64  # suffix tree depth: longest stored substring (match + draft)
     window: int = 4  # policy versions of rollouts kept per group (current one included)
     max_rollouts_per_group: int = 64  # newest rollouts kept per group, whatever their version
+    # Prompt groups kept: beyond it the least recently used one without a running request is
+    # dropped (the window alone bounds nothing while no weight update comes and new prompts do).
+    max_groups: int = 8192
     min_prob: float = 0.1  # a draft path stops once its estimated probability falls below
     tree_drafts: bool = False  # best-first tree drafts instead of chains
     # The group's tree also holds its running requests' outputs so far (their siblings').
@@ -24,5 +27,7 @@ class DrafterConfig:
             raise ValueError(
                 f"max_rollouts_per_group must be >= 1, got {self.max_rollouts_per_group}"
             )
+        if self.max_groups < 1:
+            raise ValueError(f"max_groups must be >= 1, got {self.max_groups}")
         if not 0.0 <= self.min_prob <= 1.0:
             raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")

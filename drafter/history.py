@@ -107,6 +107,7 @@ class RolloutHistory:
         self._requests: dict[Hashable, _Request] = {}
         self._next_seq_id = 0
         self._version = 0
+        self.evicted_groups = 0  # groups dropped as least recently used (config.max_groups)
 
     @property
     def version(self) -> int:
@@ -254,10 +255,22 @@ class RolloutHistory:
         return [g.tree for g in self._groups.values()] + [r.tree for r in self._requests.values()]
 
     def _group(self, group: str) -> _Group:
-        state = self._groups.get(group)
+        """The group's state, now the most recently used (a new one may push out the least
+        recently used group that has no running request, past config.max_groups)."""
+        groups = self._groups
+        state = groups.pop(group, None)
         if state is None:
-            state = self._groups[group] = _Group(self._new_tree(self.config.max_depth))
+            if len(groups) >= self.config.max_groups:
+                self._evict_least_recent(len(groups) - self.config.max_groups + 1)
+            state = _Group(self._new_tree(self.config.max_depth))
+        groups[group] = state  # dicts keep insertion order: the last is the most recent
         return state
+
+    def _evict_least_recent(self, count: int) -> None:
+        idle = [group for group, state in self._groups.items() if not state.live][:count]
+        for group in idle:
+            del self._groups[group]
+        self.evicted_groups += len(idle)
 
     def _new_seq_id(self) -> int:
         seq_id = self._next_seq_id

@@ -165,6 +165,11 @@ class Settings(BaseSettings):
     history_max_rollouts_per_group: Annotated[int, WORKER] = Field(
         64, ge=1, description="newest rollouts kept per prompt group, whatever their version"
     )
+    history_max_groups: Annotated[int, WORKER] = Field(
+        8192,
+        ge=1,
+        description="prompt groups kept; past it the least recently used idle group is dropped",
+    )
     history_buffer_size: Annotated[int, WORKER] = Field(
         10_000, ge=1, description="rollouts held for Redis while it is down"
     )

@@ -83,6 +83,7 @@ def create_app(
             DrafterConfig(
                 window=settings.history_window,
                 max_rollouts_per_group=settings.history_max_rollouts_per_group,
+                max_groups=settings.history_max_groups,
             ),
             metrics,
             name,

@@ -60,6 +60,7 @@ def drafter_config(settings: Settings) -> DrafterConfig:
     return DrafterConfig(
         window=settings.history_window,
         max_rollouts_per_group=settings.history_max_rollouts_per_group,
+        max_groups=settings.history_max_groups,
         tree_drafts=True,
     )
 

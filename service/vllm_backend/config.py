@@ -26,6 +26,7 @@ class DasVllmOptions:
     max_depth: int = 64  # suffix tree depth
     window: int = 4  # policy versions kept per group
     max_rollouts_per_group: int = 64
+    max_groups: int = 8192
     min_prob: float = 0.1
     calibration_steps: int = 32  # timed steps before the fit
 

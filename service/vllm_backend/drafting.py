@@ -116,6 +116,7 @@ class EngineDrafter:
                 max_depth=options.max_depth,
                 window=options.window,
                 max_rollouts_per_group=options.max_rollouts_per_group,
+                max_groups=options.max_groups,
                 min_prob=options.min_prob,
             )
         )

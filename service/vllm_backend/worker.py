@@ -189,6 +189,7 @@ class VllmWorker:
                 max_depth=store.config.max_depth,
                 window=store.config.window,
                 max_rollouts_per_group=store.config.max_rollouts_per_group,
+                max_groups=store.config.max_groups,
                 min_prob=store.config.min_prob,
             )
             if self._speculation

@@ -117,6 +117,29 @@ def test_memory_stays_bounded_by_the_window(tree_factory: Callable[[int], TokenT
     assert history.memory_bytes() > 0
 
 
+def test_groups_past_the_cap_drop_the_least_recently_used(
+    tree_factory: Callable[[int], TokenTree],
+) -> None:
+    """With no weight update the window evicts nothing, so new prompt groups would pile up:
+    past max_groups the least recently used group goes (a rollout or a request start uses
+    it), except one with a running request in its tree."""
+    history = make_history(tree_factory, max_groups=3, live_siblings=True)
+    for group in ("a", "b", "c"):
+        history.add_rollout(group, [1, 2, 3], version=0)
+    history.add_rollout("a", [4, 5], version=0)  # a is now the most recent: b is the least
+    history.add_rollout("d", [6], version=0)
+    assert sorted(history.groups()) == ["a", "c", "d"] and history.evicted_groups == 1
+    history.start_request("r", "c", [9, 9])  # c is used, and holds a running request
+    history.add_rollout("e", [7], version=0)  # the least recent idle one is a
+    history.add_rollout("f", [8], version=0)  # then d
+    assert sorted(history.groups()) == ["c", "e", "f"] and history.evicted_groups == 3
+    history.add_rollout("g", [8], version=0)  # c is the least recent but running: e goes
+    assert sorted(history.groups()) == ["c", "f", "g"]
+    history.stop_request("r")
+    assert history.recent_lengths("c") == [3] and history.recent_lengths("b") == []
+    assert history.num_tokens() == 3 + 1 + 1
+
+
 def test_group_stats(tree_factory: Callable[[int], TokenTree]) -> None:
     history = make_history(tree_factory)
     for length in [10, 20, 30, 40, 100]:
@@ -156,7 +179,13 @@ def test_long_requests_keep_a_bounded_context(tree_factory: Callable[[int], Toke
 
 @pytest.mark.parametrize(
     "knobs",
-    [{"max_depth": 1}, {"window": 0}, {"max_rollouts_per_group": 0}, {"min_prob": 1.5}],
+    [
+        {"max_depth": 1},
+        {"window": 0},
+        {"max_rollouts_per_group": 0},
+        {"max_groups": 0},
+        {"min_prob": 1.5},
+    ],
 )
 def test_config_rejects_bad_values(knobs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

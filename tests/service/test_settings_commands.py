@@ -135,7 +135,7 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
         "served_model_name": "m", "device": "cuda:1", "dtype": "bfloat16",
         "spec_policy": "fixed:3", "cost_model": "h100-7b", "spec_budget": "2",
         "max_batch": "3", "max_model_len": "99", "worker_id": "w", "fake_step_delay_s": "0.5",
-        "redis_url": "redis://r:1/0", "history_window": "2",
+        "redis_url": "redis://r:1/0", "history_window": "2", "history_max_groups": "77",
         "history_max_rollouts_per_group": "5", "history_buffer_size": "6",
         "history_sync_interval_s": "0.25", "redis_timeout_s": "0.125", "worker_api_key": "w-k",
         "routing_load_factor": "0.5", "routing_vnodes": "8", "health_interval_s": "2.5",
