@@ -157,6 +157,7 @@ def test_result_serialises_every_figure() -> None:
         "max_depth": 64,
         "window": 2,
         "max_rollouts_per_group": 64,
+        "max_groups": 8192,
         "min_prob": 0.1,
         "tree_drafts": False,
         "live_siblings": False,

@@ -116,6 +116,7 @@ def test_simulate_defaults_to_das(
         "max_depth": 64,
         "window": 4,
         "max_rollouts_per_group": 64,
+        "max_groups": 8192,
         "min_prob": 0.1,
         "tree_drafts": False,
         "live_siblings": False,
