@@ -356,7 +356,7 @@ def test_health_answers_while_a_long_request_runs(serve: Callable[..., Server]) 
     """No step delay: the fake worker's passes alone would hold the event loop; between
     passes it yields, so /health (and /get_server_info) answer while the request runs."""
     server = serve(speculation=False)
-    body = {"prompt": "x", "n": 32, "max_tokens": 32_000, "ignore_eos": True}  # seconds
+    body = {"prompt": "x", "n": 32, "max_tokens": 32_000, "ignore_eos": True}
     outcome: dict[str, int] = {}
 
     def run() -> None:
@@ -381,7 +381,9 @@ def test_health_answers_while_a_long_request_runs(serve: Callable[..., Server]) 
                 before = running()
                 assert http.get("/health").status_code == 200
                 answered += before and running()
-            assert answered == 5
+            # At least one answer came between two passes of the running request (how many
+            # depends on the machine's speed; the request may well end before five).
+            assert answered >= 1, outcome
             http.post("/abort_request", json={"rid": "long"})
     finally:
         thread.join(timeout=60)
