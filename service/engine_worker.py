@@ -53,6 +53,7 @@ from service.worker import (
     SampleResult,
     SamplingParams,
     check_version_forward,
+    weights_refused,
 )
 
 log = logging.getLogger(__name__)
@@ -363,13 +364,7 @@ class EngineWorker:
             model, _ = await asyncio.to_thread(load_model, path, config.device, config.torch_dtype)
             version: int = await self._call(lambda engine: self._load_weights(engine, model, to))
         except (ValueError, OSError) as error:  # no checkpoint there, or one of another shape
-            # One message whatever the cause (missing, not a .gguf, no config.json, another
-            # shape): the caller learns nothing of the worker's filesystem; the log does.
-            log.warning("cannot load weights from %r", path, exc_info=error)
-            raise InvalidRequest(
-                "cannot load weights from model_path: not a checkpoint of this model",
-                "model_path",
-            ) from error
+            raise weights_refused(path, error) from error
         self._version = version
         await self.store.set_version(version)  # trims the shared streams to the window
         return version

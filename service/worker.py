@@ -12,6 +12,7 @@ Unavailable, and a failed engine step EngineFailure (its cause chained, for the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -171,6 +172,16 @@ class SetsWeightVersion(Protocol):
     async def update_weights_to(self, path: str, version: int) -> int:
         """Load new weights as policy `version` (not below the current one); the version."""
         ...
+
+
+def weights_refused(path: str, error: BaseException) -> InvalidRequest:
+    """The one answer to a weight update that cannot load, whatever the cause (missing, not a
+    checkpoint, another model's shapes): the caller learns nothing of the worker's
+    filesystem; the log gets the cause."""
+    logging.getLogger("service.worker").warning("cannot load weights from %r", path, exc_info=error)
+    return InvalidRequest(
+        "cannot load weights from model_path: not a checkpoint of this model", "model_path"
+    )
 
 
 def check_version_forward(version: int, current: int) -> None:

@@ -51,6 +51,7 @@ from service.worker import (
     SamplingParams,
     SpecCounters,
     check_version_forward,
+    weights_refused,
 )
 
 log = logging.getLogger(__name__)
@@ -414,13 +415,7 @@ class VllmWorker:
             await asyncio.to_thread(check_checkpoint, Path(path), Path(self._model_path))
             await llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         except Exception as error:  # not a checkpoint of this model, or vLLM's loader refused it
-            # One message whatever the cause: the caller learns nothing of the worker's
-            # filesystem; the log does.
-            log.warning("cannot load weights from %r", path, exc_info=error)
-            raise InvalidRequest(
-                "cannot load weights from model_path: not a checkpoint of this model",
-                "model_path",
-            ) from error
+            raise weights_refused(path, error) from error
         self._version = version
         await self.store.set_version(version)  # the view forwards it to the engine core
         self._wake.set()
