@@ -426,6 +426,8 @@ class Gateway:
             if status >= 400:
                 return url, status, info
             return url, status, {"weight_version": sglang_upstream.weight_version(info)}
+        if path == "/update_weights_from_disk":
+            body = sglang_upstream.update_body(body, self.announced)
         url, status, reply = await call(url, method, path, sglang_upstream.control_body(path, body))
         if path == "/update_weights_from_disk" and status < 400 and isinstance(reply, dict):
             _, info_status, info = await call(url, "GET", sglang_upstream.WEIGHT_VERSION_PATH, b"")
@@ -444,7 +446,10 @@ class Gateway:
             except httpx.HTTPError as error:
                 ok, frozen = False, isinstance(error, httpx.ReadTimeout)
             if ok:
-                reported = _reported_version(response)
+                if worker.sglang:
+                    reported = await self._sglang_version(worker)
+                else:
+                    reported = _reported_version(response)
                 if reported is not None:
                     worker.version = reported
                 if not worker.healthy:
@@ -462,12 +467,22 @@ class Gateway:
 
         await asyncio.gather(*(one(worker) for worker in self.workers.values()))
 
+    async def _sglang_version(self, worker: Upstream) -> str | None:
+        """An SGLang worker's weight version (its /health reports none): from /model_info."""
+        try:
+            response = await self.client.get(
+                worker.url + sglang_upstream.WEIGHT_VERSION_PATH, timeout=2.0
+            )
+        except httpx.HTTPError:
+            return None
+        version = sglang_upstream.weight_version(_json(response))
+        return version if response.status_code == 200 and version else None
+
     def _should_catch_up(self, worker: Upstream) -> bool:
         """A healthy worker that reports a policy version other than the announced one, when
         this gateway has the update that reached it and no try is under way or backing off."""
         return (
             self._last_update is not None
-            and not worker.sglang  # SGLang's /health reports no version (and its own API)
             and worker.version is not None
             and worker.version != self.announced
             and not worker.catching_up
@@ -482,6 +497,8 @@ class Gateway:
         if body is None or version is None:
             return
         worker.catching_up = True
+        if worker.sglang:
+            body = sglang_upstream.update_body(body, None)  # the version, as SGLang takes it
         try:
             response = await self.client.post(
                 worker.url + "/update_weights_from_disk",
@@ -489,7 +506,13 @@ class Gateway:
                 headers=self._control_headers,
                 timeout=httpx.Timeout(self.settings.upstream_timeout_s, connect=2.0),
             )
-            reached = _reported_version(response) if response.status_code == 200 else None
+            reached = None
+            if response.status_code == 200:
+                reached = (
+                    await self._sglang_version(worker)
+                    if worker.sglang
+                    else _reported_version(response)
+                )
             why = f"{response.status_code} {_message(_json(response))}".strip()
         except httpx.HTTPError as error:
             reached, why = None, type(error).__name__

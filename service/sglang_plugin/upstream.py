@@ -10,7 +10,10 @@ differs, and is translated here (pure functions; service/gateway.py calls them):
 - /pause_generation: ours pauses in place; SGLang's default mode aborts the running requests,
   so an empty body becomes {"mode": "in_place"};
 - /continue_generation: SGLang requires a JSON body ({} when none was sent);
-- the weight version: SGLang has no /get_weight_version; GET /model_info carries it.
+- the weight version: SGLang has no /get_weight_version; GET /model_info carries it (the
+  gateway reads it after each health check). SGLang moves it only when an update names one,
+  so every update the gateway sends an SGLang worker names the version it is to reach
+  (update_body); SGLang's start-up "default" is version 0, as our workers start.
 """
 
 from __future__ import annotations
@@ -59,10 +62,32 @@ def control_body(path: str, body: bytes) -> bytes:
     return body
 
 
+SGLANG_START_VERSION = "default"  # SGLang's weight_version before any update names one
+
+
 def weight_version(model_info: Any) -> str:
-    """The weight version in SGLang's /model_info reply ("" if it has none)."""
+    """The weight version in SGLang's /model_info reply ("" if it has none; "0" for SGLang's
+    start-up "default", the version our workers start at)."""
     version = model_info.get("weight_version") if isinstance(model_info, dict) else None
+    if version == SGLANG_START_VERSION:
+        return "0"
     return "" if version is None else str(version)
+
+
+def update_body(body: bytes, announced: str | None) -> bytes:
+    """A weight update as SGLang takes it: naming the version to reach, as a string (SGLang
+    keeps its version when none is named, so a worker that missed an update would look the
+    same as the others): the one given, else the one after `announced` (1 with none yet)."""
+    try:
+        update = json.loads(body)
+    except (ValueError, RecursionError):
+        return body  # SGLang answers the malformed body itself
+    if not isinstance(update, dict):
+        return body
+    version = update.get("weight_version")
+    if version is None:
+        version = int(announced) + 1 if announced is not None and announced.isdecimal() else 1
+    return json.dumps({**update, "weight_version": str(version)}).encode()
 
 
 def version_order(version: str) -> tuple[int, int, str]:

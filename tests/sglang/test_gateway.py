@@ -98,6 +98,11 @@ def fake_sglang() -> tuple[FastAPI, list[tuple[str, Any]]]:
     async def model_info() -> JSONResponse:
         return JSONResponse({"model_path": "/m", "weight_version": state["version"]})
 
+    @app.post("/test/restart")  # not SGLang's: the test's way to restart it at its start-up
+    async def restart() -> Response:
+        state["version"] = "default"
+        return Response(status_code=200)
+
     return app, seen
 
 
@@ -116,8 +121,8 @@ def ours() -> Iterator[Served]:
     served.stop()
 
 
-def gateway(workers: list[str], sglang_workers: list[str]) -> Served:
-    settings = Settings(worker_urls=workers, sglang_worker_urls=sglang_workers, port=0)
+def gateway(workers: list[str], sglang_workers: list[str], **overrides: Any) -> Served:
+    settings = Settings(worker_urls=workers, sglang_worker_urls=sglang_workers, port=0, **overrides)
     return Served(create_gateway_app(settings))
 
 
@@ -169,8 +174,8 @@ def test_control_calls_map_onto_sglangs(sglang: Any, ours: Served) -> None:
             assert abort.json()["workers"][server.url] == {"success": True}
             assert http.post("/flush_cache").status_code == 200
             versions = http.get("/get_weight_version").json()
-            assert versions["workers"][server.url] == "default"
-            assert versions["weight_version"] == "0"  # ours: a number, above any name
+            assert versions["workers"][server.url] == "0"  # SGLang's "default": version 0
+            assert versions["weight_version"] == "0" and versions["skew"] == []
             update = http.post(
                 "/update_weights_from_disk", json={"model_path": "/m", "weight_version": "7"}
             ).json()
@@ -186,6 +191,44 @@ def test_control_calls_map_onto_sglangs(sglang: Any, ours: Served) -> None:
     ]
     assert seen[0][1] == {"mode": "in_place"}  # ours pauses in place; SGLang's default aborts
     assert seen[1][1] == {}
+
+
+def test_sglang_workers_are_versioned_held_out_and_caught_up(sglang: Any, ours: Served) -> None:
+    """SGLang moves its weight version only when an update names one: the gateway names the
+    next version in every update it sends an SGLang worker, reads the version from /model_info
+    after each health check, holds out one that came back at its start-up version, and
+    catches it up with the last update (the version as SGLang takes it, a string)."""
+    server, seen = sglang
+    front = gateway([ours.url], [server.url], health_interval_s=0.1)
+    try:
+        with httpx.Client(base_url=front.url, timeout=10) as http:
+            update = http.post("/update_weights_from_disk", json={"model_path": "/m"})
+            assert update.status_code == 200, update.text
+            assert seen[-1] == (
+                "/update_weights_from_disk",
+                {"model_path": "/m", "weight_version": "1"},
+            )
+            versions = http.get("/get_weight_version").json()
+            assert versions == {
+                "weight_version": "1", "workers": {ours.url: "1", server.url: "1"}, "skew": []
+            }  # fmt: skip
+            assert httpx.post(server.url + "/test/restart").status_code == 200  # back at 0
+            deadline = time.monotonic() + 10
+            while len([p for p, _ in seen if p == "/update_weights_from_disk"]) < 2:
+                assert time.monotonic() < deadline, "never caught up"
+                time.sleep(0.05)
+            assert seen[-1] == (
+                "/update_weights_from_disk",
+                {"model_path": "/m", "weight_version": "1"},
+            )
+            while http.get("/get_server_info").json()["skew"]:
+                assert time.monotonic() < deadline, "still held out"
+                time.sleep(0.05)
+            for i in range(8):  # both serve again, on version 1
+                http.post("/v1/completions", json={"prompt": "x", "prompt_group": f"g{i}"})
+    finally:
+        front.stop()
+    assert any(path == "/v1/completions" for path, _ in seen)
 
 
 def test_body_translation_and_version_order_directly() -> None:
