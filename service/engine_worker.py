@@ -186,6 +186,7 @@ class EngineWorker:
         self._closed = False
         self._paused = False
         self._version = 0
+        self._weights_path: str | None = None  # the weights the last update loaded
         self._load = (0, 0)  # (running, waiting) sequences, published by the engine thread
         self._tokens_at = 0.0
 
@@ -269,6 +270,7 @@ class EngineWorker:
         config = self._config
         return {
             "model_path": config.model,
+            "weights_path": self._weights_path,
             "served_model_name": self.model_name,
             "backend": "engine",
             "device": config.device,
@@ -365,7 +367,7 @@ class EngineWorker:
             version: int = await self._call(lambda engine: self._load_weights(engine, model, to))
         except (ValueError, OSError) as error:  # no checkpoint there, or one of another shape
             raise weights_refused(path, error) from error
-        self._version = version
+        self._version, self._weights_path = version, path
         await self.store.set_version(version)  # trims the shared streams to the window
         return version
 

@@ -106,6 +106,7 @@ class FakeWorker:
         self._budget = spec_budget if speculation else 0
         self._delay = step_delay_s
         self._version = 0
+        self._weights_path: str | None = None  # the path the last update named
         self._gate = asyncio.Event()  # set while not paused
         self._gate.set()
         self._live: dict[str, _Live] = {}
@@ -150,6 +151,7 @@ class FakeWorker:
         running, queued = self.load()
         return {
             "model_path": self._model_name,
+            "weights_path": self._weights_path,
             "served_model_name": self._model_name,
             "backend": "fake",
             "vocab_size": VOCAB_SIZE,
@@ -209,6 +211,7 @@ class FakeWorker:
             raise InvalidRequest("model_path must not be empty", "model_path")
         check_version_forward(version, self._version)
         self._version = version  # the fake has no weights: a new path is a new policy
+        self._weights_path = path
         await self.store.set_version(version)
         return version
 

@@ -135,7 +135,34 @@ class Gateway:
         reported = [w.version for w in self.workers.values() if w.version is not None]
         if reported:
             self.announced = max(reported, key=sglang_upstream.version_order)
+            if self.skew():
+                await self._adopt_update()
         self._health_task = asyncio.create_task(self._health_loop(), name="gateway-health")
+
+    async def _adopt_update(self) -> None:
+        """A gateway started after an update it did not send has none to re-send to a worker
+        behind: it takes the one a worker on the announced version last loaded (the
+        weights_path its /get_server_info reports), set to that version."""
+        for url, worker in self.workers.items():
+            if worker.sglang or not worker.healthy or worker.version != self.announced:
+                continue
+            try:
+                response = await self.client.get(
+                    url + "/get_server_info", headers=self._control_headers, timeout=2.0
+                )
+            except httpx.HTTPError:
+                continue
+            info = _json(response)
+            path = info.get("weights_path") if isinstance(info, dict) else None
+            if response.status_code == 200 and isinstance(path, str) and path:
+                assert self.announced is not None
+                update = json.dumps({"model_path": path}).encode()
+                self._last_update = _update_to(update, self.announced)
+                log.warning(
+                    "%s were behind at start-up: catching them up with %s's last update",
+                    ", ".join(self.skew()), self.worker_name(url),
+                )  # fmt: skip
+                return
 
     async def close(self) -> None:
         for task in [self._health_task, *self._catch_ups]:

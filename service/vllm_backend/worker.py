@@ -201,6 +201,7 @@ class VllmWorker:
         self._model_path = ""
         self._view = EngineHistoryView(store.config)
         self._version = 0
+        self._weights_path: str | None = None  # the weights the last update loaded
         self._paused = False
         self._closed = False
         self._requests: dict[str, list[str]] = {}  # our request id -> its samples' das ids
@@ -321,6 +322,7 @@ class VllmWorker:
         das = self._stats
         return {
             "model_path": self._model_path,
+            "weights_path": self._weights_path,
             "served_model_name": self.model_name,
             "backend": "vllm",
             "device": settings.device,
@@ -416,7 +418,7 @@ class VllmWorker:
             await llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         except Exception as error:  # not a checkpoint of this model, or vLLM's loader refused it
             raise weights_refused(path, error) from error
-        self._version = version
+        self._version, self._weights_path = version, path
         await self.store.set_version(version)  # the view forwards it to the engine core
         self._wake.set()
         return version

@@ -346,6 +346,40 @@ def test_a_worker_that_missed_a_weight_update_is_caught_up_and_routed_again(
     assert outcomes.get("caught_up", 0) >= 1
 
 
+def test_a_gateway_started_after_the_update_catches_up_a_worker_behind(
+    processes: Callable[..., WorkerProcess],
+    serve_gateway: Callable[..., Server],
+) -> None:
+    """The gateway that sent an update goes away, and a worker comes back at its start-up
+    version: a new gateway announces the newest version the workers report, holds the other
+    out, and catches it up with the update the up-to-date worker last loaded (its
+    weights_path), set to that version."""
+    live, missed = processes(), processes()
+    first = serve_gateway([live.url, missed.url], health_interval_s=0.1)
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        assert http.post("/update_weights_from_disk", json={"model_path": "/ckpt/1"}).is_success
+        missed.kill()
+        assert (
+            http.post("/update_weights_from_disk", json={"model_path": "/ckpt/2"}).status_code
+            == 502
+        )
+    first.stop()
+    back = processes(port=missed.port)  # at version 0
+    gateway = serve_gateway([live.url, back.url], health_interval_s=0.1)
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+
+        def versions() -> dict[str, Any]:
+            reply: dict[str, Any] = http.get("/get_weight_version").json()
+            return reply
+
+        wait_for(lambda: versions()["skew"] == [])
+        assert versions() == {
+            "weight_version": "2", "workers": {live.url: "2", back.url: "2"}, "skew": []
+        }  # fmt: skip
+        info = httpx.get(back.url + "/get_server_info", timeout=10).json()
+        assert info["weights_path"] == "/ckpt/2"  # the live worker's last update, re-sent
+
+
 def test_a_worker_that_cannot_be_caught_up_stays_held_out_and_is_tried_again(
     processes: Callable[..., WorkerProcess],
     serve_gateway: Callable[..., Server],
