@@ -38,13 +38,12 @@ import numpy as np
 from drafter import RolloutHistory
 from drafter.draft import Tokens
 from drafter.groups import group_of
-from drafter.history import GroupStats, length_stats
 from drafter.speculator import Rollout
 from service.engine import Engine, EngineConfig, RequestOutput
 from service.engine.engine import SampleProgress
 from service.engine.models import load_model
 from service.errors import EngineFailure, InvalidRequest, Unavailable
-from service.history_store import HistoryStore
+from service.history_store import HistorySnapshot, HistoryStore
 from service.metrics import Metrics
 from service.settings import Settings
 from service.worker import (
@@ -86,18 +85,15 @@ class _Live:
     final: list[bool] = field(default_factory=list)
 
 
-class HistoryView:
+class HistoryView(HistorySnapshot):
     """What the HistoryStore sees of the engine thread's RolloutHistory: writes become engine
-    commands (applied in order, between steps), reads come from the thread's snapshot."""
+    commands (applied in order, between steps), reads come from the thread's snapshot (written
+    by the engine thread only; the loop reads single keys or copies in one C-level call, which
+    the GIL keeps whole)."""
 
     def __init__(self, history: RolloutHistory, submit: Callable[[_Command], None]) -> None:
-        self.config = history.config
+        super().__init__(history.config, history.version)
         self._submit = submit
-        # Written by the engine thread only; the loop reads single keys or copies in one
-        # C-level call, which the GIL keeps whole.
-        self._lengths: dict[str, tuple[int, ...]] = {}
-        self._tokens = 0
-        self._version = history.version
 
     # -- writes (any thread but the engine's: they are queued) ----------------------------
 
@@ -111,24 +107,6 @@ class HistoryView:
         """Queue a move to `version` (a no-op if the engine is there already); 0."""
         self._submit(_Command(lambda engine: self._set_version(engine, version)))
         return 0
-
-    # -- reads (the snapshot) -------------------------------------------------------------
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def groups(self) -> list[str]:
-        return list(self._lengths)
-
-    def num_tokens(self) -> int:
-        return self._tokens
-
-    def recent_lengths(self, group: str) -> list[int]:
-        return list(self._lengths.get(group, ()))
-
-    def group_stats(self, group: str) -> GroupStats:
-        return length_stats(group, self.recent_lengths(group))
 
     # -- the engine thread ----------------------------------------------------------------
 
@@ -146,18 +124,18 @@ class HistoryView:
     def note_group(self, history: RolloutHistory, group: str) -> None:
         lengths = history.recent_lengths(group)
         if lengths:
-            self._lengths[group] = tuple(lengths)
+            self.lengths[group] = lengths  # a new list: the reader's copy stays whole
         else:
-            self._lengths.pop(group, None)
+            self.lengths.pop(group, None)
 
     def note_all(self, history: RolloutHistory) -> None:
         """After evictions (a version change): rebuild the snapshot."""
-        self._lengths = {group: tuple(history.recent_lengths(group)) for group in history.groups()}
+        self.lengths = {group: history.recent_lengths(group) for group in history.groups()}
         self._version = history.version
         self.note_tokens(history)
 
     def note_tokens(self, history: RolloutHistory) -> None:
-        self._tokens = history.num_tokens()
+        self.tokens = history.num_tokens()
 
 
 class EngineWorker:

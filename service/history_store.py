@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 
 from drafter import DrafterConfig, GroupStats, RolloutHistory
 from drafter.draft import Tokens, as_token_array
+from drafter.history import length_stats
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,35 @@ class LocalHistory(Protocol):
     def group_stats(self, group: str) -> GroupStats: ...
     def groups(self) -> list[str]: ...
     def num_tokens(self) -> int: ...
+
+
+class HistorySnapshot:
+    """The read side of a history that lives on another thread or process (the engine
+    thread's, vLLM's engine core's): what its owner last published, the recent lengths per
+    group, the tokens held and the policy version. An owner on another thread replaces whole
+    entries (never mutates one in place), so a reader's copy is consistent."""
+
+    def __init__(self, config: DrafterConfig, version: int = 0) -> None:
+        self.config = config
+        self.lengths: dict[str, list[int]] = {}
+        self.tokens = 0
+        self._version = version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def groups(self) -> list[str]:
+        return list(self.lengths)
+
+    def num_tokens(self) -> int:
+        return self.tokens
+
+    def recent_lengths(self, group: str) -> list[int]:
+        return list(self.lengths.get(group, ()))
+
+    def group_stats(self, group: str) -> GroupStats:
+        return length_stats(group, self.recent_lengths(group))
 
 
 class HistoryStore:

@@ -36,9 +36,8 @@ from typing import Any
 from drafter.config import DrafterConfig
 from drafter.draft import Tokens
 from drafter.groups import group_of
-from drafter.history import GroupStats, length_stats
 from service.errors import EngineFailure, InvalidRequest, Unavailable
-from service.history_store import HistoryStore
+from service.history_store import HistorySnapshot, HistoryStore
 from service.metrics import Metrics
 from service.settings import Settings
 from service.vllm_backend.config import CONFIG_KEY, ENABLE_ENV, DasVllmOptions
@@ -122,17 +121,14 @@ class _Sample:
     matched_stop: int | str | None = None
 
 
-class EngineHistoryView:
+class EngineHistoryView(HistorySnapshot):
     """What the HistoryStore sees of the engine core's history: writes are queued for the
     drainer (sent between vLLM's steps), reads come from the drainer's snapshot."""
 
     def __init__(self, config: DrafterConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.queued: list[tuple[str, list[int], list[int], int]] = []
         self.version_to: int | None = None
-        self.lengths: dict[str, list[int]] = {}
-        self.tokens = 0
-        self._version = 0
 
     def add_rollout(self, group: str, output: Tokens, version: int, prompt: Tokens = ()) -> bool:
         self.queued.append((group, [int(t) for t in prompt], [int(t) for t in output], version))
@@ -142,22 +138,6 @@ class EngineHistoryView:
         self.version_to = max(version, self.version_to or 0)
         self._version = max(self._version, version)
         return 0
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def groups(self) -> list[str]:
-        return list(self.lengths)
-
-    def num_tokens(self) -> int:
-        return self.tokens
-
-    def recent_lengths(self, group: str) -> list[int]:
-        return list(self.lengths.get(group, ()))
-
-    def group_stats(self, group: str) -> GroupStats:
-        return length_stats(group, self.recent_lengths(group))
 
 
 def worker_factory(engine_args: Sequence[str]) -> Callable[[Settings, HistoryStore, Metrics], Any]:
