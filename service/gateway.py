@@ -473,10 +473,7 @@ class Gateway:
             except httpx.HTTPError as error:
                 ok, frozen = False, isinstance(error, httpx.ReadTimeout)
             if ok:
-                if worker.sglang:
-                    reported = await self._sglang_version(worker)
-                else:
-                    reported = _reported_version(response)
+                reported = await self._worker_version(worker, response)
                 if reported is not None:
                     worker.version = reported
                 if not worker.healthy:
@@ -494,8 +491,11 @@ class Gateway:
 
         await asyncio.gather(*(one(worker) for worker in self.workers.values()))
 
-    async def _sglang_version(self, worker: Upstream) -> str | None:
-        """An SGLang worker's weight version (its /health reports none): from /model_info."""
+    async def _worker_version(self, worker: Upstream, response: httpx.Response) -> str | None:
+        """The weight version a worker's answer (/health, an update) reports; an SGLang
+        worker's answers carry none, so it is read from its /model_info."""
+        if not worker.sglang:
+            return _reported_version(response)
         try:
             response = await self.client.get(
                 worker.url + sglang_upstream.WEIGHT_VERSION_PATH, timeout=2.0
@@ -535,11 +535,7 @@ class Gateway:
             )
             reached = None
             if response.status_code == 200:
-                reached = (
-                    await self._sglang_version(worker)
-                    if worker.sglang
-                    else _reported_version(response)
-                )
+                reached = await self._worker_version(worker, response)
             why = f"{response.status_code} {_message(_json(response))}".strip()
         except httpx.HTTPError as error:
             reached, why = None, type(error).__name__
