@@ -99,6 +99,15 @@ def wait_for(condition: Callable[[], bool]) -> None:
         time.sleep(0.05)
 
 
+def busy(workers: list[WorkerProcess]) -> WorkerProcess | None:
+    """The worker with a request running, if any."""
+    for worker in workers:
+        info = httpx.get(worker.url + "/get_server_info", timeout=5).json()
+        if info["running_requests"]:
+            return worker
+    return None
+
+
 def test_sigterm_with_redis_down_logs_and_counts_what_is_lost(
     redis_server: RedisServer, processes: Callable[..., WorkerProcess]
 ) -> None:
@@ -181,16 +190,8 @@ def test_a_request_not_yet_answered_is_retried_on_another_worker(
     thread = threading.Thread(target=run)
     thread.start()
     try:
-
-        def busy() -> WorkerProcess | None:
-            for worker in workers:
-                info = httpx.get(worker.url + "/get_server_info", timeout=5).json()
-                if info["running_requests"]:
-                    return worker
-            return None
-
-        wait_for(lambda: busy() is not None)
-        serving = busy()
+        wait_for(lambda: busy(workers) is not None)
+        serving = busy(workers)
         assert serving is not None
         serving.process.kill()  # SIGKILL while it computes: no byte of the answer was sent
     finally:
@@ -457,16 +458,8 @@ def test_a_request_on_a_worker_that_freezes_is_retried_elsewhere(
     thread.start()
     frozen: WorkerProcess | None = None
     try:
-
-        def busy() -> WorkerProcess | None:
-            for worker in workers:
-                info = httpx.get(worker.url + "/get_server_info", timeout=5).json()
-                if info["running_requests"]:
-                    return worker
-            return None
-
-        wait_for(lambda: busy() is not None)
-        frozen = busy()
+        wait_for(lambda: busy(workers) is not None)
+        frozen = busy(workers)
         assert frozen is not None
         os.kill(frozen.process.pid, signal.SIGSTOP)
         thread.join(timeout=60)
