@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from operator import attrgetter
 from typing import Protocol, cast
 
@@ -267,7 +268,8 @@ class RolloutHistory:
         return state
 
     def _evict_least_recent(self, count: int) -> None:
-        idle = [group for group, state in self._groups.items() if not state.live][:count]
+        # From the least recently used on, stopping at `count`: no walk over every group.
+        idle = list(islice((g for g, state in self._groups.items() if not state.live), count))
         for group in idle:
             del self._groups[group]
         self.evicted_groups += len(idle)
