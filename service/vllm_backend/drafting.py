@@ -125,7 +125,6 @@ class EngineDrafter:
         priced = parse_policy_spec(options.policy).kind.startswith("das")  # fixed:K is not
         calibrate = cost is None and priced
         self._calibrator = Calibrator(options.calibration_steps) if calibrate else None
-        self.calibrating = calibrate  # no fit yet: draft nothing
         self.refits = 0  # fits after the first one
         # Until calibrated, the policy is priced with a placeholder and never asked for a
         # budget: drafts stay empty, requests and rollouts are tracked all the same.
@@ -146,6 +145,11 @@ class EngineDrafter:
         return parse_policy(self.options.policy, cost)
 
     @property
+    def calibrating(self) -> bool:
+        """No cost model fitted yet: nothing is drafted."""
+        return self._calibrator is not None and not self._calibrator.fitted
+
+    @property
     def cost(self) -> CostModel | None:
         """The cost model drafts are priced with (None: still calibrating, or a policy that
         prices nothing, fixed:K)."""
@@ -164,13 +168,13 @@ class EngineDrafter:
         calibrator = self._calibrator
         if calibrator is None or started is None or tokens <= 0:
             return
-        if prefill and calibrator.fitted:
+        first = not calibrator.fitted
+        if prefill and not first:
             return
         cost = calibrator.add(tokens, time.perf_counter() - started)
         if cost is None:
             return
-        if self.calibrating:
-            self.calibrating = False
+        if first:
             self.speculator.policy = self._policy(cost)
             log.info("DAS cost model from vLLM's steps: %s", cost)
         else:
