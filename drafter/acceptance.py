@@ -163,3 +163,147 @@ class ContinuationRate:
 def check_step(drafted: int, accepted: int) -> None:
     if not 0 <= accepted <= drafted:
         raise ValueError(f"need 0 <= accepted <= drafted, got {accepted}, {drafted}")
+
+
+# -- per-token acceptance from a draft's own evidence (das-match) --------------------------
+
+# A draft token's evidence, binned. Its path probability (the tree's product of child /
+# parent counts from the context to it) falls in bin b when it is >= _PROB_EDGES[b] (and below
+# the edge before); the last bin holds everything below 0.05.
+_PROB_EDGES = (0.999, 0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05, 0.0)
+_PROB_BINS = len(_PROB_EDGES)
+# What a bin's tokens are expected to do before any evidence: its middle path probability.
+_PROB_PRIORS = (1.0, 0.95, 0.825, 0.675, 0.525, 0.375, 0.25, 0.15, 0.075, 0.025)
+_POSITION_BINS = 5  # position i in the chain: 0, 1, 2-3, 4-7, 8+ (bit length, capped)
+_MATCH_BINS = 7  # the draft's match length: 1, 2, 3-4, 5-8, 9-16, 17-32, 33+
+
+
+def prob_bin(prob: float) -> int:
+    """The bin of a path probability (module tables above)."""
+    for b, edge in enumerate(_PROB_EDGES):
+        if prob >= edge:
+            return b
+    return _PROB_BINS - 1
+
+
+def position_bin(position: int) -> int:
+    return min(_POSITION_BINS - 1, position.bit_length())
+
+
+def match_bin(match_len: int) -> int:
+    return min(_MATCH_BINS - 1, max(0, match_len - 1).bit_length())
+
+
+# Draft.source's names (drafter.draft.DRAFT_SOURCES), in their bins; bin 0: none recorded.
+_SOURCE_NAMES = ("", "history", "siblings", "context")
+_SOURCE_BINS = len(_SOURCE_NAMES)
+
+
+def source_bin(source: object) -> int:
+    """A draft's source (Draft.source) as a bin: 0 for "" or anything unknown."""
+    try:
+        return _SOURCE_NAMES.index(source)
+    except ValueError:
+        return 0
+
+
+class DraftCalibrator:
+    """The chance that a draft token is accepted (it and every token before it in the chain),
+    learned online from the draft's own evidence: its path probability, its position, the
+    draft's match length and its source.
+
+    Two levels of exponentially decayed (accepted, tried) counts, each shrunk toward the one
+    above it by a prior worth a few tried tokens:
+      coarse (path-probability bin, position bin) -> toward the bin's middle path probability;
+      fine   (path-probability bin, position bin, match-length bin, source) -> toward coarse.
+    Counts decay once per verify step (tick), whether or not anything was drafted, so a bin
+    that stopped being drafted (its estimate fell below what pays) drifts back to its prior
+    and is tried again: the estimate never stays at 0, and drafting never stops for good.
+    `floor` bounds every estimate from below as well.
+    """
+
+    def __init__(
+        self,
+        decay: float,
+        coarse_weight: float,
+        fine_weight: float,
+        floor: float,
+        position_discount: float = 1.0,
+    ) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if not (coarse_weight > 0.0 and fine_weight > 0.0):
+            raise ValueError("prior weights must be > 0")
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        if not 0.0 < position_discount <= 1.0:
+            raise ValueError(f"position_discount must be in (0, 1], got {position_discount}")
+        self.decay = decay
+        self.coarse_weight = coarse_weight
+        self.fine_weight = fine_weight
+        self.floor = floor
+        shape = (_PROB_BINS, _POSITION_BINS, _MATCH_BINS, _SOURCE_BINS)
+        self._accepted = np.zeros(shape)
+        self._tried = np.zeros(shape)
+        self.position_discount = position_discount
+        # A coarse cell's prior: its middle path probability, times position_discount per
+        # chain position before the bin's first one (0, 1, 2, 4, 8).
+        firsts = np.asarray([0] + [1 << (j - 1) for j in range(1, _POSITION_BINS)])
+        self._prior = np.outer(np.asarray(_PROB_PRIORS), position_discount**firsts)
+        self._table: npt.NDArray[np.float64] | None = None  # estimates, until the next change
+
+    def tick(self) -> None:
+        """One verify step has passed: older evidence weighs `decay` times less."""
+        if self.decay < 1.0:
+            self._accepted *= self.decay
+            self._tried *= self.decay
+            self._table = None
+
+    def cell(self, prob: float, position: int, match_len: int, source: object = None) -> int:
+        """The flat table cell of a token at this depth of a draft with this match length."""
+        b = (prob_bin(prob) * _POSITION_BINS + position_bin(position)) * _MATCH_BINS
+        return (b + match_bin(match_len)) * _SOURCE_BINS + source_bin(source)
+
+    def cells(self, probs: Sequence[float], match_len: int, source: object = None) -> list[int]:
+        """The cell of each token of a chain with these path probabilities."""
+        return [self.cell(p, i, match_len, source) for i, p in enumerate(probs)]
+
+    def table(self) -> npt.NDArray[np.float64]:
+        """Every cell's estimate, flat (index with cells())."""
+        if self._table is None:
+            coarse_acc = self._accepted.sum(axis=(2, 3))
+            coarse_tried = self._tried.sum(axis=(2, 3))
+            w = self.coarse_weight
+            coarse = (coarse_acc + w * self._prior) / (coarse_tried + w)
+            v = self.fine_weight
+            fine = (self._accepted + v * coarse[:, :, None, None]) / (self._tried + v)
+            self._table = np.maximum(fine, self.floor).ravel()
+        return self._table
+
+    def estimate(
+        self, probs: Sequence[float], match_len: int, source: object = None
+    ) -> list[float]:
+        """Each token's chance of acceptance, made non-increasing along the chain (a token is
+        accepted only if the one before it was)."""
+        table = self.table()
+        out: list[float] = []
+        last = 1.0
+        for cell in self.cells(probs, match_len, source):
+            last = min(last, float(table[cell]))
+            out.append(last)
+        return out
+
+    def observe(self, cells: Sequence[int], accepted: int) -> None:
+        """A chain drafted with these cells was verified and its first `accepted` tokens kept:
+        those were accepted, the rest were not (each token of it is one tried token)."""
+        if not 0 <= accepted <= len(cells):
+            raise ValueError(f"need 0 <= accepted <= {len(cells)}, got {accepted}")
+        if not cells:
+            return
+        flat_tried = self._tried.reshape(-1)
+        flat_accepted = self._accepted.reshape(-1)
+        for i, cell in enumerate(cells):
+            flat_tried[cell] += 1.0
+            if i < accepted:
+                flat_accepted[cell] += 1.0
+        self._table = None

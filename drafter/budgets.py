@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -68,10 +68,12 @@ from drafter.acceptance import (
     Acceptance,
     AcceptanceEstimator,
     ContinuationRate,
+    DraftCalibrator,
     check_step,
     fit_acceptance,
 )
 from drafter.cost import CostModel
+from drafter.draft import Draft
 from drafter.lengths import LengthClass
 
 # -- the closed form (das-eq7) -------------------------------------------------------------
@@ -355,3 +357,129 @@ class ClosedFormRule:
             fitted.model = fit_acceptance(density, share, weight, prior, self._prior_weight)
             fitted.fitted_at = seen
         return fitted.model
+
+
+# -- the per-token rule (das-match) ---------------------------------------------------------
+
+
+def token_floors(remaining: Sequence[float], cost: CostModel) -> list[float]:
+    """The least acceptance chance a draft token of each request must have to pay for itself:
+    c_tok / (w_i * t_step), with w_i = l_i / sum_j l_j its chance of being the request the batch
+    waits for and t_step = c_base + c_tok * (live requests), as in marginal_budgets."""
+    if any(length <= 0 for length in remaining):
+        raise ValueError("remaining lengths must be > 0")
+    total = sum(remaining)
+    step = cost.step_time(len(remaining))
+    return [cost.c_tok * total / (length * step) for length in remaining]
+
+
+def cut_chain(estimates: Sequence[float], floor: float) -> int:
+    """How many tokens of a chain to keep: up to the last whose (non-increasing) acceptance
+    estimate still pays, estimate >= floor."""
+    kept = 0
+    for estimate in estimates:
+        if estimate < floor:
+            break
+        kept += 1
+    return kept
+
+
+def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
+    """The draft without the tokens not kept and their descendants (a node stays only if its
+    parent does): a prefix of a chain, a subtree of a tree, parents re-indexed."""
+    if len(keep) != len(draft):
+        raise ValueError("need one keep flag per draft token")
+    index: list[int] = []  # new index of each old token, -1: dropped
+    token_ids: list[int] = []
+    parents: list[int] = []
+    probs: list[float] = []
+    for i, parent in enumerate(draft.parents):
+        if keep[i] and (parent < 0 or index[parent] >= 0):
+            index.append(len(token_ids))
+            token_ids.append(draft.token_ids[i])
+            parents.append(-1 if parent < 0 else index[parent])
+            probs.append(draft.probs[i])
+        else:
+            index.append(-1)
+    if len(token_ids) == len(draft):
+        return draft
+    return replace(draft, token_ids=token_ids, parents=parents, probs=probs, score=sum(probs))
+
+
+class MatchRule:
+    """das-match: every request drafts at the largest size (max_budget, 0 where not even a
+    certain token would pay), then trim() cuts each draft at the last token whose own
+    calibrated acceptance chance pays for it: p_hat * w_i * t_step >= c_tok, the marginal
+    rule's test with p_hat from the token's evidence (DraftCalibrator) instead of one rate per
+    group. observe_draft() feeds the calibrator what verification accepted of each draft."""
+
+    def __init__(self, calibrator: DraftCalibrator) -> None:
+        self.calibrator = calibrator
+        # Per trim(): each kept draft's cells, by id() of its request's view (the view is
+        # kept with them, so the id stays its own), until observed or the next trim().
+        self._pending: dict[int, tuple[object, list[int]]] = {}
+
+    def observe_step(self, group: str, drafted: int, accepted: int) -> None:
+        check_step(drafted, accepted)  # the evidence comes per token, through observe_draft
+
+    def budgets(
+        self,
+        groups: Sequence[str],
+        remaining: Sequence[float],
+        classes: Sequence[LengthClass],
+        cost: CostModel,
+        max_budget: int,
+    ) -> list[int]:
+        return [max_budget if floor <= 1.0 else 0 for floor in token_floors(remaining, cost)]
+
+    def trim(
+        self,
+        requests: Sequence[object],
+        drafts: Sequence[Draft],
+        remaining: Sequence[float],
+        cost: CostModel,
+    ) -> list[Draft]:
+        if not len(requests) == len(drafts) == len(remaining):
+            raise ValueError("need one request, draft and remaining length per row")
+        calibrator = self.calibrator
+        calibrator.tick()
+        self._pending = {}
+        out = []
+        for request, draft, floor in zip(
+            requests, drafts, token_floors(remaining, cost) if drafts else (), strict=True
+        ):
+            if not len(draft):
+                out.append(draft)
+                continue
+            source = getattr(draft, "source", None)
+            if draft.is_chain():
+                estimates = calibrator.estimate(draft.probs, draft.match_len, source)
+                kept = cut_chain(estimates, floor)
+                if kept < len(draft):
+                    draft = trim_draft(draft, [i < kept for i in range(len(draft))])
+                if kept:
+                    cells = calibrator.cells(draft.probs, draft.match_len, source)
+                    self._pending[id(request)] = (request, cells)
+            else:  # a tree: each node priced by its path probability and depth
+                table = calibrator.table()
+                depth: list[int] = []
+                chance: list[float] = []
+                for i, parent in enumerate(draft.parents):
+                    depth.append(0 if parent < 0 else depth[parent] + 1)
+                    cell = calibrator.cell(draft.probs[i], depth[i], draft.match_len, source)
+                    above = 1.0 if parent < 0 else chance[parent]
+                    chance.append(min(above, float(table[cell])))
+                draft = trim_draft(draft, [c >= floor for c in chance])
+            out.append(draft)
+        return out
+
+    def observe_draft(self, request: object, drafted: int, accepted: int) -> None:
+        """The first `drafted` tokens of the chain trim() returned for this request were
+        verified and the first `accepted` kept (trees are not calibrated on: which branch was
+        taken is not known here)."""
+        check_step(drafted, accepted)
+        entry = self._pending.pop(id(request), None)
+        if entry is None or entry[0] is not request:
+            return
+        cells = entry[1][:drafted]
+        self.calibrator.observe(cells, min(accepted, len(cells)))

@@ -5,7 +5,10 @@ drafter/lengths.py); per step it hands the live batch's groups, predicted remain
 classes to its budget rule (drafter/budgets.py), which prices draft tokens with its own online
 acceptance evidence and the worker's cost model:
 - "das" (MarginalRule, the default): each request drafts the tokens that pay for themselves;
-- "das-eq7" (ClosedFormRule): the closed form of DESIGN.md.
+- "das-eq7" (ClosedFormRule): the closed form of DESIGN.md;
+- "das-match" (MatchRule): drafts at the largest size, then trim() cuts each draft where its
+  own tokens' calibrated acceptance (from the draft's path probabilities, match length and
+  source) stops paying.
 Replaying real SmolLM2 traces (das simulate) the marginal rule beat the closed form by 3-6% of
 makespan on this CPU's cost model and 19% on the 7B-on-H100 one; in measured engine runs on a
 2-core CPU the two were within that machine's noise of each other (README).
@@ -18,9 +21,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from drafter.acceptance import Acceptance
-from drafter.budgets import BudgetRule, ClosedFormRule, MarginalRule
+from drafter.acceptance import Acceptance, DraftCalibrator, check_step
+from drafter.budgets import BudgetRule, ClosedFormRule, MarginalRule, MatchRule
 from drafter.cost import CostModel
+from drafter.draft import Draft
 from drafter.lengths import (
     ClassBounds,
     Prediction,
@@ -32,12 +36,14 @@ from drafter.lengths import (
 )
 from drafter.policy import RequestView
 
-DAS_RULES = ("marginal", "eq7")  # the keys of RULES
+DAS_RULES = ("marginal", "eq7", "match")  # the keys of RULES
 
 
 @dataclass(frozen=True, slots=True)
 class DasConfig:
-    rule: str = "marginal"  # "marginal" (marginal_budgets) or "eq7" (the closed form, step_budgets)
+    # "marginal" (marginal_budgets), "eq7" (the closed form, step_budgets) or "match"
+    # (MatchRule: per-token acceptance calibrated from each draft's evidence)
+    rule: str = "marginal"
     max_budget: int = 16  # most draft tokens one request gets in one verify step
     length_quantile: float = 0.9  # predicted length: this quantile of the group's lengths
     short_quantile: float = 1 / 3  # Short: at most this quantile of all recent lengths
@@ -51,6 +57,14 @@ class DasConfig:
     prior_weight: float = 16.0  # ...worth this many verify steps (tried positions) of evidence
     decay: float = 0.995  # per verify step: the weight of older acceptance evidence
     refit_every: int = 8  # verify steps between refits of a group's acceptance model
+    # match: the calibrator's decay per verify step (of the whole batch), its priors' weights
+    # in tried tokens, the least acceptance chance it ever estimates, and its prior's discount
+    # per chain position (DraftCalibrator; picked by replaying the T = 0.7 SmolLM2 trace)
+    calibration_decay: float = 0.9995
+    coarse_weight: float = 8.0
+    fine_weight: float = 8.0
+    calibration_floor: float = 0.01
+    position_discount: float = 0.5
 
     def __post_init__(self) -> None:
         if self.rule not in DAS_RULES:
@@ -79,6 +93,13 @@ class DasConfig:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.refit_every < 1:
             raise ValueError(f"refit_every must be >= 1, got {self.refit_every}")
+        DraftCalibrator(  # raises if a knob is out of range
+            self.calibration_decay,
+            self.coarse_weight,
+            self.fine_weight,
+            self.calibration_floor,
+            self.position_discount,
+        )
 
 
 # Each DasConfig.rule's budget rule, built from the config.
@@ -86,6 +107,15 @@ RULES: dict[str, Callable[[DasConfig], BudgetRule]] = {
     "marginal": lambda c: MarginalRule(c.decay, c.prior_rate, c.prior_weight),
     "eq7": lambda c: ClosedFormRule(
         c.decay, Acceptance(c.prior_k, c.prior_alpha), c.prior_weight, c.refit_every
+    ),
+    "match": lambda c: MatchRule(
+        DraftCalibrator(
+            c.calibration_decay,
+            c.coarse_weight,
+            c.fine_weight,
+            c.calibration_floor,
+            c.position_discount,
+        )
     ),
 }
 
@@ -104,10 +134,17 @@ class DasPolicy:
         self._lengths: dict[str, deque[int]] = {}
         self._bounds: ClassBounds | None = None
         self._bounds_stale = False
+        # The last budgets() call's requests and remaining lengths, for trim() to reuse.
+        self._last: tuple[Sequence[RequestView], list[float]] | None = None
 
     @property
     def name(self) -> str:
         return "das" if self.config.rule == "marginal" else f"das-{self.config.rule}"
+
+    @property
+    def trims(self) -> bool:
+        """True if trim() may cut drafts (the match rule); False: it returns them as given."""
+        return isinstance(self.rule, MatchRule)
 
     def reprice(self, cost: CostModel) -> None:
         self.cost = cost
@@ -121,6 +158,7 @@ class DasPolicy:
             max(1.0, prediction.length - view.generated)
             for prediction, view in zip(predictions, requests, strict=True)
         ]
+        self._last = (requests, remaining)
         return self.rule.budgets(
             [view.group for view in requests],
             remaining,
@@ -129,8 +167,30 @@ class DasPolicy:
             self.config.max_budget,
         )
 
+    def trim(self, requests: Sequence[RequestView], drafts: Sequence[Draft]) -> list[Draft]:
+        """The step's drafts (one per request, as budgets() sized them) cut where their tokens
+        stop paying (the match rule; the other rules return them unchanged). Each kept chain's
+        evidence waits for observe_draft with the same view object."""
+        rule = self.rule
+        if not isinstance(rule, MatchRule):
+            return list(drafts)
+        last = self._last
+        if last is not None and last[0] is requests:
+            remaining = last[1]
+        else:
+            remaining = [max(1.0, self.predict(view).length - view.generated) for view in requests]
+        return rule.trim(requests, drafts, remaining, self.cost)
+
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
         self.rule.observe_step(group, drafted, accepted)
+
+    def observe_draft(self, request: RequestView, drafted: int, accepted: int) -> None:
+        """The first `drafted` tokens of the draft trim() returned for `request` (the same view
+        object) were verified and the first `accepted` kept; nothing to learn for the other
+        rules."""
+        check_step(drafted, accepted)
+        if isinstance(self.rule, MatchRule):
+            self.rule.observe_draft(request, drafted, accepted)
 
     def observe_finished(self, group: str, length: int) -> None:
         check_length(length)

@@ -2,21 +2,24 @@
 
 A policy is one object per engine (or simulation) behind the Policy protocol below. The rules:
 - "none" and "fixed:K" (FixedPolicy): the same budget for every request at every step;
-- "das" and "das-eq7" (drafter/das.py): DAS's length-aware budgets (Shao et al., "Beat the long
-  tail", arXiv 2511.13841), from per-group length predictions (drafter/lengths.py), online
-  acceptance estimates (drafter/acceptance.py), the worker's cost model (drafter/cost.py) and
-  the live batch; the budget functions themselves are in drafter/budgets.py.
-drafter/policy_spec.py turns a name into a fresh policy object.
+- "das", "das-eq7" and "das-match" (drafter/das.py): DAS's length-aware budgets (Shao et al.,
+  "Beat the long tail", arXiv 2511.13841), from per-group length predictions
+  (drafter/lengths.py), online acceptance estimates (drafter/acceptance.py), the worker's cost
+  model (drafter/cost.py) and the live batch; the budget functions themselves are in
+  drafter/budgets.py.
+drafter/policy_spec.py turns a name into a fresh policy object. A policy may also cut the
+drafts it sized once they are drafted (the Trimming protocol, das-match).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from drafter.acceptance import check_step
 from drafter.cost import CostModel
+from drafter.draft import Draft
 from drafter.lengths import LengthClass, check_length
 
 
@@ -69,6 +72,28 @@ class Policy(Protocol):
     def budgets(self, requests: Sequence[RequestView]) -> list[int]: ...
     def observe_step(self, group: str, drafted: int, accepted: int) -> None: ...
     def observe_finished(self, group: str, length: int) -> None: ...
+
+
+@runtime_checkable
+class Trimming(Protocol):
+    """A policy that looks at each draft before it is verified. Its caller calls trim() once
+    per verify step right after drafting, with the list it passed to budgets() and the
+    drafts, and verifies what it returns; then observe_draft() per request with that
+    request's view (the same object), how many tokens of its trimmed draft were verified and
+    how many of those the target accepted, before the view advances."""
+
+    @property
+    def trims(self) -> bool:
+        """False if trim() returns every draft unchanged (the caller may skip both calls)."""
+        ...
+
+    def trim(self, requests: Sequence[RequestView], drafts: Sequence[Draft]) -> list[Draft]: ...
+    def observe_draft(self, request: RequestView, drafted: int, accepted: int) -> None: ...
+
+
+def trimmer(policy: Policy) -> Trimming | None:
+    """The policy as a Trimming one if it trims drafts, else None."""
+    return policy if isinstance(policy, Trimming) and policy.trims else None
 
 
 class FixedPolicy:

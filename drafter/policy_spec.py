@@ -1,4 +1,5 @@
-"""Policy names, as flags and settings spell them: none, fixed:K, das, das-eq7, suffix."""
+"""Policy names, as flags and settings spell them: none, fixed:K, das, das-eq7, das-match,
+suffix."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from drafter.policy import FixedPolicy, Policy
 from drafter.suffix_decoding import SuffixPolicy
 
 _MAX_FIXED = 1024
+_DAS_NAMES = {"das": "marginal", "das-eq7": "eq7", "das-match": "match"}  # name: DasConfig.rule
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
-    """A parsed policy name: "none", "fixed:K" (1 <= K <= 1024), "das", "das-eq7" or
-    "suffix" (suffix decoding as vLLM configures it, drafter/suffix_decoding.py)."""
+    """A parsed policy name: "none", "fixed:K" (1 <= K <= 1024), "das", "das-eq7",
+    "das-match" or "suffix" (suffix decoding as vLLM configures it,
+    drafter/suffix_decoding.py)."""
 
-    kind: str  # "none", "fixed", "das", "das-eq7" or "suffix"
+    kind: str  # "none", "fixed", "das", "das-eq7", "das-match" or "suffix"
     budget: int = 0  # K of fixed:K
 
     def __str__(self) -> str:
@@ -26,7 +29,7 @@ class PolicySpec:
 
 def parse_policy_spec(spec: str) -> PolicySpec:
     text = spec.strip()
-    if text in ("none", "das", "das-eq7", "suffix"):
+    if text in ("none", *_DAS_NAMES, "suffix"):
         return PolicySpec(text)
     name, sep, arg = text.partition(":")
     if name == "fixed" and sep:
@@ -36,19 +39,21 @@ def parse_policy_spec(spec: str) -> PolicySpec:
         if not 1 <= budget <= _MAX_FIXED:
             raise ValueError(f"fixed:K needs 1 <= K <= {_MAX_FIXED} (none for 0), got {spec!r}")
         return PolicySpec("fixed", budget)
-    raise ValueError(f"unknown policy {spec!r}: expected none, fixed:K, das, das-eq7 or suffix")
+    raise ValueError(
+        f"unknown policy {spec!r}: expected none, fixed:K, das, das-eq7, das-match or suffix"
+    )
 
 
 def parse_policy(
     spec: str, cost: CostModel = SMOLLM2_CPU, config: DasConfig | None = None
 ) -> Policy:
     """A fresh policy object from its name: "none", "fixed:K", "das", "das-eq7" (das with the
-    closed-form rule; `config`'s rule is overridden by the name) or "suffix" (with its own
-    fresh response cache; it prices nothing, so `cost` is unused)."""
+    closed-form rule), "das-match" (das with per-draft calibrated acceptance; `config`'s rule
+    is overridden by the name) or "suffix" (with its own fresh response cache; it prices
+    nothing, so `cost` is unused)."""
     parsed = parse_policy_spec(spec)
     if parsed.kind == "suffix":
         return SuffixPolicy()
-    if parsed.kind.startswith("das"):
-        rule = "eq7" if parsed.kind == "das-eq7" else "marginal"
-        return DasPolicy(cost, replace(config or DasConfig(), rule=rule))
+    if parsed.kind in _DAS_NAMES:
+        return DasPolicy(cost, replace(config or DasConfig(), rule=_DAS_NAMES[parsed.kind]))
     return FixedPolicy(parsed.budget)

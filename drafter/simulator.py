@@ -2,14 +2,16 @@
 
 Each epoch of the trace is one batch: its rollouts start together and the batch drains as they
 finish. At every step each live rollout gets a budget from the policy (the live batch is every
-unfinished rollout) and drafts that many tokens from the RolloutHistory (earlier epochs' rollouts
-of its group, plus its own prompt and output so far; under the suffix policy from suffix
-decoding's global cache instead, drafter/suffix_decoding.py), all rows in one call before any
-is verified, as in the engine; then the target "verifies" each draft against the recorded
+unfinished rollout) and drafts that many tokens from the RolloutHistory (earlier epochs'
+rollouts of its group, plus its own prompt and output so far; under the suffix policy from
+suffix decoding's global cache instead, drafter/suffix_decoding.py), all rows in one call
+before any is verified, as in the engine (a Trimming policy, das-match, then cuts the drafts,
+again as the speculation core does); then the target "verifies" each draft against the recorded
 output: the longest draft path that matches it is accepted and the target adds its own next
 token, so a step emits accepted + 1 tokens (never past the recorded end). A step costs
-c_base + c_tok * (sum over live rollouts of 1 + draft length) under the cost model. After the
-epoch its rollouts enter the history (version = epoch) and the history moves to version epoch + 1.
+c_base + c_tok * (sum over live rollouts of 1 + draft length) under the cost model. A rollout
+enters the history (version = epoch) as soon as it finishes, as in the engine, where the
+speculation core adds it at once; after the epoch the history moves to version epoch + 1.
 
 Output tokens never change: accepted tokens are the draft's own tokens, checked equal to the
 recording, and the simulator can hand back what it emitted (record_outputs) for a test to compare.
@@ -27,7 +29,7 @@ from drafter.cost import CostModel
 from drafter.das import DasConfig
 from drafter.draft import Draft
 from drafter.history import RolloutHistory, TreeFactory
-from drafter.policy import Policy, RequestView
+from drafter.policy import Policy, RequestView, trimmer
 from drafter.policy_spec import parse_policy
 from drafter.speculator import DraftSource, draft_source
 from drafter.suffix_decoding import SuffixDecodingConfig, SuffixPolicy
@@ -180,7 +182,7 @@ def simulate(
                     source.start_request(index, record.group, record.prompt)
                     view = policy.request(record.group)
                     batch.append(_Live(index, record, view, [] if record_outputs else None))
-            counts = _run_batch(list(batch), policy, source, bar)
+            counts = _run_batch(list(batch), policy, source, history, bar)
             lengths = [len(entry.record.output) for entry in batch]
             reports.append(
                 EpochReport(
@@ -198,8 +200,6 @@ def simulate(
             for entry in batch:
                 if entry.emitted is not None:
                     outputs[entry.index] = tuple(entry.emitted)
-                record = entry.record
-                history.add_rollout(record.group, record.output, epoch, record.prompt)
             history.set_version(epoch + 1)
     return SimulationResult(
         policy=policy.name,
@@ -226,14 +226,22 @@ class _Counts:
         return cost.c_base * self.steps + cost.c_tok * self.processed
 
 
-def _run_batch(live: list[_Live], policy: Policy, source: DraftSource, bar: tqdm) -> _Counts:
-    """Decode one batch until every rollout in `live` is done (emptying it)."""
+def _run_batch(
+    live: list[_Live], policy: Policy, source: DraftSource, history: RolloutHistory, bar: tqdm
+) -> _Counts:
+    """Decode one batch until every rollout in `live` is done (emptying it). A rollout joins
+    the history (at the history's version) as soon as it finishes, as the speculation core
+    does, so that its still running siblings can draft from it."""
     counts = _Counts()
+    trimming = trimmer(policy)
     while live:
-        budgets = policy.budgets([entry.view for entry in live])
+        views = [entry.view for entry in live]
+        budgets = policy.budgets(views)
         # Every row drafts before any is verified: a row never sees a companion's tokens
         # of this step (the engine's order).
         drafts = source.speculate_batch([entry.index for entry in live], budgets)
+        if trimming is not None:  # the policy cuts what it sized, as the speculation core does
+            drafts = trimming.trim(views, drafts)
         step_tokens = 0
         still_live = []
         for entry, draft in zip(live, drafts, strict=True):
@@ -249,6 +257,8 @@ def _run_batch(live: list[_Live], policy: Policy, source: DraftSource, bar: tqdm
             counts.accepted += len(matched)
             if len(draft):
                 policy.observe_step(entry.record.group, len(draft), len(matched))
+                if trimming is not None:
+                    trimming.observe_draft(entry.view, len(draft), len(matched))
             source.extend_request(entry.index, emitted)
             if entry.emitted is not None:
                 entry.emitted.extend(emitted)
@@ -257,7 +267,9 @@ def _run_batch(live: list[_Live], policy: Policy, source: DraftSource, bar: tqdm
                 still_live.append(entry)
                 continue
             source.stop_request(entry.index)
-            policy.observe_finished(entry.record.group, len(output))
+            record = entry.record
+            history.add_rollout(record.group, output, history.version, record.prompt)
+            policy.observe_finished(record.group, len(output))
             counts.forwards += entry.forwards
             bar.update(1)
         counts.processed += step_tokens

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from drafter.draft import Draft, Tokens, as_token_array
 from drafter.history import RolloutHistory
-from drafter.policy import Policy, RequestView
+from drafter.policy import Policy, RequestView, trimmer
 from drafter.suffix_decoding import SuffixPolicy
 
 
@@ -109,6 +109,7 @@ class Speculator:
         self._publish = publish
         # Without drafting the per-request suffix trees are not worth maintaining.
         self.drafting = max_draft > 0 and policy.drafts
+        self._trimmer = trimmer(policy)  # das-match cuts each drafted step (policy.Trimming)
 
     def start(
         self, request_id: str, group: str, prompt: Tokens, sample_index: int = 0
@@ -130,13 +131,15 @@ class Speculator:
             raise ValueError("need one max_draft per request")
         if not self.drafting or not requests:
             return [Draft() for _ in requests]
-        budgets = self.policy.budgets([request.view for request in requests])
+        views = [request.view for request in requests]
+        budgets = self.policy.budgets(views)
         # map, not a comprehension: at hundreds of rows per step the per-row bytecode shows.
         sizes = list(map(min, budgets, max_draft, repeat(self.max_draft)))
         if min(sizes) < 0:  # a cap below 0 (nothing left to generate): no draft
             sizes = [max(0, size) for size in sizes]
         # One native call for the whole step.
-        return self.source.speculate_batch(list(map(_KEY, requests)), sizes)
+        drafts = self.source.speculate_batch(list(map(_KEY, requests)), sizes)
+        return drafts if self._trimmer is None else self._trimmer.trim(views, drafts)
 
     def extend(
         self, request: SpecRequest, tokens: Sequence[int], drafted: int, accepted: int
@@ -150,6 +153,8 @@ class Speculator:
             raise ValueError(f"need 0 <= accepted <= drafted, got {accepted}, {drafted}")
         # The policy learns what verification accepted; the counters count what was kept.
         self.policy.observe_step(request.group, drafted, accepted)
+        if self._trimmer is not None and drafted:
+            self._trimmer.observe_draft(request.view, drafted, accepted)
         appended = list(tokens)
         request.output += appended
         request.view = request.view.advanced(len(appended))

@@ -1,0 +1,313 @@
+"""das-match: per-token acceptance calibrated from each draft's evidence, and the trim that
+cuts drafts where their tokens stop paying (drafter/acceptance.py DraftCalibrator,
+drafter/budgets.py MatchRule, DasPolicy.trim)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drafter import DrafterConfig, RolloutHistory
+from drafter.acceptance import DraftCalibrator, match_bin, position_bin, prob_bin, source_bin
+from drafter.budgets import MatchRule, cut_chain, token_floors, trim_draft
+from drafter.cost import CostModel
+from drafter.das import DasConfig, DasPolicy
+from drafter.draft import Draft
+from drafter.policy import FixedPolicy, RequestView, trimmer
+from drafter.policy_spec import parse_policy, parse_policy_spec
+from drafter.simulator import simulate
+from drafter.speculator import Speculator
+from drafter.traces import synthetic_trace
+
+# A lone request's token pays when its chance of acceptance is >= c_tok / (c_base + c_tok).
+LONE = CostModel(c_base=1.0, c_tok=0.25)  # floor 0.2
+
+
+def _chain(probs: list[float], match_len: int = 4) -> Draft:
+    n = len(probs)
+    return Draft(list(range(100, 100 + n)), list(range(-1, n - 1)), probs, sum(probs), match_len)
+
+
+# -- the calibrator against a brute-force reference ----------------------------------------
+
+
+def _reference_estimate(
+    events: list[tuple[str, object]],
+    prob: float,
+    position: int,
+    match_len: int,
+    source: object,
+    calibrator: DraftCalibrator,
+) -> float:
+    """The calibrated chance of one token, recomputed from the whole event list: every tried
+    token weighs decay ** (ticks since it was seen); coarse cells pool every match length and
+    source; each level is shrunk toward the one above."""
+    want_prob, want_pos = prob_bin(prob), position_bin(position)
+    want_match, want_source = match_bin(match_len), source_bin(source)
+    coarse = [0.0, 0.0]  # accepted, tried
+    fine = [0.0, 0.0]
+    ticks_after = 0
+    for kind, payload in reversed(events):
+        if kind == "tick":
+            ticks_after += 1
+            continue
+        probs, match, src, accepted = payload  # type: ignore[misc]
+        weight = calibrator.decay**ticks_after
+        for i, p in enumerate(probs):
+            if (prob_bin(p), position_bin(i)) != (want_prob, want_pos):
+                continue
+            hit = weight if i < accepted else 0.0
+            coarse[0] += hit
+            coarse[1] += weight
+            if (match_bin(match), source_bin(src)) == (want_match, want_source):
+                fine[0] += hit
+                fine[1] += weight
+    bin_prior = (1.0, 0.95, 0.825, 0.675, 0.525, 0.375, 0.25, 0.15, 0.075, 0.025)[want_prob]
+    first_position = (0, 1, 2, 4, 8)[want_pos]
+    bin_prior *= calibrator.position_discount**first_position
+    w, v = calibrator.coarse_weight, calibrator.fine_weight
+    coarse_estimate = (coarse[0] + w * bin_prior) / (coarse[1] + w)
+    fine_estimate = (fine[0] + v * coarse_estimate) / (fine[1] + v)
+    return max(calibrator.floor, fine_estimate)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    decay=st.sampled_from([1.0, 0.97, 0.8]),
+    discount=st.sampled_from([1.0, 0.5]),
+)
+def test_calibrator_matches_a_brute_force_recount(seed: int, decay: float, discount: float) -> None:
+    rng = random.Random(seed)
+    calibrator = DraftCalibrator(decay, 3.0, 5.0, floor=0.02, position_discount=discount)
+    events: list[tuple[str, object]] = []
+    for _ in range(rng.randrange(1, 60)):
+        if rng.random() < 0.3:
+            calibrator.tick()
+            events.append(("tick", None))
+            continue
+        n = rng.randrange(1, 12)
+        probs = sorted((rng.choice([1.0, rng.random()]) for _ in range(n)), reverse=True)
+        match, source = rng.randrange(1, 40), rng.choice([None, "", "history", "context", 9])
+        accepted = rng.randrange(0, n + 1)
+        calibrator.observe(calibrator.cells(probs, match, source), accepted)
+        events.append(("draft", (probs, match, source, accepted)))
+    for _ in range(20):
+        prob, position = rng.random() ** 0.3, rng.randrange(0, 20)
+        match, source = rng.randrange(1, 40), rng.choice([None, "history", "siblings"])
+        (cell,) = [calibrator.cell(prob, position, match, source)]
+        expected = _reference_estimate(events, prob, position, match, source, calibrator)
+        assert float(calibrator.table()[cell]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_calibrator_estimates_are_non_increasing_along_a_chain_and_learn() -> None:
+    calibrator = DraftCalibrator(1.0, coarse_weight=4.0, fine_weight=4.0, floor=0.0)
+    probs = [1.0, 1.0, 0.9, 0.5, 0.5, 0.2]
+    before = calibrator.estimate(probs, 8)
+    assert before == sorted(before, reverse=True)
+    assert before[0] == 1.0  # a path the tree has only ever seen continue, before evidence
+    for _ in range(200):
+        calibrator.observe(calibrator.cells(probs, 8), 1)  # only the first is ever accepted
+    after = calibrator.estimate(probs, 8)
+    assert after == sorted(after, reverse=True)
+    assert after[0] > 0.95
+    assert after[1] < 0.05  # the second token's cell learned it is always rejected
+    # Another match length shares the coarse cell but not the fine one: it moved less.
+    other = calibrator.estimate(probs, 1)
+    assert after[1] < other[1] < before[1]
+
+
+def test_calibrator_rejects_bad_settings_and_observations() -> None:
+    for args in [
+        (0.0, 1.0, 1.0, 0.0, 1.0),
+        (1.0, 0.0, 1.0, 0.0, 1.0),
+        (1.0, 1.0, 1.0, 1.5, 1.0),
+        (1.0, 1.0, 1.0, 0.0, 0.0),
+    ]:
+        with pytest.raises(ValueError):
+            DraftCalibrator(*args)
+    calibrator = DraftCalibrator(1.0, 1.0, 1.0, 0.0)
+    with pytest.raises(ValueError):
+        calibrator.observe(calibrator.cells([0.5], 2), 2)
+    assert source_bin("own") == source_bin(None) == source_bin("") == 0
+    assert len({source_bin(name) for name in ("history", "siblings", "context")}) == 3
+
+
+# -- never stops drafting ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.95])
+def test_drafting_resumes_after_a_run_of_rejected_steps(decay: float) -> None:
+    policy = DasPolicy(LONE, DasConfig(rule="match", calibration_decay=decay))
+    view = RequestView("g", 0)
+    probs = [0.95, 0.9, 0.9, 0.8]
+    # Reject every draft until the policy stops drafting.
+    steps_to_stop = None
+    for step in range(10_000):
+        requests = [view]
+        assert policy.budgets(requests) == [policy.config.max_budget]
+        (draft,) = policy.trim(requests, [_chain(probs)])
+        if not len(draft):
+            steps_to_stop = step
+            break
+        policy.observe_draft(view, len(draft), 0)
+        view = view.advanced(1)
+    assert steps_to_stop is not None, "rejecting every token never cut a draft to nothing"
+    # Not drafting, the evidence decays back toward the prior (0.95 for the first token): it
+    # pays again once its estimate is back over the floor of 0.2. Its rejected tokens weigh T
+    # (at most 1 / (1 - decay)), shrinking by `decay` a step, in both of its cells, so its
+    # estimate is v * w * 0.95 / ((T + v) * (T + w)): the steps until that reaches 0.2 bound
+    # the wait (plus one for rounding).
+    cfg = policy.config
+    v, w = cfg.fine_weight, cfg.coarse_weight
+    weight, bound = 1.0 / (1.0 - decay), 1
+    while v * w * 0.95 / ((weight + v) * (weight + w)) < 0.2:
+        weight *= decay
+        bound += 1
+    for _ in range(bound):
+        requests = [view]
+        policy.budgets(requests)
+        (draft,) = policy.trim(requests, [_chain(probs)])
+        if len(draft):
+            break
+        view = view.advanced(1)
+    else:
+        pytest.fail(f"no draft within {bound} steps after drafting stopped")
+
+
+def test_a_trimming_policy_with_nothing_to_learn_keeps_every_paying_token() -> None:
+    config = DasConfig(rule="match", calibration_floor=0.0, position_discount=1.0)
+    policy = DasPolicy(LONE, config)
+    view = RequestView("g", 0)
+    (draft,) = policy.trim([view], [_chain([1.0, 0.9, 0.5, 0.19, 0.1])])
+    # Priors: the bins' middle probabilities 1.0, 0.95, 0.525, 0.15, 0.15 -> kept while >= 0.2.
+    assert draft.token_ids == [100, 101, 102]
+    assert draft.score == pytest.approx(1.0 + 0.9 + 0.5)
+
+
+# -- trimming only shortens ----------------------------------------------------------------
+
+
+@st.composite
+def _drafts(draw: st.DrawFn) -> Draft:
+    n = draw(st.integers(0, 24))
+    chain = draw(st.booleans())
+    parents: list[int] = []
+    probs: list[float] = []
+    for i in range(n):
+        parent = i - 1 if chain else draw(st.integers(-1, i - 1))
+        above = 1.0 if parent < 0 else probs[parent]
+        parents.append(parent)
+        probs.append(above * draw(st.floats(0.05, 1.0)))
+    tokens = draw(st.lists(st.integers(0, 50), min_size=n, max_size=n))
+    return Draft(tokens, parents, probs, sum(probs), draw(st.integers(1 if n else 0, 60)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    drafts=st.lists(_drafts(), min_size=1, max_size=6),
+    lengths=st.lists(st.floats(1.0, 800.0), min_size=6, max_size=6),
+    outcomes=st.lists(st.integers(0, 24), max_size=40),
+    c_tok=st.floats(1e-4, 0.5),
+)
+def test_trimming_only_shortens_and_keeps_parents_valid(
+    drafts: list[Draft], lengths: list[float], outcomes: list[int], c_tok: float
+) -> None:
+    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0))
+    cost = CostModel(0.01, c_tok)
+    for accepted in outcomes:  # some evidence first
+        cells = rule.calibrator.cells([0.9] * 24, 5)
+        rule.calibrator.observe(cells, accepted)
+    views = [RequestView("g", i) for i in range(len(drafts))]
+    trimmed = rule.trim(views, drafts, lengths[: len(drafts)], cost)
+    for original, cut in zip(drafts, trimmed, strict=True):
+        assert len(cut) <= len(original)
+        assert all(-1 <= p < i for i, p in enumerate(cut.parents))
+        assert cut.match_len == original.match_len
+        assert cut.score == pytest.approx(sum(cut.probs))
+        if original.is_chain():
+            assert cut.is_chain()
+            assert cut.token_ids == original.token_ids[: len(cut)]
+            assert cut.probs == original.probs[: len(cut)]
+            continue
+        # A tree: each kept node is an original node whose parent was kept too, in order.
+        mapping: list[int] = []
+        j = 0
+        for i in range(len(cut)):
+            while (original.token_ids[j], original.probs[j]) != (cut.token_ids[i], cut.probs[i]):
+                j += 1
+            parent = original.parents[j]
+            assert cut.parents[i] == (-1 if parent < 0 else mapping.index(parent))
+            mapping.append(j)
+            j += 1
+
+
+def test_trim_draft_drops_descendants_of_dropped_nodes() -> None:
+    tree = Draft([1, 2, 3, 4], [-1, 0, -1, 1], [0.6, 0.5, 0.3, 0.4], 1.8, 3)
+    cut = trim_draft(tree, [True, False, True, True])
+    assert (cut.token_ids, cut.parents) == ([1, 3], [-1, -1])
+    assert trim_draft(tree, [True] * 4) is tree
+    assert cut_chain([0.9, 0.5, 0.3], 0.4) == 2
+    assert cut_chain([], 0.1) == 0
+
+
+def test_token_floors_follow_the_batch_share_and_step_time() -> None:
+    cost = CostModel(0.06, 0.002)
+    long, short = token_floors([300.0, 100.0], cost)
+    assert long == pytest.approx(0.002 / (0.75 * 0.064))
+    assert short == pytest.approx(3 * long)
+    # Where not even a certain token pays, the match rule drafts nothing at all.
+    rule = MatchRule(DraftCalibrator(1.0, 1.0, 1.0, 0.0))
+    crowd = [1.0] * 200 + [300.0]
+    budgets = rule.budgets(["g"] * len(crowd), crowd, [], cost, 16)
+    assert budgets[0] == 0 and budgets[-1] == 16
+
+
+# -- wiring: names, the speculation core and the simulator ---------------------------------
+
+
+def test_das_match_is_a_policy_name_and_only_it_trims() -> None:
+    assert str(parse_policy_spec("das-match")) == "das-match"
+    policy = parse_policy("das-match", LONE)
+    assert policy.name == "das-match"
+    assert trimmer(policy) is policy
+    assert trimmer(parse_policy("das", LONE)) is None
+    assert trimmer(parse_policy("suffix", LONE)) is None
+    assert trimmer(FixedPolicy(4)) is None
+    marginal = DasPolicy(LONE)
+    drafts = [_chain([0.9, 0.1])]
+    assert marginal.trim([RequestView("g")], drafts) == drafts
+
+
+def test_the_speculation_core_trims_and_feeds_back_what_was_accepted() -> None:
+    history = RolloutHistory(DrafterConfig(max_depth=16))
+    answer = list(range(10, 30))
+    for _ in range(3):
+        history.add_rollout("g", answer, version=0, prompt=[1, 2, 3])
+    policy = DasPolicy(LONE, DasConfig(rule="match"))
+    assert isinstance(policy.rule, MatchRule)
+    core = Speculator(history, policy, max_draft=16)
+    request = core.start("r", "g", [1, 2, 3])
+    (draft,) = core.drafts([request], [16])
+    assert draft.token_ids == answer[: len(draft)] and len(draft) > 1
+    table_before = policy.rule.calibrator.table().copy()
+    core.extend(request, answer[:3], drafted=len(draft), accepted=2)
+    assert not (policy.rule.calibrator.table() == table_before).all()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [DrafterConfig(), DrafterConfig(tree_drafts=True, max_depth=24, min_prob=0.05)],
+    ids=["chains", "trees"],
+)
+def test_the_simulator_stays_lossless_under_das_match(config: DrafterConfig) -> None:
+    trace = synthetic_trace(groups=2, samples=4, epochs=3, seed=4)
+    result = simulate(trace, "das-match", CostModel(0.06, 0.002), config, record_outputs=True)
+    assert result.policy == "das-match"
+    assert result.outputs is not None
+    assert list(result.outputs) == [record.output for record in trace]
+    assert result.total.accepted > 0
+    assert result.total.makespan_ratio < 1.0
