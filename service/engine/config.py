@@ -32,6 +32,8 @@ class EngineConfig:
     # companions or draft length, so speculation is bitwise lossless (see runner.py); slower.
     deterministic: bool = False
     logprobs_mode: LogprobsMode = "raw"  # raw: the model's log_softmax; processed: sampled from
+    # drafter.tree_drafts: best-first tree drafts, verified under a tree mask (chains in
+    # deterministic mode: a tree is cut to its most probable path there).
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
 
     def __post_init__(self) -> None:
@@ -47,8 +49,6 @@ class EngineConfig:
             raise ValueError(f"max_draft must be >= 0, got {self.max_draft}")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
-        if self.drafter.tree_drafts:
-            raise ValueError("the engine verifies chain drafts only: set tree_drafts=False")
         parse_policy_spec(self.speculation)  # raises ValueError for an unknown policy
         parse_cost_model(self.cost_model)  # likewise for an unknown cost model
 

@@ -2,11 +2,19 @@
 
 Every step is one forward pass over all running sequences and reads top to bottom:
 schedule (admit waiting sequences into free KV slots), prepare drafts (from the speculation
-core, drafter/speculator.py: budgets from the policy for the live batch, chain drafts from the
-rollout history), verify (one runner forward: each sequence's tokens not yet cached, then its
-draft), accept (sample the target's token at every drafted position with the counter-based RNG;
-keep draft tokens while they equal it; the first sampled token that differs is the bonus),
-record (append, stop checks, the speculation core) and collect the finished.
+core, drafter/speculator.py: budgets from the policy for the live batch, chain or tree drafts
+from the rollout history), verify (one runner forward: each sequence's tokens not yet cached,
+then its draft; a tree under a tree mask), accept (sample the target's token at every drafted
+position with the counter-based RNG; keep draft tokens while they equal it; the first sampled
+token that differs is the bonus), record (append, stop checks, the speculation core) and
+collect the finished.
+
+A tree draft is accepted by walking down from its root: the token at output position
+generated + d is drawn from the logits of the depth-(d - 1) node on the path (the last
+uncached token at d = 0); if a child of that node carries it, the walk moves there, else it
+is the bonus token. The accepted path's K/V then move next to the sequence's tokens
+(Runner.keep_path). Deterministic mode verifies chains only: a tree is cut to its most probable
+root-to-leaf path (main_path), still lossless, just drafting less.
 
 Because each position's token is drawn with a uniform keyed by (seed, sample index, position),
 the accepted tokens are exactly those the target would have sampled one step at a time: the
@@ -15,6 +23,7 @@ output does not depend on drafts, batch companions or how many forwards it took.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import secrets
 from collections import deque
@@ -25,6 +34,7 @@ import torch
 from torch import Tensor
 
 from drafter.cost import SMOLLM2_CPU, CostModel, parse_cost_model
+from drafter.draft import Draft
 from drafter.groups import group_of
 from drafter.history import RolloutHistory
 from drafter.policy import Policy
@@ -396,26 +406,36 @@ class Engine:
             (s for s in sequence.request.sequences if s is not sequence and s.slot >= 0), None
         )
 
-    def _prepare_drafts(self, batch: list[_Sequence]) -> list[list[int]]:
+    def _prepare_drafts(self, batch: list[_Sequence]) -> list[Draft]:
         # A draft longer than the tokens left to generate can never be used.
         left = [s.request.params.max_tokens - s.generated - 1 for s in batch]
         drafts = self.speculator.drafts([_handle(s) for s in batch], left)
-        return [draft.token_ids for draft in drafts]
+        if self.runner.deterministic:  # the runner verifies chains only there
+            drafts = [draft if draft.is_chain() else main_path(draft) for draft in drafts]
+        return drafts
 
-    def _verify(self, batch: list[_Sequence], drafts: list[list[int]]) -> Tensor:
-        """One forward: per sequence its uncached tokens then its draft; logits of the last
-        uncached token and of every draft token."""
-        chunks = [s.tokens[s.computed :] + d for s, d in zip(batch, drafts, strict=True)]
+    def _verify(self, batch: list[_Sequence], drafts: list[Draft]) -> Tensor:
+        """One forward: per sequence its uncached tokens then its draft (a tree under its
+        tree mask); logits of the last uncached token and of every draft token."""
+        chunks = [s.tokens[s.computed :] + d.token_ids for s, d in zip(batch, drafts, strict=True)]
+        trees = [None if draft.is_chain() else draft.parents for draft in drafts]
         logits = self.runner.forward(
-            [sequence.slot for sequence in batch], chunks, [len(draft) + 1 for draft in drafts]
+            [sequence.slot for sequence in batch],
+            chunks,
+            [len(draft) + 1 for draft in drafts],
+            trees if any(tree is not None for tree in trees) else None,
         )
         self.stats.forward_passes += 1
         self.stats.prefill_tokens += sum(len(s.tokens) - s.computed - 1 for s in batch)
         return logits
 
-    def _accept(self, sequence: _Sequence, draft: list[int], rows: Tensor) -> tuple[Sampled, int]:
-        """The target's tokens at the drafted positions: the accepted draft prefix and the
-        bonus token after it; and how many draft tokens were accepted."""
+    def _accept(self, sequence: _Sequence, draft: Draft, rows: Tensor) -> tuple[Sampled, int]:
+        """The target's tokens at the drafted positions: the accepted draft prefix (a tree's:
+        the accepted root-to-node path) and the bonus token after it; and how many draft
+        tokens were accepted."""
+        if not draft.is_chain():
+            return self._accept_tree(sequence, draft, rows)
+        tokens = draft.token_ids
         state = sequence.request
         sampled = sample(
             rows,
@@ -426,7 +446,7 @@ class Engine:
             self.config.logprobs_mode,
         )
         accepted = 0
-        while accepted < len(draft) and draft[accepted] == sampled.token_ids[accepted]:
+        while accepted < len(tokens) and tokens[accepted] == sampled.token_ids[accepted]:
             accepted += 1
         keep = accepted + 1
         sampled.token_ids = sampled.token_ids[:keep]
@@ -439,9 +459,45 @@ class Engine:
         self.runner.truncate(sequence.slot, sequence.computed)
         return sampled, accepted
 
-    def _record(
-        self, sequence: _Sequence, draft: list[int], sampled: Sampled, accepted: int
-    ) -> None:
+    def _accept_tree(self, sequence: _Sequence, draft: Draft, rows: Tensor) -> tuple[Sampled, int]:
+        """_accept for a tree: rows[0] predicts the token after the sequence, rows[j + 1]
+        the token after draft node j's path. Only the rows on the walked path are sampled,
+        each at its own output position."""
+        state = sequence.request
+        children: dict[int, dict[int, int]] = {}
+        for node, (token, parent) in enumerate(zip(draft.token_ids, draft.parents, strict=True)):
+            children.setdefault(parent, {}).setdefault(token, node)  # the first of duplicates
+        path: list[int] = []
+        drawn: list[Sampled] = []
+        node = -1
+        while True:
+            one = sample(
+                rows[node + 1 : node + 2],
+                state.params,
+                state.seed,
+                sequence.index,
+                sequence.generated + len(path),
+                self.config.logprobs_mode,
+            )
+            drawn.append(one)
+            child = children.get(node, {}).get(one.token_ids[0])
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        tops = [d.top_logprobs[0] for d in drawn if d.top_logprobs is not None]
+        sampled = Sampled(
+            [d.token_ids[0] for d in drawn],
+            [d.logprobs[0] for d in drawn],
+            tops if state.params.top_logprobs else None,
+        )
+        # The tree sits in the cache after the tokens: keep its accepted path only.
+        base = len(sequence.tokens)
+        self.runner.keep_path(sequence.slot, base, path)
+        sequence.computed = base + len(path)
+        return sampled, len(path)
+
+    def _record(self, sequence: _Sequence, draft: Draft, sampled: Sampled, accepted: int) -> None:
         params = sequence.request.params
         appended = 0
         for i, token in enumerate(sampled.token_ids):
@@ -531,6 +587,31 @@ class Engine:
         )
 
 
+def main_path(draft: Draft) -> Draft:
+    """The chain a tree draft's most probable root-to-leaf path makes: from the root, the most
+    probable child each time (the first on ties), with its probabilities."""
+
+    def prob(node: int) -> float:
+        return draft.probs[node] if draft.probs else 0.0
+
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(draft.parents):
+        children.setdefault(parent, []).append(node)
+    path: list[int] = []
+    node = -1
+    while node in children:
+        node = max(children[node], key=lambda child: (prob(child), -child))
+        path.append(node)
+    probs = [draft.probs[i] for i in path] if draft.probs else []
+    return dataclasses.replace(
+        draft,
+        token_ids=[draft.token_ids[i] for i in path],
+        parents=list(range(-1, len(path) - 1)),
+        probs=probs,
+        score=sum(probs),
+    )
+
+
 def _eos_token_ids(model: torch.nn.Module, tokenizer: Tokenizer | None) -> frozenset[int]:
     found: set[int] = set()
     sources = [getattr(model, "generation_config", None), model.config, tokenizer]
@@ -552,5 +633,11 @@ def _handle(sequence: _Sequence) -> SpecRequest:
 def _counters(sequence: _Sequence) -> SpecCounters:
     if sequence.spec is None:  # never admitted
         return SpecCounters()
-    counters = sequence.spec.counters
-    return SpecCounters(counters.forward_passes, counters.drafted, counters.accepted)
+    c = sequence.spec.counters
+    return SpecCounters(
+        c.forward_passes,
+        c.drafted,
+        c.accepted,
+        dict(c.drafted_by_source),
+        dict(c.accepted_by_source),
+    )

@@ -7,6 +7,14 @@ token against its own slot's cache (long chunks attend one slot at a time). Roll
 rejected draft tokens is setting the slot's length back: the stale K/V beyond it is
 overwritten by the next forward.
 
+A chunk may end in a tree draft (forward's `trees`: the parents of its last tokens, -1 for a
+child of the token before them). Its nodes occupy consecutive cache positions in draft order;
+each attends to the cache prefix, the chunk's tokens before the tree and its own ancestors
+only (the padded call's or the looped slot's boolean mask, edited on that chunk's rows), and
+its rotary position is the last pre-tree token's plus its depth. keep_path then moves the
+accepted path's K/V next to the pre-tree tokens. A chain (parents -1, 0, 1, ...) given as a
+tree runs exactly the chain code: no mask edit, rotary positions equal cache positions.
+
 Deterministic (batch-invariant) mode makes every token's arithmetic a function of its own
 prefix alone, so its logits are bitwise the same whether it is decoded alone, verified inside
 a draft chunk or batched with other slots (speculation is then lossless bitwise, not just up
@@ -29,11 +37,15 @@ to rounding). Only two kinds of operation reduce across a shape that batching ch
 The rest is row-wise (RMSNorm, rotary, SiLU, residual adds, the logits' softmax); elementwise
 kernels see rows whose widths are multiples of the SIMD step, so no row lands in a scalar tail.
 Verified at 1 thread, as the engine runs here; more threads may split a matmul differently.
+Deterministic mode verifies chains only (forward refuses a tree): a tree node's key block and
+the places of its masked keys differ from those of the same path fed as a chain, so its bits
+would too. The engine verifies the tree's most probable path there instead.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -174,6 +186,28 @@ class Runner:
             )
         self.lengths[slot] = length
 
+    def keep_path(self, slot: int, start: int, path: Sequence[int]) -> None:
+        """After verifying a tree fed at cache positions start, start + 1, ... of `slot`: keep
+        the draft nodes `path` (increasing draft indices: the accepted root-to-node path) at
+        positions start .. start + len(path) - 1, where a chain would have put them, and drop
+        the rest of the tree. Their K/V were rotated at those positions (depth-based), so the
+        moved entries are what feeding the path as a chain would have cached."""
+        end = start + len(path)
+        if not 0 <= start <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, not {start}")
+        if any(b <= a for a, b in itertools.pairwise(path)) or (
+            path and (path[0] < 0 or start + path[-1] >= self.lengths[slot])
+        ):
+            raise ValueError(f"slot {slot}: {list(path)} is not a path of its last tree")
+        moved = [i for i, node in enumerate(path) if node != i]
+        if moved:
+            first = moved[0]  # the path's nodes before it already sit in place
+            source = torch.tensor(path[first:], device=self.device) + start
+            # Advanced indexing copies the sources before the (lower or equal) targets change.
+            self.k_cache[:, slot, :, start + first : end] = self.k_cache[:, slot, :, source]
+            self.v_cache[:, slot, :, start + first : end] = self.v_cache[:, slot, :, source]
+        self.lengths[slot] = end
+
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Give slot `target` the first `length` cached positions of slot `source` (samples of
         one prompt share its K/V instead of recomputing it)."""
@@ -190,19 +224,28 @@ class Runner:
         slots: Sequence[int],
         chunks: Sequence[Sequence[int]],
         num_logits: Sequence[int] | None = None,
+        trees: Sequence[Sequence[int] | None] | None = None,
     ) -> Tensor:
         """Append each chunk to its slot's cache and return logits [sum(num_logits), vocab]:
         for each slot in order, the logits of its chunk's last num_logits[i] tokens (all of
-        them by default), each predicting the token after it."""
+        them by default), each predicting the token after it.
+
+        trees[i], where given and not None: chunk i ends in a tree draft whose node j (one of
+        its last len(trees[i]) tokens) follows node trees[i][j] (-1: the chunk's token before
+        the tree; a parent comes before its children), and each node's logits predict the
+        token after its own root-to-node path (see the module docstring). A chain's parents
+        cost nothing over None. ValueError in deterministic mode for any other tree."""
+        tree_masks = _TreeMask.build_all(chunks, trees, self.device)
+        if tree_masks and self.deterministic:
+            raise ValueError("deterministic mode verifies chain drafts only, not trees")
         if self.small_matmul and sum(len(chunk) for chunk in chunks) <= _SmallMatmul.MAX_ROWS:
             # The kernel's threads do the matmuls; torch's other work keeps to this thread (its
             # pool spinning beside the kernel's would slow both).
-            linear = functools.partial(_SmallMatmul.linear, threads=torch.get_num_threads())
+            kernel = functools.partial(_SmallMatmul.linear, threads=torch.get_num_threads())
             with _torch_threads(1):
-                return self._forward(slots, chunks, num_logits, linear)
-        return self._forward(
-            slots, chunks, num_logits, self._invariant_linear if self.deterministic else F.linear
-        )
+                return self._forward(slots, chunks, num_logits, kernel, tree_masks)
+        linear = self._invariant_linear if self.deterministic else F.linear
+        return self._forward(slots, chunks, num_logits, linear, tree_masks)
 
     def _forward(
         self,
@@ -210,6 +253,7 @@ class Runner:
         chunks: Sequence[Sequence[int]],
         num_logits: Sequence[int] | None,
         linear: Callable[..., Tensor],
+        tree_masks: dict[int, _TreeMask],
     ) -> Tensor:
         if len(slots) != len(chunks):
             raise ValueError("slots and chunks must have the same length")
@@ -230,14 +274,24 @@ class Runner:
         positions = torch.cat(
             [torch.arange(s, s + n, device=device) for s, n in zip(starts, sizes, strict=True)]
         )
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [T, 1, D]
+        rotary = positions  # a tree's nodes rotate at their depth, not their cache position
+        if tree_masks:
+            rotary = positions.clone()
+            offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+            for i, tree in tree_masks.items():
+                nodes = len(tree.depths)
+                base = starts[i] + sizes[i] - nodes - 1  # the token before the tree
+                rotary[offsets[i + 1] - nodes : offsets[i + 1]] = base + tree.depths
+        cos, sin = self.cos[rotary][:, None], self.sin[rotary][:, None]  # [T, 1, D]
         token_slots = torch.repeat_interleave(
             torch.tensor(slots, device=device), torch.tensor(sizes, device=device)
         )
         if self.deterministic:
             plan = _AttentionPlan(_Bucket.build_all(slots, starts, sizes, self.max_len, device))
         else:
-            plan = _AttentionPlan.by_width(slots, starts, sizes, self.batched_max_chunk, device)
+            plan = _AttentionPlan.by_width(
+                slots, starts, sizes, self.batched_max_chunk, device, tree_masks
+            )
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed[ids]
         for index, layer in enumerate(self.layers):
@@ -265,6 +319,59 @@ class Runner:
             )
             x = x[rows]
         return linear(_rms_norm(x, self.final_norm, self.eps), self.lm_head)
+
+
+@dataclass(frozen=True, slots=True)
+class _TreeMask:
+    """The tree draft at the end of one chunk: each node's depth (1 for a child of the token
+    before the tree) and which nodes it sees (itself and its ancestors)."""
+
+    depths: Tensor  # [nodes] long
+    sees: Tensor  # [nodes, nodes] bool: sees[i, j] when node j is node i or an ancestor of it
+
+    @staticmethod
+    def build_all(
+        chunks: Sequence[Sequence[int]],
+        trees: Sequence[Sequence[int] | None] | None,
+        device: torch.device,
+    ) -> dict[int, _TreeMask]:
+        """The masks of the chunks whose tree is not a chain, by chunk index."""
+        if trees is None:
+            return {}
+        if len(trees) != len(chunks):
+            raise ValueError("trees and chunks must have the same length")
+        masks = {}
+        for i, (chunk, parents) in enumerate(zip(chunks, trees, strict=True)):
+            if parents is None or all(p == j - 1 for j, p in enumerate(parents)):
+                continue
+            if len(parents) >= len(chunk):
+                raise ValueError(
+                    f"chunk {i}: a tree of {len(parents)} nodes needs a token before it"
+                )
+            nodes = len(parents)
+            depths = [0] * nodes
+            sees = [[False] * nodes for _ in range(nodes)]
+            for j, parent in enumerate(parents):
+                if not -1 <= parent < j:
+                    raise ValueError(f"chunk {i}: node {j} has parent {parent}")
+                if parent >= 0:
+                    depths[j] = depths[parent] + 1
+                    sees[j][:parent] = sees[parent][:parent]
+                    sees[j][parent] = True
+                else:
+                    depths[j] = 1
+                sees[j][j] = True
+            masks[i] = _TreeMask(
+                torch.tensor(depths, device=device), torch.tensor(sees, device=device)
+            )
+        return masks
+
+    def apply(self, mask: Tensor, start: int, size: int) -> None:
+        """Write the tree over a chunk's causal mask [>= size queries, keys], in place: the
+        chunk (size tokens from cache position start) ends in the tree."""
+        nodes = len(self.depths)
+        first = start + size - nodes  # the cache position of node 0
+        mask[size - nodes : size, first : first + nodes] = self.sees
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,12 +461,16 @@ class _AttentionPlan:
         sizes: Sequence[int],
         max_chunk: int,
         device: torch.device,
+        tree_masks: dict[int, _TreeMask] | None = None,
     ) -> _AttentionPlan:
         """Default mode: a padded call is as wide as its longest chunk and as tall as its slot
         span, so chunks of one width class share a call (measured here: one 9-token draft
         among 31 one-token rows padded all 32 to 9 queries and nearly doubled the forward),
         where they are at least 2 and fill at least half of their span; the rest (long
-        prefill chunks, lone or scattered widths) attend one slot at a time."""
+        prefill chunks, lone or scattered widths) attend one slot at a time. A tree chunk
+        (tree_masks, by chunk index) takes its place like any chunk of its width, with its
+        tree's mask written over its rows."""
+        tree_masks = tree_masks or {}
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + size)
@@ -382,15 +493,20 @@ class _AttentionPlan:
                 [sizes[i] for i in rows],
                 device,
             )
+            for i in rows:
+                if i in tree_masks:
+                    tree_masks[i].apply(grid.mask[slots[i] - grid.first, 0], starts[i], sizes[i])
             grids.append(_Bucket(tokens, grid))
             grouped.update(rows)
-        loops = [
-            _Looped(
-                offsets[i], slots[i], starts[i], sizes[i], _causal_mask(starts[i], sizes[i], device)
-            )
-            for i in range(len(slots))
-            if i not in grouped
-        ]
+        loops = []
+        for i in range(len(slots)):
+            if i in grouped:
+                continue
+            mask = _causal_mask(starts[i], sizes[i], device)
+            if i in tree_masks:
+                assert mask is not None  # a tree chunk has at least 3 tokens
+                tree_masks[i].apply(mask, starts[i], sizes[i])
+            loops.append(_Looped(offsets[i], slots[i], starts[i], sizes[i], mask))
         return _AttentionPlan(grids, loops)
 
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
