@@ -33,6 +33,7 @@ class SuffixTreeCore:
 def speculate_batch(
     own: Sequence[SuffixTreeCore],
     shared: Sequence[SuffixTreeCore | None],
+    siblings: Sequence[SuffixTreeCore | None],
     max_tokens: Sequence[int],
     context_len: int,
     min_prob: float,
@@ -41,4 +42,5 @@ def speculate_batch(
     spec_offset: float,
     own_wins_ties: bool,
     draft_type: type[Draft],
+    source_names: tuple[str, str, str, str],
 ) -> list[Draft]: ...

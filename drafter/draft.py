@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,13 @@ Tokens = Sequence[int] | npt.NDArray[np.integer]
 
 _INT32_MIN = -(2**31)
 _INT32_MAX = 2**31 - 1
+
+
+# Where a draft came from: the prompt group's stored rollouts (under the suffix policy, suffix
+# decoding's global cache), the outputs so far of the group's running requests (live
+# siblings), or the request's own prompt and output.
+HISTORY, SIBLINGS, CONTEXT = "history", "siblings", "context"
+DRAFT_SOURCES = (HISTORY, SIBLINGS, CONTEXT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +33,8 @@ class Draft:
     the path from the context to token i is accepted: the product of child count / parent
     count along it. score is the sum of probs (expected accepted tokens). match_len is the
     length of the context suffix the draft was grown from: the longest one that occurs in the
-    tree followed by at least one token (0: no such suffix, empty draft).
+    tree followed by at least one token (0: no such suffix, empty draft). source names the
+    tree it came from where a history chose among several (one of DRAFT_SOURCES), else "".
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -34,12 +42,17 @@ class Draft:
     probs: list[float] = field(default_factory=list)
     score: float = 0.0
     match_len: int = 0
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def is_chain(self) -> bool:
         return all(parent == i - 1 for i, parent in enumerate(self.parents))
+
+    def sourced(self, source: str) -> Draft:
+        """This draft as coming from `source` (an empty draft comes from nowhere)."""
+        return replace(self, source=source) if self.token_ids else self
 
 
 def as_token_array(tokens: Tokens) -> TokenArray:

@@ -1,11 +1,13 @@
 """RolloutHistory: the DAS drafting state.
 
 Per prompt group, one suffix tree over the group's recent rollouts (the last `window` policy
-versions, at most `max_rollouts_per_group` of them) and, with `live_siblings`, the outputs so far
-of the group's running requests (GRPO samples of one prompt decode together: a sibling's first
-tokens often predict another's next ones); per live request, one tree over its own prompt and
-output so far. A draft for a request is the better-scoring of the two trees' drafts. A running
-request's sequence in the group tree grows as it accepts tokens and leaves when it stops; a
+versions, at most `max_rollouts_per_group` of them) and, with `live_siblings`, a second one over
+the outputs so far of the group's running requests (GRPO samples of one prompt decode together:
+a sibling's first tokens often predict another's next ones); per live request, one tree over its
+own prompt and output so far. A draft for a request is the best-scoring of those trees' drafts
+(a tie goes to the rollouts, then the request's own context), and says which tree it came from
+(Draft.source: HISTORY, SIBLINGS or CONTEXT), so acceptance can be counted by source. A running
+request's sequence in the siblings' tree grows as it accepts tokens and leaves when it stops; a
 finished one comes back as a rollout (add_rollout).
 
 Each stored rollout is its output preceded by the last max_depth prompt tokens, so a request
@@ -25,7 +27,7 @@ from typing import Protocol, cast
 import numpy as np
 
 from drafter.config import DrafterConfig
-from drafter.draft import Draft, Tokens, as_token_array
+from drafter.draft import CONTEXT, HISTORY, SIBLINGS, Draft, Tokens, as_token_array
 from drafter.suffix_tree import SuffixTree, speculate_batch
 
 
@@ -44,6 +46,7 @@ class TokenTree(Protocol):
 TreeFactory = Callable[[int], TokenTree]
 _GROUP = attrgetter("group")
 _TREE = attrgetter("tree")
+_SIBLINGS = attrgetter("siblings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +86,10 @@ class _Rollout:
 
 @dataclass(slots=True)
 class _Group:
-    tree: TokenTree
+    tree: TokenTree  # the stored rollouts
+    siblings: TokenTree | None  # the running requests' outputs so far (None: live_siblings off)
     rollouts: deque[_Rollout] = field(default_factory=deque)  # oldest first
-    live: int = 0  # running requests' sequences in the tree
+    live: int = 0  # running requests (their sequences in `siblings`)
 
 
 @dataclass(slots=True)
@@ -93,7 +97,7 @@ class _Request:
     group: str
     tree: TokenTree  # the request's prompt and output, as sequence 0
     context: list[int]  # its latest tokens; at most 2 * max_depth are kept
-    live_seq: int = -1  # its output so far in the group tree (-1: live_siblings off)
+    live_seq: int = -1  # its output so far in the siblings' tree (-1: live_siblings off)
 
 
 class RolloutHistory:
@@ -176,11 +180,11 @@ class RolloutHistory:
         tree = self._new_tree(self.config.max_depth)
         tree.extend(0, tokens)
         request = _Request(group, tree, tokens.tolist())
-        if self.config.live_siblings:  # its output will follow the prompt's tail there
-            state = self._group(group)
+        state = self._group(group)
+        if state.siblings is not None:  # its output will follow the prompt's tail there
             request.live_seq = self._new_seq_id()
-            state.tree.extend(request.live_seq, tokens[-self.config.max_depth :])
-            state.live += 1
+            state.siblings.extend(request.live_seq, tokens[-self.config.max_depth :])
+        state.live += 1
         self._requests[request_id] = request
 
     def extend_request(self, request_id: Hashable, tokens: Tokens) -> None:
@@ -188,36 +192,39 @@ class RolloutHistory:
         array = as_token_array(tokens)
         request.tree.extend(0, array)
         if request.live_seq >= 0:
-            self._groups[request.group].tree.extend(request.live_seq, array)
+            cast(TokenTree, self._groups[request.group].siblings).extend(request.live_seq, array)
         request.context.extend(array.tolist())
         if len(request.context) > 2 * self.config.max_depth:
             del request.context[: -self.config.max_depth]
 
     def stop_request(self, request_id: Hashable) -> None:
-        """The request left: its output so far leaves its group's tree too (a finished one
+        """The request left: its output so far leaves the siblings' tree too (a finished one
         returns through add_rollout)."""
         request = self._requests.pop(request_id)
+        state = self._groups[request.group]
         if request.live_seq >= 0:
-            state = self._groups[request.group]
-            state.tree.remove(request.live_seq)
-            state.live -= 1
-            if not state.live and not state.rollouts:
-                del self._groups[request.group]
+            cast(TokenTree, state.siblings).remove(request.live_seq)
+        state.live -= 1
+        if not state.live and not state.rollouts:
+            del self._groups[request.group]
 
     def speculate(self, request_id: Hashable, max_tokens: int) -> Draft:
-        """The better-scoring draft of the group's history and the request's own context
-        (the history's on a tie)."""
+        """The best-scoring draft of the group's rollouts, the request's own context and the
+        live siblings' outputs (a tie goes to the first of them), with its source."""
         request = self._requests[request_id]
         if max_tokens == 0:
             return Draft()
         context = request.context[-self.config.max_depth :]
-        min_prob, tree = self.config.min_prob, self.config.tree_drafts
-        own = request.tree.speculate(context, max_tokens, min_prob, tree)
-        state = self._groups.get(request.group)
-        if state is None:
-            return own
-        shared = state.tree.speculate(context, max_tokens, min_prob, tree)
-        return shared if shared.score >= own.score else own
+        min_prob, as_tree = self.config.min_prob, self.config.tree_drafts
+        state = self._groups[request.group]
+        trees = ((HISTORY, state.tree), (CONTEXT, request.tree), (SIBLINGS, state.siblings))
+        drafts = [
+            (source, candidate.speculate(context, max_tokens, min_prob, as_tree))
+            for source, candidate in trees
+            if candidate is not None
+        ]
+        source, best = max(drafts, key=lambda pair: pair[1].score)  # the first of the best
+        return best.sourced(source)
 
     def speculate_batch(
         self, request_ids: Sequence[Hashable], max_tokens: Sequence[int]
@@ -228,16 +235,17 @@ class RolloutHistory:
             return [self.speculate(r, m) for r, m in zip(request_ids, max_tokens, strict=True)]
         # map where it can: at hundreds of rows per step the per-row bytecode shows.
         requests = list(map(self._requests.__getitem__, request_ids))
-        groups = map(self._groups.get, map(_GROUP, requests))
+        groups = list(map(self._groups.__getitem__, map(_GROUP, requests)))
         cfg = self.config
         # The factory is SuffixTree, so every tree is one.
         return speculate_batch(
             cast(list[SuffixTree], list(map(_TREE, requests))),
-            cast(list[SuffixTree | None], [None if g is None else g.tree for g in groups]),
+            cast(list[SuffixTree | None], list(map(_TREE, groups))),
             max_tokens,
             cfg.max_depth,
             cfg.min_prob,
             cfg.tree_drafts,
+            siblings=cast(list[SuffixTree | None], list(map(_SIBLINGS, groups))),
         )
 
     def active_requests(self) -> int:
@@ -253,7 +261,9 @@ class RolloutHistory:
         return sum(tree.memory_bytes() for tree in self._trees())
 
     def _trees(self) -> list[TokenTree]:
-        return [g.tree for g in self._groups.values()] + [r.tree for r in self._requests.values()]
+        groups = self._groups.values()
+        siblings = [g.siblings for g in groups if g.siblings is not None]
+        return [g.tree for g in groups] + siblings + [r.tree for r in self._requests.values()]
 
     def _group(self, group: str) -> _Group:
         """The group's state, now the most recently used (a new one may push out the least
@@ -263,7 +273,9 @@ class RolloutHistory:
         if state is None:
             if len(groups) >= self.config.max_groups:
                 self._evict_least_recent(len(groups) - self.config.max_groups + 1)
-            state = _Group(self._new_tree(self.config.max_depth))
+            depth = self.config.max_depth
+            siblings = self._new_tree(depth) if self.config.live_siblings else None
+            state = _Group(self._new_tree(depth), siblings)
         groups[group] = state  # dicts keep insertion order: the last is the most recent
         return state
 

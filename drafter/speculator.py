@@ -8,7 +8,8 @@ thread that owns the engine (it is not thread-safe):
   every request's draft from its group's windowed history and its own context, in one native
   call for the whole step (suffix decoding, the "suffix" policy, drafts from its own global
   cache instead: draft_source);
-- extend(request, tokens, drafted, accepted) after verification with the tokens it appended;
+- extend(request, tokens, drafted, accepted) after verification with the tokens it appended
+  (drafted and accepted are also counted under the source of the request's last draft);
 - finish(request, natural) when it ends: a rollout that ended by itself (stop or length) joins
   the local history at once and is handed to the publisher (e.g. Redis, to the other workers);
   an aborted one does neither.
@@ -34,6 +35,9 @@ class RequestCounters:
     forward_passes: int = 0  # verify steps that produced tokens for the request
     drafted: int = 0  # draft tokens proposed to the target
     accepted: int = 0  # draft tokens the target accepted and the request kept
+    # The same two by the tree each draft came from (Draft.source: drafter.draft.DRAFT_SOURCES).
+    drafted_by_source: dict[str, int] = field(default_factory=dict)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class SpecRequest:
     output: list[int] = field(default_factory=list)
     counters: RequestCounters = field(default_factory=RequestCounters)
     finished: bool = False
+    draft_source: str = ""  # where its draft for the coming verify step came from
 
     @property
     def key(self) -> tuple[str, int]:  # its id in the rollout history
@@ -139,7 +144,11 @@ class Speculator:
             sizes = [max(0, size) for size in sizes]
         # One native call for the whole step.
         drafts = self.source.speculate_batch(list(map(_KEY, requests)), sizes)
-        return drafts if self._trimmer is None else self._trimmer.trim(views, drafts)
+        if self._trimmer is not None:
+            drafts = self._trimmer.trim(views, drafts)
+        for request, draft in zip(requests, drafts, strict=True):
+            request.draft_source = draft.source
+        return drafts
 
     def extend(
         self, request: SpecRequest, tokens: Sequence[int], drafted: int, accepted: int
@@ -161,7 +170,14 @@ class Speculator:
         counters = request.counters
         counters.forward_passes += 1
         counters.drafted += drafted
-        counters.accepted += min(accepted, len(appended))
+        kept = min(accepted, len(appended))
+        counters.accepted += kept
+        source, request.draft_source = request.draft_source, ""
+        if drafted and source:
+            by_source = counters.drafted_by_source
+            by_source[source] = by_source.get(source, 0) + drafted
+            by_source = counters.accepted_by_source
+            by_source[source] = by_source.get(source, 0) + kept
         if self.drafting and appended:
             self.source.extend_request(request.key, appended)
 

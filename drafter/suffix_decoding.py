@@ -27,7 +27,7 @@ from typing import Protocol, cast
 
 from drafter.acceptance import check_step
 from drafter.cost import CostModel
-from drafter.draft import Draft, Tokens, as_token_array, check_max_depth
+from drafter.draft import CONTEXT, HISTORY, Draft, Tokens, as_token_array, check_max_depth
 from drafter.history import TokenTree
 from drafter.lengths import check_length
 from drafter.policy import RequestView
@@ -136,13 +136,13 @@ class SuffixDecodingCache:
             return Draft()
         cfg = self.config
         context = request.context[-cfg.max_depth :]
-        drafts = [
+        own, cached = (
             tree.speculate_capped(
                 context, max_tokens, cfg.min_prob, cfg.tree_drafts, cfg.spec_factor, cfg.spec_offset
             )
             for tree in (request.tree, self._global)
-        ]
-        return drafts[1] if drafts[1].score > drafts[0].score else drafts[0]
+        )
+        return cached.sourced(HISTORY) if cached.score > own.score else own.sourced(CONTEXT)
 
     def speculate_batch(
         self, request_ids: Sequence[Hashable], max_tokens: Sequence[int]

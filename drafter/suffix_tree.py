@@ -7,6 +7,9 @@ from operator import attrgetter
 
 from drafter import _core
 from drafter.draft import (
+    CONTEXT,
+    HISTORY,
+    SIBLINGS,
     Draft,
     Tokens,
     as_token_array,
@@ -16,6 +19,8 @@ from drafter.draft import (
 )
 
 _CORE = attrgetter("_core")
+# Draft.source by the native DraftSource (drafter/_native/batch.h): none, own, shared, siblings.
+_SOURCE_NAMES = ("", CONTEXT, HISTORY, SIBLINGS)
 
 
 class SuffixTree:
@@ -102,22 +107,25 @@ def speculate_batch(
     min_prob: float = 0.1,
     tree: bool = False,
     *,
+    siblings: Sequence[SuffixTree | None] | None = None,
     spec_factor: float = 0.0,
     spec_offset: float = 0.0,
     own_wins_ties: bool = False,
 ) -> list[Draft]:
     """Every row's draft in one native call, the GIL released while it drafts. Row i drafts
     after the last context_len tokens of own[i]'s sequence 0 (a request's prompt and output)
-    from own[i] and shared[i] (None: own only) and keeps the better-scoring draft (a tie goes
-    to shared unless own_wins_ties), at most max_tokens[i] tokens. spec_factor 0: speculate's
-    longest match; > 0: speculate_capped's rule. Equal to those per-row calls; not safe while
-    another thread changes one of the trees."""
+    from own[i], shared[i] and siblings[i] (None: not from that one) and keeps the
+    best-scoring draft (a tie goes to the first of shared, own, siblings; with own_wins_ties
+    to own), at most max_tokens[i] tokens; its source says which (CONTEXT, HISTORY, SIBLINGS;
+    "" for an empty draft). spec_factor 0: speculate's longest match; > 0: speculate_capped's
+    rule. Equal to those per-row calls; not safe while another thread changes a tree."""
     check_speculate_args(0, min_prob)
     if spec_factor != 0.0:
         check_spec_factor(spec_factor, spec_offset)
     return _core.speculate_batch(
         list(map(_CORE, own)),
-        [None if t is None else t._core for t in shared],
+        _cores(shared),
+        [None] * len(own) if siblings is None else _cores(siblings),
         max_tokens,
         context_len,
         min_prob,
@@ -126,4 +134,9 @@ def speculate_batch(
         spec_offset,
         own_wins_ties,
         Draft,
+        _SOURCE_NAMES,
     )
+
+
+def _cores(trees: Sequence[SuffixTree | None]) -> list[_core.SuffixTreeCore | None]:
+    return [None if tree is None else tree._core for tree in trees]

@@ -22,32 +22,46 @@ void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options
   out->offsets.assign(1, 0);
   out->scores.clear();
   out->match_lens.clear();
+  out->sources.clear();
   for (size_t i = 0; i < n; ++i) {
     const BatchRow& row = rows[i];
     double score = 0.0;
     int32_t match_len = 0;
+    DraftSource source = kNoDraft;
     if (row.max_tokens > 0) {
       const auto [context, len] = row.own->tail(0, size_t(options.context_len));
-      // Each tree's result lives in that tree's scratch until its next call, so the own
-      // draft is still intact when the shared one is made (they are different trees).
-      const DraftResult& own = draft_one(*row.own, context, len, row.max_tokens, options);
-      const DraftResult* pick = &own;
-      if (row.shared != nullptr && row.shared != row.own) {
-        const DraftResult& shared =
-            draft_one(*row.shared, context, len, row.max_tokens, options);
-        const bool shared_wins =
-            options.own_wins_ties ? shared.score > own.score : shared.score >= own.score;
-        if (shared_wins) pick = &shared;
+      // The trees in tie order. Each tree's result lives in that tree's scratch until its next
+      // call, so every draft stays intact while the others are made (they are different trees).
+      struct Candidate {
+        SuffixTreeCore* tree;
+        DraftSource source;
+      };
+      const Candidate order[3] = {
+          options.own_wins_ties ? Candidate{row.own, kOwn} : Candidate{row.shared, kShared},
+          options.own_wins_ties ? Candidate{row.shared, kShared} : Candidate{row.own, kOwn},
+          Candidate{row.siblings, kSiblings}};
+      const DraftResult* pick = nullptr;
+      for (const Candidate& candidate : order) {
+        if (candidate.tree == nullptr || (candidate.tree == row.own && candidate.source != kOwn))
+          continue;
+        const DraftResult& draft =
+            draft_one(*candidate.tree, context, len, row.max_tokens, options);
+        if (pick == nullptr || draft.score > pick->score) {
+          pick = &draft;
+          source = candidate.source;
+        }
       }
       out->token_ids.insert(out->token_ids.end(), pick->token_ids.begin(), pick->token_ids.end());
       out->parents.insert(out->parents.end(), pick->parents.begin(), pick->parents.end());
       out->probs.insert(out->probs.end(), pick->probs.begin(), pick->probs.end());
       score = pick->score;
       match_len = pick->match_len;
+      if (pick->token_ids.empty()) source = kNoDraft;
     }
     out->offsets.push_back(out->token_ids.size());
     out->scores.push_back(score);
     out->match_lens.push_back(match_len);
+    out->sources.push_back(source);
   }
 }
 

@@ -12,13 +12,17 @@
 namespace drafter {
 
 // One row: the request's own tree, whose sequence 0 is the request's prompt and output so far
-// (the context is its tail), and the shared tree it also drafts from (its group's rollouts, or
-// suffix decoding's global cache).
+// (the context is its tail), the shared tree it also drafts from (its group's rollouts, or
+// suffix decoding's global cache) and its group's live siblings' tree; the last two may be null.
 struct BatchRow {
   SuffixTreeCore* own;
   SuffixTreeCore* shared;
+  SuffixTreeCore* siblings;
   int64_t max_tokens;  // >= 0; 0: no draft
 };
+
+// Which tree a row's draft came from (kNoDraft: the draft is empty).
+enum DraftSource : uint8_t { kNoDraft = 0, kOwn = 1, kShared = 2, kSiblings = 3 };
 
 struct BatchOptions {
   int64_t context_len;  // the context is the last context_len tokens of own's sequence 0
@@ -28,11 +32,12 @@ struct BatchOptions {
   // longest match, uncapped (SuffixTreeCore::speculate).
   double spec_factor;
   double spec_offset;
-  bool own_wins_ties;  // which draft a tie of scores goes to
+  // A tie of scores goes to the first of shared, own, siblings; with own_wins_ties to own.
+  bool own_wins_ties;
 };
 
 // Row i's draft is token_ids[offsets[i], offsets[i + 1]) (parents and probs likewise),
-// with scores[i] and match_lens[i].
+// with scores[i], match_lens[i] and sources[i].
 struct BatchDrafts {
   std::vector<int32_t> token_ids;
   std::vector<int32_t> parents;
@@ -40,10 +45,11 @@ struct BatchDrafts {
   std::vector<size_t> offsets;
   std::vector<double> scores;
   std::vector<int32_t> match_lens;
+  std::vector<DraftSource> sources;
 };
 
-// Every row's draft: the better-scoring of its own tree's and its shared tree's (each as
-// speculate or speculate_capped would draft it alone), so the result equals the per-row calls.
+// Every row's draft: the best-scoring of its trees' drafts (each as speculate or
+// speculate_capped would draft it alone), so the result equals the per-row calls.
 void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options,
                      BatchDrafts* out);
 

@@ -76,16 +76,16 @@ PyObject* slice_to_list(const std::vector<T>& values, size_t begin, size_t end,
   return list;
 }
 
-// Builds draft_type(token_ids, parents, probs, score, match_len) objects. Draft is a frozen
-// slots dataclass, whose __init__ sets each field through object.__setattr__: about 0.8 us a
-// row, more than drafting it. Where the five fields are slot descriptors, a new instance gets
-// them set through the descriptors directly, as __init__ would leave them; otherwise the type
-// is called.
+// Builds draft_type(token_ids, parents, probs, score, match_len, source) objects. Draft is a
+// frozen slots dataclass, whose __init__ sets each field through object.__setattr__: about
+// 0.8 us a row, more than drafting it. Where the six fields are slot descriptors, a new
+// instance gets them set through the descriptors directly, as __init__ would leave them;
+// otherwise the type is called.
 class DraftMaker {
  public:
   explicit DraftMaker(nb::handle type) : type_(type) {
-    static const char* const kFields[kNumFields] = {"token_ids", "parents", "probs", "score",
-                                                    "match_len"};
+    static const char* const kFields[kNumFields] = {"token_ids", "parents", "probs",
+                                                    "score",     "match_len", "source"};
     direct_ = PyType_Check(type.ptr());
     for (int i = 0; i < kNumFields && direct_; ++i) {
       slots_[i] = nb::steal(PyObject_GetAttrString(type.ptr(), kFields[i]));
@@ -96,13 +96,14 @@ class DraftMaker {
 
   // Steals nothing; returns a new reference.
   nb::object make(nb::handle tokens, nb::handle parents, nb::handle probs, double score,
-                  int32_t match_len) const {
-    if (!direct_) return type_(tokens, parents, probs, score, match_len);
+                  int32_t match_len, nb::handle source) const {
+    if (!direct_) return type_(tokens, parents, probs, score, match_len, source);
     auto* type = reinterpret_cast<PyTypeObject*>(type_.ptr());
     nb::object draft = nb::steal(type->tp_alloc(type, 0));
     if (!draft.is_valid()) throw nb::python_error();
     nb::object values[kNumFields] = {nb::borrow(tokens), nb::borrow(parents), nb::borrow(probs),
-                                     nb::float_(score), nb::int_(match_len)};
+                                     nb::float_(score), nb::int_(match_len),
+                                     nb::borrow(source)};
     for (int i = 0; i < kNumFields; ++i) {
       PyObject* slot = slots_[i].ptr();
       if (Py_TYPE(slot)->tp_descr_set(slot, draft.ptr(), values[i].ptr()) != 0)
@@ -112,28 +113,31 @@ class DraftMaker {
   }
 
  private:
-  static constexpr int kNumFields = 5;
+  static constexpr int kNumFields = 6;
   nb::handle type_;
   nb::object slots_[kNumFields];
   bool direct_;
 };
 
 // Every row's draft in one call (drafter/_native/batch.h); the drafting runs with the GIL
-// released. Returns one draft_type(token_ids, parents, probs, score, match_len) per row.
-nb::list speculate_batch(nb::sequence own, nb::sequence shared,
+// released. Returns one draft_type(token_ids, parents, probs, score, match_len, source) per
+// row, source_names[DraftSource] naming the tree it came from.
+nb::list speculate_batch(nb::sequence own, nb::sequence shared, nb::sequence siblings,
                          const std::vector<int64_t>& max_tokens, int64_t context_len,
                          double min_prob, bool use_tree, double spec_factor,
-                         double spec_offset, bool own_wins_ties, nb::handle draft_type) {
+                         double spec_offset, bool own_wins_ties, nb::handle draft_type,
+                         nb::tuple source_names) {
   const size_t n = nb::len(own);
-  if (nb::len(shared) != n || max_tokens.size() != n)
-    throw nb::value_error("own, shared and max_tokens need one entry per row");
+  if (nb::len(shared) != n || nb::len(siblings) != n || max_tokens.size() != n)
+    throw nb::value_error("own, shared, siblings and max_tokens need one entry per row");
+  if (nb::len(source_names) != 4) throw nb::value_error("need 4 source names");
   if (context_len < 0) throw nb::value_error("context_len must be >= 0");
   std::vector<BatchRow> rows(n);
   for (size_t i = 0; i < n; ++i) {
     SuffixTreeCore* tree = tree_or_null(own[i]);
     if (tree == nullptr) throw nb::value_error("every row needs its own tree");
     if (max_tokens[i] < 0) throw nb::value_error("max_tokens must be >= 0");
-    rows[i] = BatchRow{tree, tree_or_null(shared[i]), max_tokens[i]};
+    rows[i] = BatchRow{tree, tree_or_null(shared[i]), tree_or_null(siblings[i]), max_tokens[i]};
   }
   const BatchOptions options{context_len, min_prob, use_tree, spec_factor, spec_offset,
                              own_wins_ties};
@@ -154,7 +158,8 @@ nb::list speculate_batch(nb::sequence own, nb::sequence shared,
     nb::object parents = nb::steal(slice_to_list(drafts.parents, begin, end, as_int));
     nb::object probs = nb::steal(slice_to_list(drafts.probs, begin, end, as_float));
     if (!tokens.is_valid() || !parents.is_valid() || !probs.is_valid()) throw nb::python_error();
-    nb::object draft = maker.make(tokens, parents, probs, drafts.scores[i], drafts.match_lens[i]);
+    nb::object draft = maker.make(tokens, parents, probs, drafts.scores[i], drafts.match_lens[i],
+                                  source_names[size_t(drafts.sources[i])]);
     PyList_SET_ITEM(result, Py_ssize_t(i), draft.release().ptr());
   }
   return out;
@@ -194,7 +199,7 @@ NB_MODULE(_core, m) {
       .def("speculate_capped", &speculate_capped, "context"_a, "max_tokens"_a, "min_prob"_a,
            "tree"_a, "spec_factor"_a, "spec_offset"_a)
       .def("check_integrity", &SuffixTreeCore::check_integrity);
-  m.def("speculate_batch", &speculate_batch, "own"_a, "shared"_a, "max_tokens"_a,
+  m.def("speculate_batch", &speculate_batch, "own"_a, "shared"_a, "siblings"_a, "max_tokens"_a,
         "context_len"_a, "min_prob"_a, "tree"_a, "spec_factor"_a, "spec_offset"_a,
-        "own_wins_ties"_a, "draft_type"_a);
+        "own_wins_ties"_a, "draft_type"_a, "source_names"_a);
 }

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drafter import DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
+from drafter import Draft, DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
+from drafter.draft import CONTEXT, HISTORY, SIBLINGS
 from drafter.history import TokenTree
 
 PROMPT = [101, 102, 103, 104]
@@ -209,7 +210,9 @@ def test_live_siblings_draft_from_each_others_outputs_so_far(
     assert history.speculate("b", 4).token_ids == []  # nothing generated anywhere yet
     history.extend_request("a", ANSWER[:6])
     # b has generated nothing: a's first tokens follow the same prompt tail.
-    assert history.speculate("b", 4).token_ids == ANSWER[:4]
+    # (b's own empty output follows that tail there too: the prompt's count is 2, a's path 1.)
+    chain = [-1, 0, 1, 2]
+    assert history.speculate("b", 4) == Draft(ANSWER[:4], chain, [0.5] * 4, 2.0, 4, SIBLINGS)
     assert history.speculate("other", 4).token_ids == []  # another group sees none of it
     assert history.groups() == []  # no stored rollout yet
     history.stop_request("a")  # aborted: its output leaves the group's tree
@@ -219,6 +222,9 @@ def test_live_siblings_draft_from_each_others_outputs_so_far(
     history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)  # b finished: now a rollout
     history.start_request("c", "g", PROMPT)
     assert history.speculate("c", 4).token_ids == ANSWER[:4]
+    assert history.speculate("c", 4).source == HISTORY  # a tie goes to the stored rollouts
+    history.extend_request("c", [50, 51, 52, 50, 51])
+    assert history.speculate("c", 4).source == CONTEXT  # only its own output holds 50, 51
     assert history.groups() == ["g"]
     history.stop_request("c")
     history.stop_request("other")
@@ -238,7 +244,8 @@ def test_live_sibling_drafts_copy_only_what_a_drafter_may_see(
     stored: list[list[int]], steps: list[tuple[int, list[int]]], budget: int
 ) -> None:
     """Every draft (with the context it matched) is a run of one sequence a history drafter
-    may see: a stored rollout, a running sibling's output so far, or the request's own."""
+    may see, of the kind its source names: a stored rollout (HISTORY), a running request's
+    output so far (SIBLINGS; the request's own is among them) or the request's own (CONTEXT)."""
     history = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True))
     prompt = [9, 9]
     for output in stored:
@@ -253,14 +260,20 @@ def test_live_sibling_drafts_copy_only_what_a_drafter_may_see(
         if len(outputs) > 1 and live == 3:  # one sibling stops (aborted) now and then
             history.stop_request(live)
             del outputs[live]
-        visible = [prompt + s for s in stored] + [prompt + o for o in outputs.values()]
+        running = [prompt + o for o in outputs.values()]
         for request, output in outputs.items():
             draft = history.speculate(request, budget)
             if not draft.token_ids:
+                assert draft.source == ""
                 continue
+            visible = {
+                HISTORY: [prompt + s for s in stored],
+                SIBLINGS: running,
+                CONTEXT: [prompt + output],
+            }[draft.source]
             context = (prompt + output)[-12:]
             run = context[len(context) - draft.match_len :] + draft.token_ids
-            assert any(_contains(sequence, run) for sequence in visible), (run, visible)
+            assert any(_contains(sequence, run) for sequence in visible), (run, draft.source)
 
 
 def _contains(sequence: list[int], run: list[int]) -> bool:

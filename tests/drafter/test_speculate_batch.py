@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drafter import Draft, DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
+from drafter.draft import CONTEXT, DRAFT_SOURCES, HISTORY, SIBLINGS
 from drafter.suffix_tree import speculate_batch
 
 tokens_st = st.lists(st.integers(0, 4), min_size=0, max_size=24)
@@ -15,6 +16,7 @@ tokens_st = st.lists(st.integers(0, 4), min_size=0, max_size=24)
 def per_row(
     own: SuffixTree,
     shared: SuffixTree | None,
+    siblings: SuffixTree | None,
     context: list[int],
     max_tokens: int,
     min_prob: float,
@@ -22,7 +24,8 @@ def per_row(
     spec_factor: float,
     own_wins_ties: bool,
 ) -> Draft:
-    """What the batch must give for one row, from the per-row calls."""
+    """What the batch must give for one row, from the per-row calls: the first of the
+    best-scoring drafts in tie order, named by the tree it came from."""
     if max_tokens == 0:
         return Draft()
 
@@ -31,19 +34,27 @@ def per_row(
             return t.speculate_capped(context, max_tokens, min_prob, tree, spec_factor)
         return t.speculate(context, max_tokens, min_prob, tree)
 
-    mine = one(own)
-    if shared is None:
-        return mine
-    theirs = one(shared)
-    wins = theirs.score > mine.score if own_wins_ties else theirs.score >= mine.score
-    return theirs if wins else mine
+    order = [(HISTORY, shared), (CONTEXT, own), (SIBLINGS, siblings)]
+    if own_wins_ties:
+        order[:2] = order[1::-1]
+    candidates = [(source, t) for source, t in order if t is not None]
+    best_source, best = candidates[0][0], one(candidates[0][1])
+    for source, t in candidates[1:]:
+        draft = one(t)
+        if draft.score > best.score:
+            best_source, best = source, draft
+    return best.sourced(best_source)
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     shared_seqs=st.lists(st.lists(tokens_st, max_size=4), min_size=1, max_size=3),
     rows=st.lists(
-        st.tuples(st.lists(st.integers(0, 4), min_size=1, max_size=30), st.integers(0, 2)),
+        st.tuples(
+            st.lists(st.integers(0, 4), min_size=1, max_size=30),
+            st.integers(0, 2),
+            st.integers(0, 3),
+        ),
         min_size=0,
         max_size=8,
     ),
@@ -57,7 +68,7 @@ def per_row(
 )
 def test_batch_equals_per_row_calls(
     shared_seqs: list[list[list[int]]],
-    rows: list[tuple[list[int], int]],
+    rows: list[tuple[list[int], int, int]],
     budgets: list[int],
     max_depth: int,
     context_len: int,
@@ -73,12 +84,13 @@ def test_batch_equals_per_row_calls(
             if seq:
                 group.extend(seq_id, seq)
         groups.append(group)
-    own, shared, contexts = [], [], []
-    for sequence, group_index in rows:
+    own, shared, siblings, contexts = [], [], [], []
+    for sequence, group_index, siblings_index in rows:
         tree_of_row = SuffixTree(max_depth)
         tree_of_row.extend(0, sequence)
         own.append(tree_of_row)
         shared.append(groups[group_index] if group_index < len(groups) else None)
+        siblings.append(groups[siblings_index] if siblings_index < len(groups) else None)
         contexts.append(sequence[-context_len:] if context_len else [])
     sizes = budgets[: len(rows)]
     got = speculate_batch(
@@ -88,14 +100,16 @@ def test_batch_equals_per_row_calls(
         context_len,
         min_prob,
         tree,
+        siblings=siblings,
         spec_factor=spec_factor,
         own_wins_ties=own_wins_ties,
     )
     want = [
-        per_row(o, s, c, m, min_prob, tree, spec_factor, own_wins_ties)
-        for o, s, c, m in zip(own, shared, contexts, sizes, strict=True)
+        per_row(o, s, b, c, m, min_prob, tree, spec_factor, own_wins_ties)
+        for o, s, b, c, m in zip(own, shared, siblings, contexts, sizes, strict=True)
     ]
     assert got == want
+    assert all(draft.source in DRAFT_SOURCES if draft else not draft.source for draft in got)
 
 
 def test_batch_checks_its_arguments() -> None:
@@ -103,6 +117,8 @@ def test_batch_checks_its_arguments() -> None:
     tree.extend(0, [1, 2])
     with pytest.raises(ValueError, match="one entry per row"):
         speculate_batch([tree], [None, None], [4], 8)
+    with pytest.raises(ValueError, match="one entry per row"):
+        speculate_batch([tree], [None], [4], 8, siblings=[None, None])
     with pytest.raises(ValueError, match="max_tokens"):
         speculate_batch([tree], [None], [-1], 8)
     with pytest.raises(ValueError, match="min_prob"):
@@ -147,3 +163,4 @@ def test_history_batch_equals_its_per_row_speculate(
     fallback = reference.speculate_batch(ids, sizes)
     assert [d.token_ids for d in fallback] == [d.token_ids for d in batched]
     assert [d.match_len for d in fallback] == [d.match_len for d in batched]
+    assert [d.source for d in fallback] == [d.source for d in batched]

@@ -9,6 +9,7 @@ import pytest
 from drafter import DrafterConfig, RolloutHistory
 from drafter.cost import SMOLLM2_CPU
 from drafter.das import DasPolicy
+from drafter.draft import HISTORY, Draft
 from drafter.groups import group_of, prompt_group
 from drafter.lengths import LengthClass
 from drafter.policy import FixedPolicy, RequestView
@@ -67,13 +68,26 @@ def test_a_scripted_batch_drafts_from_history_counts_and_records_natural_ends() 
     core.extend(b, [50], drafted=2, accepted=0)
     assert (a.counters.forward_passes, a.counters.drafted, a.counters.accepted) == (1, 4, 3)
     assert (b.counters.forward_passes, b.counters.drafted, b.counters.accepted) == (1, 2, 0)
+    # Both drafts came from the group's stored rollout: counted under that source.
+    assert (a.counters.drafted_by_source, a.counters.accepted_by_source) == (
+        {HISTORY: 4},
+        {HISTORY: 3},
+    )
+    assert (b.counters.drafted_by_source, b.counters.accepted_by_source) == (
+        {HISTORY: 2},
+        {HISTORY: 0},
+    )
     assert policy.steps == [("g", 4, 3), ("g", 2, 0)]
-    core.drafts([a, b], [16, 16])
+    drafts = core.drafts([a, b], [16, 16])
     assert [view.generated for view in policy.batches[-1]] == [4, 1]
+    assert drafts[0] == Draft()  # nothing follows a's "99" anywhere: no draft, no source
 
     # A stop inside the accepted draft: 2 accepted by verification, 1 kept.
     core.extend(a, [5], drafted=3, accepted=2)
     assert a.counters.accepted == 4 and a.output == [*ANSWER[:3], 99, 5]
+    # (scripted: the step's draft was empty, so its tokens count under no source)
+    assert a.counters.drafted_by_source == {HISTORY: 4}
+    assert a.counters.accepted_by_source == {HISTORY: 3}
 
     rollout = core.finish(a, natural=True)
     assert rollout == Rollout("g", PROMPT, [*ANSWER[:3], 99, 5], 0)
