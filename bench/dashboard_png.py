@@ -31,6 +31,8 @@ MAIN_PANELS = (
     "Speedup: tokens per target forward",
     "Decode time saved (cost-model estimate)",
     "Draft acceptance by predicted length class",
+    "Draft acceptance by draft source",
+    "Accepted draft tokens / s by draft source",
     "Generation length p50 / p90 / p99 (tokens)",
     "Generation length distribution (samples, 10 min)",
     "Running and queued requests",

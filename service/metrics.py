@@ -13,10 +13,11 @@ Definitions:
   lengths: none and fixed:K).
 - generated_tokens, forward_passes, drafted_tokens, accepted_tokens: counted when a sample
   finishes, under the same length_class label.
-- No counter says where an accepted draft came from (group history, live siblings, own
-  context): a Draft does not record which tree it was taken from (drafter.history picks the
-  better-scoring of the group's tree, which holds stored rollouts and live siblings together,
-  and the request's own).
+- source_drafted_tokens, source_accepted_tokens: the same draft tokens by the tree each draft
+  came from (drafter.draft.DRAFT_SOURCES: "history", the prompt group's stored rollouts, or
+  suffix decoding's global cache under the suffix policy; "siblings", the outputs so far of the
+  group's running requests, with live_siblings on; "context", the request's own prompt and
+  output), counted when a sample finishes.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ class Metrics:
         )
         self.accepted_tokens = Counter(
             "das_accepted_tokens", "Draft tokens accepted", per_class, registry=r
+        )
+        per_source = ["worker", "source"]
+        self.source_drafted_tokens = Counter(
+            "das_source_drafted_tokens",
+            "Draft tokens proposed, by the tree the draft came from",
+            per_source,
+            registry=r,
+        )
+        self.source_accepted_tokens = Counter(
+            "das_source_accepted_tokens",
+            "Draft tokens accepted, by the tree the draft came from",
+            per_source,
+            registry=r,
         )
         self.accepted_per_forward = Histogram(
             "das_accepted_tokens_per_forward",

@@ -170,6 +170,11 @@ class Settings(BaseSettings):
         ge=1,
         description="prompt groups kept; past it the least recently used idle group is dropped",
     )
+    history_live_siblings: Annotated[bool, WORKER] = Field(
+        False,
+        description="draft from the outputs so far of a prompt group's running requests too "
+        "(GRPO samples of one prompt decode together), not only from its finished rollouts",
+    )
     history_buffer_size: Annotated[int, WORKER] = Field(
         10_000, ge=1, description="rollouts held for Redis while it is down"
     )

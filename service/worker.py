@@ -83,11 +83,20 @@ class SpecCounters:
     forward_passes: int = 0  # target forward passes (verify steps) that produced tokens
     drafted_tokens: int = 0  # draft tokens proposed to the target
     accepted_tokens: int = 0  # draft tokens the target accepted
+    # The same two by the tree each draft came from (drafter.draft.DRAFT_SOURCES).
+    drafted_by_source: dict[str, int] = field(default_factory=dict)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: SpecCounters) -> None:
         self.forward_passes += other.forward_passes
         self.drafted_tokens += other.drafted_tokens
         self.accepted_tokens += other.accepted_tokens
+        for mine, theirs in (
+            (self.drafted_by_source, other.drafted_by_source),
+            (self.accepted_by_source, other.accepted_by_source),
+        ):
+            for source, tokens in theirs.items():
+                mine[source] = mine.get(source, 0) + tokens
 
 
 @dataclass(slots=True)

@@ -84,6 +84,7 @@ def create_app(
                 window=settings.history_window,
                 max_rollouts_per_group=settings.history_max_rollouts_per_group,
                 max_groups=settings.history_max_groups,
+                live_siblings=settings.history_live_siblings,
             ),
             metrics,
             name,

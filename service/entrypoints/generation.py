@@ -129,6 +129,8 @@ class Generation:
         self._forwards = metrics.forward_passes
         self._drafted = metrics.drafted_tokens
         self._accepted = metrics.accepted_tokens
+        self._source_drafted = metrics.source_drafted_tokens
+        self._source_accepted = metrics.source_accepted_tokens
         self._accept_rate = metrics.accepted_per_forward.labels(**labels)
         self._lengths = metrics.generation_length
         self._finished = metrics.finished
@@ -296,6 +298,10 @@ class Generation:
         self._forwards.labels(**labels).inc(spec.forward_passes)
         self._drafted.labels(**labels).inc(spec.drafted_tokens)
         self._accepted.labels(**labels).inc(spec.accepted_tokens)
+        for source, tokens in spec.drafted_by_source.items():
+            self._source_drafted.labels(worker=self.name, source=source).inc(tokens)
+        for source, tokens in spec.accepted_by_source.items():
+            self._source_accepted.labels(worker=self.name, source=source).inc(tokens)
         if spec.forward_passes:
             self._accept_rate.observe(spec.accepted_tokens / spec.forward_passes)
         self._finished.labels(worker=self.name, reason=reason).inc()

@@ -61,6 +61,7 @@ def drafter_config(settings: Settings) -> DrafterConfig:
         window=settings.history_window,
         max_rollouts_per_group=settings.history_max_rollouts_per_group,
         max_groups=settings.history_max_groups,
+        live_siblings=settings.history_live_siblings,
         tree_drafts=True,
     )
 

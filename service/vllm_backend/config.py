@@ -28,6 +28,7 @@ class DasVllmOptions:
     max_rollouts_per_group: int = 64
     max_groups: int = 8192
     min_prob: float = 0.1
+    live_siblings: bool = False  # draft from the group's running requests' outputs too
     calibration_steps: int = 32  # timed steps before the fit
 
     def __post_init__(self) -> None:

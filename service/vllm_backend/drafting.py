@@ -118,6 +118,7 @@ class EngineDrafter:
                 max_rollouts_per_group=options.max_rollouts_per_group,
                 max_groups=options.max_groups,
                 min_prob=options.min_prob,
+                live_siblings=options.live_siblings,
             )
         )
         cost = parse_cost_model(options.cost_model)
@@ -244,7 +245,7 @@ class EngineDrafter:
         """The worker's word on requests that ended: (das id, natural, final output token
         count). Settles those already removed here and answers their counters, and the
         rollouts that joined the history (for Redis); ids not removed yet stay pending."""
-        counters: dict[str, tuple[int, int, int, str]] = {}
+        counters: dict[str, tuple[int, int, int, str, dict[str, int], dict[str, int]]] = {}
         rollouts: list[tuple[str, list[int], list[int], int]] = []
         pending: list[str] = []
         for das_id, natural, length in ended:
@@ -264,7 +265,14 @@ class EngineDrafter:
             rollout: Rollout | None = self.speculator.finish(spec, natural)
             c = spec.counters
             length_class = self.speculator.length_class(spec)
-            counters[das_id] = (c.forward_passes, c.drafted, c.accepted, length_class)
+            counters[das_id] = (
+                c.forward_passes,
+                c.drafted,
+                c.accepted,
+                length_class,
+                c.drafted_by_source,
+                c.accepted_by_source,
+            )
             if rollout is not None:
                 rollouts.append((rollout.group, rollout.prompt, rollout.output, rollout.version))
         return {"counters": counters, "rollouts": rollouts, "pending": pending}

@@ -172,6 +172,7 @@ class VllmWorker:
                 max_rollouts_per_group=store.config.max_rollouts_per_group,
                 max_groups=store.config.max_groups,
                 min_prob=store.config.min_prob,
+                live_siblings=store.config.live_siblings,
             )
             if self._speculation
             else None
@@ -663,8 +664,10 @@ class VllmWorker:
             for das_id, *_ in ended:
                 self._answer(das_id, SpecCounters(), "unknown")
             return
-        for das_id, (forwards, drafted, accepted, klass) in answer["counters"].items():
-            self._answer(das_id, SpecCounters(forwards, drafted, accepted), klass)
+        for das_id, counters in answer["counters"].items():
+            forwards, drafted, accepted, klass, drafted_by, accepted_by = counters
+            spec = SpecCounters(forwards, drafted, accepted, drafted_by, accepted_by)
+            self._answer(das_id, spec, klass)
         for group, prompt, output, version in answer["rollouts"]:
             self.store.share(group, prompt, output, version)
             view.lengths.setdefault(group, []).append(len(output))

@@ -1,10 +1,10 @@
 """The dashboard against a real Prometheus that scraped a live service.
 
-Real processes on loopback free ports, in temporary directories: a redis-server, `das worker`
-on SmolLM2 (the embedded engine, DAS speculation), `das gateway` in front of it, and Debian's
-prometheus with the project's deploy/prometheus/prometheus.yml, its targets moved to those
-ports and its interval to 1 s. A short workload (three chat prompts, two samples each, three
-epochs at temperature 0, one request at a time so every length class grows over several
+Real processes on loopback free ports, in temporary directories: a redis-server, `das worker` on
+SmolLM2 (the embedded engine, DAS speculation, live siblings), `das gateway` in front of it, and
+Debian's prometheus with the project's deploy/prometheus/prometheus.yml, its targets moved to
+those ports and its interval to 1 s. A short workload (three chat prompts, two samples each,
+three epochs at temperature 0, one request at a time so every length class grows over several
 scrapes) goes through the gateway; then every PromQL of every dashboard panel must return a
 finite value through /api/v1/query, and the main panels are drawn from the same data
 (bench/dashboard_png.py; DAS_DASHBOARD_PNG=PATH keeps the picture, `make dashboard-png`).
@@ -135,7 +135,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         das = [sys.executable, "-m", "service.cli"]
         worker = start(
             [*das, "worker", "--port", str(worker_port), "--worker-id", "worker-0",
-             "--redis-url", redis.url, "--cost-model", "smollm2-cpu", "--max-model-len", "512"],
+             "--redis-url", redis.url, "--cost-model", "smollm2-cpu", "--max-model-len", "512",
+             "--history-live-siblings"],
             tmp / "worker.log",
         )  # fmt: skip
         processes.append(worker)
@@ -224,7 +225,8 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
 def test_the_workload_shows_speedup_in_prometheus(stack: Stack) -> None:
     """What the picture should show: drafts accepted on the repeated prompts (more than one
     token per target forward), every sample counted once by the length class predicted for
-    it, and more than one class (a group's first epoch has no history: medium)."""
+    it, more than one class (a group's first epoch has no history: medium), and drafts from
+    each source (the worker runs with live siblings)."""
     speedup = scalar(
         stack.prometheus,
         "sum(das_generated_tokens_total) / sum(das_forward_passes_total)",
@@ -238,6 +240,20 @@ def test_the_workload_shows_speedup_in_prometheus(stack: Stack) -> None:
     counts = {item["metric"]["length_class"]: float(item["value"][1]) for item in classes}
     assert sum(counts.values()) == EPOCHS * len(PROMPTS) * SAMPLES
     assert "medium" in counts and len(counts) >= 2, counts
+    # Drafts came from every source, and the by-source counts add up to the totals.
+    drafted = by_source(stack.prometheus, "das_source_drafted_tokens_total")
+    accepted = by_source(stack.prometheus, "das_source_accepted_tokens_total")
+    assert set(drafted) == {"history", "siblings", "context"}, drafted
+    assert sum(drafted.values()) == scalar(stack.prometheus, "sum(das_drafted_tokens_total)")
+    assert sum(accepted.values()) == scalar(stack.prometheus, "sum(das_accepted_tokens_total)")
+    assert accepted["history"] > 0, accepted
+
+
+def by_source(prometheus: str, metric: str) -> dict[str, float]:
+    result = httpx.get(
+        f"{prometheus}/api/v1/query", params={"query": f"sum by (source) ({metric})"}, timeout=10
+    ).json()["data"]["result"]
+    return {item["metric"]["source"]: float(item["value"][1]) for item in result}
 
 
 @pytest.mark.slow

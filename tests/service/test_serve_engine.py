@@ -16,7 +16,9 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
+from drafter.draft import DRAFT_SOURCES
 from service.engine.models import tiny_random_model
 from service.settings import Settings
 from service.worker_app import create_app
@@ -369,3 +371,27 @@ def test_das_serve_defaults_chat_on_smollm2() -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_draft_tokens_are_counted_by_source(fresh: Callable[..., Server]) -> None:
+    """das_source_* split the drafted and accepted tokens by the tree each draft came from;
+    the split adds up to the totals, and repeats of a prompt draft from its history."""
+    server = fresh(spec_policy="fixed:4", history_live_siblings=True)
+    for seed in (1, 2, 3):
+        complete(server, prompt_group="by-source", max_tokens=40, seed=seed, n=2)
+    with http(server) as client:
+        families = text_string_to_metric_families(client.get("/metrics").text)
+    totals: dict[str, float] = {}
+    split: dict[str, dict[str, float]] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name in ("das_drafted_tokens_total", "das_accepted_tokens_total"):
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            elif sample.name.startswith("das_source_") and sample.name.endswith("_total"):
+                split.setdefault(sample.name, {})[sample.labels["source"]] = sample.value
+    drafted = split["das_source_drafted_tokens_total"]
+    accepted = split["das_source_accepted_tokens_total"]
+    assert set(drafted) <= set(DRAFT_SOURCES) and "history" in drafted, drafted
+    assert sum(drafted.values()) == totals["das_drafted_tokens_total"] > 0
+    assert sum(accepted.values()) == totals["das_accepted_tokens_total"]
+    assert all(accepted.get(source, 0.0) <= drafted[source] for source in drafted)

@@ -145,7 +145,7 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
     for command in ("serve", "gateway"):
         argv = [command]
         for name in _flags(command):
-            if name in ("speculation", "deterministic"):
+            if name in ("speculation", "deterministic", "history_live_siblings"):
                 argv.append(flag_name(name))
             elif name == "worker_urls":
                 argv += ["--worker", "http://a:1/", "--worker", "http://b:2"]

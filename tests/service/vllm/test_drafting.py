@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from drafter.draft import HISTORY
 from service.vllm_backend.config import DasVllmOptions
 from service.vllm_backend.drafting import (
     GROUP_ARG,
@@ -58,7 +59,7 @@ def test_history_drafts_the_second_rollout_and_counts_it() -> None:
     answer = drafter.settle([("a#0", True, len(ANSWER))])
     assert answer["pending"] == []
     assert answer["rollouts"] == [("g", PROMPT, ANSWER, 0)]
-    forwards, _, accepted, _ = answer["counters"]["a#0"]
+    forwards, _, accepted, _, _, _ = answer["counters"]["a#0"]
     assert forwards == len(ANSWER) and accepted == 0  # nothing to draft from yet
 
     proposed = run_answer(drafter, "vllm-b", "b#0")
@@ -66,6 +67,8 @@ def test_history_drafts_the_second_rollout_and_counts_it() -> None:
     counters = drafter.settle([("b#0", True, len(ANSWER))])["counters"]["b#0"]
     assert proposed[0] == ANSWER[1:9]  # the first rollout, drafted after its first token
     assert counters[2] > 0 and counters[0] < len(ANSWER)
+    # Its drafts came from the first rollout: all counted under the group's history.
+    assert counters[4] == {HISTORY: counters[1]} and counters[5] == {HISTORY: counters[2]}
 
 
 def test_an_aborted_request_never_enters_the_history() -> None:
