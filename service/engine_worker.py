@@ -151,7 +151,7 @@ class EngineWorker:
             speculation=settings.speculation_policy,
             cost_model=settings.cost_model,
             deterministic=settings.deterministic,
-            drafter=dataclasses.replace(store.config, tree_drafts=False),
+            drafter=dataclasses.replace(store.config, tree_drafts=settings.tree_drafts),
         )
         self._metrics = metrics
         self._engine: Engine | None = None

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         description="batch-invariant engine numerics: logits bitwise independent of batch "
         "and drafts (bitwise lossless speculation, slower)",
     )
+    tree_drafts: Annotated[bool, WORKER] = Field(
+        False,
+        description="engine: best-first tree drafts instead of chains, verified under a tree "
+        "attention mask (lossless; with --deterministic each tree's most probable path is "
+        "verified as a chain)",
+    )
     worker_id: Annotated[str | None, WORKER] = Field(
         None, description="names this worker in metrics and Redis (default: host:port)"
     )

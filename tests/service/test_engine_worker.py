@@ -242,3 +242,25 @@ def test_serve_flags() -> None:
         settings("--spec-policy", "sometimes")
     with pytest.raises(SystemExit):
         settings("--dtype", "int8")
+
+
+def test_tree_drafts_setting_reaches_the_engine() -> None:
+    """--tree-drafts (DAS_TREE_DRAFTS) reaches the engine's history, which then drafts trees
+    (off by default); a second rollout of a group with the first one's seed repeats it token
+    for token, verified from drafts of the first."""
+
+    async def main() -> None:
+        worker = make_worker(tree_drafts=True, spec_policy="fixed:4")
+        await worker.start()
+        try:
+            assert worker._engine is not None and worker._engine.history.config.tree_drafts
+            params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.8, seed=3)
+            (first,) = await worker.generate(request("a", params, "g"))
+            (second,) = await worker.generate(request("b", params, "g"))
+            assert second.token_ids == first.token_ids
+            assert second.spec.accepted_tokens > 0
+        finally:
+            await worker.close()
+
+    asyncio.run(main())
+    assert not make_worker()._config.drafter.tree_drafts

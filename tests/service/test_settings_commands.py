@@ -102,6 +102,7 @@ def test_the_flags_keep_their_names() -> None:
     assert {
         "speculation": "--no-speculation",
         "deterministic": "--deterministic",
+        "tree_drafts": "--tree-drafts",
         "fake_step_delay_s": "--fake-step-delay",
         "worker_urls": "--worker",
         "routing_load_factor": "--load-factor",
@@ -145,7 +146,7 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
     for command in ("serve", "gateway"):
         argv = [command]
         for name in _flags(command):
-            if name in ("speculation", "deterministic", "history_live_siblings"):
+            if name in ("speculation", "deterministic", "history_live_siblings", "tree_drafts"):
                 argv.append(flag_name(name))
             elif name == "worker_urls":
                 argv += ["--worker", "http://a:1/", "--worker", "http://b:2"]
