@@ -2,11 +2,14 @@
 the engine does) over batch sizes and tokens per row, on a real model.
 
     python -m bench.steps [--model smollm2-135m] [--threads N] [--torch-matmul] [--json OUT]
+    python -m bench.steps --trees [--rows 1 4 16] [--nodes 4 8 16] [--json OUT]
 
 Each cell is the median of --repeats timings after one warm-up, every slot holding --context
 cached tokens; the drafted rows are rolled back after each timing. --torch-matmul turns the
-native small-batch matmul off (every matmul through torch/MKL), for comparison. Prints a table
-and writes JSON; no timing is asserted.
+native small-batch matmul off (every matmul through torch/MKL), for comparison. --trees times
+instead the forward of a batch whose drafts are trees against the same batch with chains of
+as many tokens (TREE_SHAPES), timings of the two interleaved, and Runner.keep_path. Prints a
+table and writes JSON; no timing is asserted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,29 @@ from service.engine.runner import Runner
 from service.worker import SamplingParams
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "steps.json"
+TREES_JSON = Path(__file__).parent / "results" / "steps_trees.json"
 ROWS = (1, 4, 16)
 TOKENS_PER_ROW = (1, 5, 9, 17)
+DRAFT_NODES = (4, 8, 16)
+
+
+def _fork(nodes: int) -> list[int]:
+    """Two chains from the root, the first one longer by at most one node."""
+    first = (nodes + 1) // 2
+    return [-1, *range(first - 1), -1, *range(first, nodes - 1)][:nodes]
+
+
+def _binary(nodes: int) -> list[int]:
+    """A complete binary tree below the root's one child."""
+    return [-1, *((j - 1) // 2 for j in range(1, nodes))]
+
+
+def _star(nodes: int) -> list[int]:
+    """Every node a child of the root (the widest tree: depth 1)."""
+    return [-1] * nodes
+
+
+TREE_SHAPES = {"fork": _fork, "binary": _binary, "star": _star}
 
 
 def measure(
@@ -40,6 +65,84 @@ def measure(
     return statistics.median(f for f, _ in timings), statistics.median(s for _, s in timings)
 
 
+def measure_trees(
+    runner: Runner, rows: int, parents: list[int], context: int, repeats: int
+) -> tuple[float, float, float]:
+    """(median chain forward, median tree forward, median keep_path) seconds: `rows` slots
+    each verifying its last token and a draft of len(parents) nodes, as a chain and as this
+    tree, the two timed in turn after one warm-up each."""
+    vocab = runner.vocab_size
+    slots = list(range(rows))
+    chunk = [3 + (5 * i) % (vocab - 3) for i in range(len(parents) + 1)]
+    chunks, logits = [chunk] * rows, [len(chunk)] * rows
+    timings: dict[str, list[float]] = {"chain": [], "tree": [], "keep": []}
+    path = [j for j, parent in enumerate(parents) if parent == -1][-1:]  # a node to move
+    for repeat in range(repeats + 1):
+        for kind in ("chain", "tree"):
+            start = time.perf_counter()
+            runner.forward(slots, chunks, logits, [parents] * rows if kind == "tree" else None)
+            elapsed = time.perf_counter() - start
+            if kind == "tree":
+                start = time.perf_counter()
+                for slot in slots:
+                    runner.keep_path(slot, context + 1, path)
+                if repeat:
+                    timings["keep"].append(time.perf_counter() - start)
+            if repeat:
+                timings[kind].append(elapsed)
+            for slot in slots:
+                runner.truncate(slot, context)
+    chain, tree, keep = (statistics.median(timings[k]) for k in ("chain", "tree", "keep"))
+    return chain, tree, keep
+
+
+def main_trees(args: argparse.Namespace) -> None:
+    model, _ = load_model(args.model)
+    rows_grid, nodes_grid = args.rows or ROWS, args.nodes or DRAFT_NODES
+    runner = primed_runner(model, max(rows_grid), args.context, max(nodes_grid) + 1)
+    matmul = "native small-batch kernel" if runner.small_matmul else "torch"
+    print(f"{args.model} | torch threads {torch.get_num_threads()} | matmul: {matmul}")
+    print(
+        "| rows x draft nodes | shape | chain forward ms | tree forward ms | tree / chain "
+        "| keep_path ms |"
+    )
+    print("|---|---|---|---|---|---|")
+    cells: list[dict[str, Any]] = []
+    for rows in rows_grid:
+        for nodes in nodes_grid:
+            for shape, build in TREE_SHAPES.items():
+                parents = build(nodes)
+                chain, tree, keep = measure_trees(runner, rows, parents, args.context, args.repeats)
+                cells.append(
+                    {
+                        "rows": rows,
+                        "draft_nodes": nodes,
+                        "shape": shape,
+                        "parents": parents,
+                        "chain_forward_s": chain,
+                        "tree_forward_s": tree,
+                        "keep_path_s": keep,
+                    }
+                )
+                print(
+                    f"| {rows} x {nodes} | {shape} | {chain * 1e3:.1f} | {tree * 1e3:.1f} "
+                    f"| {tree / chain:.3f} | {keep * 1e3:.2f} |",
+                    flush=True,
+                )
+    payload = {
+        "model": args.model,
+        "small_matmul": runner.small_matmul,
+        "context": args.context,
+        "repeats": args.repeats,
+        "machine": machine_info(),
+        "cells": cells,
+    }
+    out = args.json or TREES_JSON
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -49,10 +152,19 @@ def main() -> None:
     parser.add_argument("--torch-matmul", action="store_true", help="no native small matmul")
     parser.add_argument("--context", type=int, default=128, help="cached tokens per slot")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
+    parser.add_argument(
+        "--trees", action="store_true", help="tree drafts against chains of as many tokens"
+    )
+    parser.add_argument("--rows", type=int, nargs="+", help=f"--trees: batch sizes {ROWS}")
+    parser.add_argument("--nodes", type=int, nargs="+", help=f"--trees: nodes {DRAFT_NODES}")
+    parser.add_argument("--json", type=Path, default=None, help="where to write results")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.trees:
+        main_trees(args)
+        return
+    args.json = args.json or DEFAULT_JSON
     model, _ = load_model(args.model)
     runner = primed_runner(
         model, max(ROWS), args.context, max(TOKENS_PER_ROW), small_matmul=not args.torch_matmul

@@ -203,9 +203,10 @@ class Runner:
         if moved:
             first = moved[0]  # the path's nodes before it already sit in place
             source = torch.tensor(path[first:], device=self.device) + start
-            # Advanced indexing copies the sources before the (lower or equal) targets change.
-            self.k_cache[:, slot, :, start + first : end] = self.k_cache[:, slot, :, source]
-            self.v_cache[:, slot, :, start + first : end] = self.v_cache[:, slot, :, source]
+            # index_select copies the sources before the (lower or equal) targets change. (An
+            # advanced-index read here took 5 ms at 2 threads on this loaded CPU, this 0.03.)
+            for cache in (self.k_cache, self.v_cache):
+                cache[:, slot, :, start + first : end] = cache[:, slot].index_select(2, source)
         self.lengths[slot] = end
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
