@@ -298,12 +298,19 @@ class DraftCalibrator:
         those were accepted, the rest were not (each token of it is one tried token)."""
         if not 0 <= accepted <= len(cells):
             raise ValueError(f"need 0 <= accepted <= {len(cells)}, got {accepted}")
+        self.observe_outcomes(cells, [i < accepted for i in range(len(cells))])
+
+    def observe_outcomes(self, cells: Sequence[int], accepted: Sequence[bool]) -> None:
+        """Verified draft tokens (chain or tree nodes) with these cells, and whether each was
+        accepted (a tree node: whether it lies on the accepted path)."""
+        if len(accepted) != len(cells):
+            raise ValueError("need one outcome per cell")
         if not cells:
             return
         flat_tried = self._tried.reshape(-1)
         flat_accepted = self._accepted.reshape(-1)
-        for i, cell in enumerate(cells):
+        for cell, hit in zip(cells, accepted, strict=True):
             flat_tried[cell] += 1.0
-            if i < accepted:
+            if hit:
                 flat_accepted[cell] += 1.0
         self._table = None

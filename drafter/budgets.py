@@ -415,9 +415,10 @@ class MatchRule:
 
     def __init__(self, calibrator: DraftCalibrator) -> None:
         self.calibrator = calibrator
-        # Per trim(): each kept draft's cells, by id() of its request's view (the view is
-        # kept with them, so the id stays its own), until observed or the next trim().
-        self._pending: dict[int, tuple[object, list[int]]] = {}
+        # Per trim(): each kept draft's cells (and, for a tree, the draft), by id() of its
+        # request's view (the view is kept with them, so the id stays its own), until
+        # observed or the next trim().
+        self._pending: dict[int, tuple[object, list[int], Draft | None]] = {}
 
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
         check_step(drafted, accepted)  # the evidence comes per token, through observe_draft
@@ -459,27 +460,66 @@ class MatchRule:
                     draft = trim_draft(draft, [i < kept for i in range(len(draft))])
                 if kept:
                     cells = calibrator.cells(draft.probs, draft.match_len, source)
-                    self._pending[id(request)] = (request, cells)
+                    self._pending[id(request)] = (request, cells, None)
             else:  # a tree: each node priced by its path probability and depth
                 table = calibrator.table()
-                depth: list[int] = []
+                tree_cells = _tree_cells(calibrator, draft)
                 chance: list[float] = []
                 for i, parent in enumerate(draft.parents):
-                    depth.append(0 if parent < 0 else depth[parent] + 1)
-                    cell = calibrator.cell(draft.probs[i], depth[i], draft.match_len, source)
                     above = 1.0 if parent < 0 else chance[parent]
-                    chance.append(min(above, float(table[cell])))
+                    chance.append(min(above, float(table[tree_cells[i]])))
                 draft = trim_draft(draft, [c >= floor for c in chance])
+                if len(draft):
+                    self._pending[id(request)] = (request, _tree_cells(calibrator, draft), draft)
             out.append(draft)
         return out
 
-    def observe_draft(self, request: object, drafted: int, accepted: int) -> None:
-        """The first `drafted` tokens of the chain trim() returned for this request were
-        verified and the first `accepted` kept (trees are not calibrated on: which branch was
-        taken is not known here)."""
+    def observe_draft(
+        self,
+        request: object,
+        drafted: int,
+        accepted: int,
+        tokens: Sequence[int] | None = None,
+    ) -> None:
+        """The draft trim() returned for this request was verified (its first `drafted`
+        tokens) and `accepted` of them kept. A chain's first `accepted` tokens were accepted,
+        the rest not; a tree's accepted path is found by following `tokens` (the tokens the
+        request appended, the accepted ones first) from its root, and without them a tree
+        teaches nothing."""
         check_step(drafted, accepted)
         entry = self._pending.pop(id(request), None)
         if entry is None or entry[0] is not request:
             return
-        cells = entry[1][:drafted]
-        self.calibrator.observe(cells, min(accepted, len(cells)))
+        _, cells, tree = entry
+        if tree is None:
+            cells = cells[:drafted]
+            self.calibrator.observe(cells, min(accepted, len(cells)))
+            return
+        if tokens is None or drafted < len(tree):
+            return
+        on_path = [False] * len(tree)
+        node = -1
+        for token in list(tokens)[:accepted]:
+            node = next(
+                (
+                    i
+                    for i, parent in enumerate(tree.parents)
+                    if parent == node and tree.token_ids[i] == token
+                ),
+                -2,
+            )
+            if node < 0:
+                break
+            on_path[node] = True
+        self.calibrator.observe_outcomes(cells, on_path)
+
+
+def _tree_cells(calibrator: DraftCalibrator, draft: Draft) -> list[int]:
+    """Each node's cell: its own path probability, at its depth (its position on its path)."""
+    source = getattr(draft, "source", None)
+    depth: list[int] = []
+    cells = []
+    for i, parent in enumerate(draft.parents):
+        depth.append(0 if parent < 0 else depth[parent] + 1)
+        cells.append(calibrator.cell(draft.probs[i], depth[i], draft.match_len, source))
+    return cells

@@ -184,13 +184,19 @@ class DasPolicy:
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
         self.rule.observe_step(group, drafted, accepted)
 
-    def observe_draft(self, request: RequestView, drafted: int, accepted: int) -> None:
+    def observe_draft(
+        self,
+        request: RequestView,
+        drafted: int,
+        accepted: int,
+        tokens: Sequence[int] | None = None,
+    ) -> None:
         """The first `drafted` tokens of the draft trim() returned for `request` (the same view
-        object) were verified and the first `accepted` kept; nothing to learn for the other
-        rules."""
+        object) were verified and `accepted` kept; `tokens`, the tokens the request appended,
+        tell which branch of a tree draft that was. Nothing to learn for the other rules."""
         check_step(drafted, accepted)
         if isinstance(self.rule, MatchRule):
-            self.rule.observe_draft(request, drafted, accepted)
+            self.rule.observe_draft(request, drafted, accepted, tokens)
 
     def observe_finished(self, group: str, length: int) -> None:
         check_length(length)

@@ -79,8 +79,9 @@ class Trimming(Protocol):
     """A policy that looks at each draft before it is verified. Its caller calls trim() once
     per verify step right after drafting, with the list it passed to budgets() and the
     drafts, and verifies what it returns; then observe_draft() per request with that
-    request's view (the same object), how many tokens of its trimmed draft were verified and
-    how many of those the target accepted, before the view advances."""
+    request's view (the same object), how many tokens of its trimmed draft were verified, how
+    many of those the target accepted and the tokens the request appended (the accepted ones
+    first: which branch of a tree draft was taken), before the view advances."""
 
     @property
     def trims(self) -> bool:
@@ -88,7 +89,13 @@ class Trimming(Protocol):
         ...
 
     def trim(self, requests: Sequence[RequestView], drafts: Sequence[Draft]) -> list[Draft]: ...
-    def observe_draft(self, request: RequestView, drafted: int, accepted: int) -> None: ...
+    def observe_draft(
+        self,
+        request: RequestView,
+        drafted: int,
+        accepted: int,
+        tokens: Sequence[int] | None = None,
+    ) -> None: ...
 
 
 def trimmer(policy: Policy) -> Trimming | None:

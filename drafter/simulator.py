@@ -258,7 +258,7 @@ def _run_batch(
             if len(draft):
                 policy.observe_step(entry.record.group, len(draft), len(matched))
                 if trimming is not None:
-                    trimming.observe_draft(entry.view, len(draft), len(matched))
+                    trimming.observe_draft(entry.view, len(draft), len(matched), matched)
             source.extend_request(entry.index, emitted)
             if entry.emitted is not None:
                 entry.emitted.extend(emitted)

@@ -163,7 +163,7 @@ class Speculator:
         # The policy learns what verification accepted; the counters count what was kept.
         self.policy.observe_step(request.group, drafted, accepted)
         if self._trimmer is not None and drafted:
-            self._trimmer.observe_draft(request.view, drafted, accepted)
+            self._trimmer.observe_draft(request.view, drafted, accepted, tokens)
         appended = list(tokens)
         request.output += appended
         request.view = request.view.advanced(len(appended))

@@ -311,3 +311,22 @@ def test_the_simulator_stays_lossless_under_das_match(config: DrafterConfig) -> 
     assert list(result.outputs) == [record.output for record in trace]
     assert result.total.accepted > 0
     assert result.total.makespan_ratio < 1.0
+
+
+def test_a_tree_draft_teaches_the_calibrator_its_accepted_path() -> None:
+    rule = MatchRule(DraftCalibrator(1.0, 1.0, 1.0, 0.0, position_discount=1.0))
+    # Two branches after the context: 1 -> 3 and 2; the target takes 1 then 3.
+    tree = Draft([1, 2, 3], [-1, -1, 0], [0.6, 0.4, 0.6], 1.6, 5)
+    view = RequestView("g", 0)
+    (kept,) = rule.trim([view], [tree], [100.0], CostModel(1.0, 1e-6))
+    assert kept == tree
+    cells = [rule.calibrator.cell(p, d, 5) for p, d in ((0.6, 0), (0.4, 0), (0.6, 1))]
+    before = rule.calibrator.table()[cells].copy()
+    rule.observe_draft(view, 3, 2, [1, 3, 9])
+    after = rule.calibrator.table()[cells]
+    assert after[0] > before[0] and after[2] > before[2]  # on the accepted path
+    assert after[1] < before[1]  # the sibling branch was tried and not taken
+    # Without the appended tokens a tree's branch is unknown: nothing is learned.
+    rule.trim([view], [tree], [100.0], CostModel(1.0, 1e-6))
+    rule.observe_draft(view, 3, 2)
+    assert (rule.calibrator.table()[cells] == after).all()
