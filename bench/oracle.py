@@ -101,8 +101,9 @@ def oracle_epochs(
     cost: CostModel,
     live_siblings: bool = False,
 ) -> list[dict[str, float | int]]:
-    """Per epoch: rollouts, longest length, oracle steps, tokens per forward and the modeled
-    makespan ratio under cost (oracle drafts on every row, priced c_tok each)."""
+    """Per epoch: rollouts, longest length, oracle steps, tokens per forward, accepted draft
+    tokens and the modeled makespan ratio under cost (oracle drafts on every row, priced c_tok
+    each)."""
     epochs = []
     for epoch in sorted({record.epoch for record in trace}):
         batch = [record for record in trace if record.epoch == epoch]
@@ -123,6 +124,7 @@ def oracle_epochs(
                 "steps": steps,
                 "steps_ratio": steps / max(lengths),
                 "tokens_per_forward": sum(lengths) / sum(len(runs) for runs in all_runs),
+                "accepted": sum(sum(runs) for runs in all_runs),  # draft tokens, all rollouts
                 "makespan_ratio": makespan / baseline_time(lengths, cost),
             }
         )
@@ -151,12 +153,15 @@ def main() -> None:
         f"cost c_base {cost.c_base * 1e3:g} ms + "
         f"c_tok {cost.c_tok * 1e3:g} ms"
     )
-    print("| epoch | longest | oracle steps | steps ratio | tokens/forward | makespan ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| epoch | longest | oracle steps | steps ratio | tokens/forward | accepted "
+        "| makespan ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for e in epochs:
         print(
             f"| {e['epoch']} | {e['longest']} | {e['steps']} | {e['steps_ratio']:.3f} "
-            f"| {e['tokens_per_forward']:.2f} | {e['makespan_ratio']:.3f} |"
+            f"| {e['tokens_per_forward']:.2f} | {e['accepted']} | {e['makespan_ratio']:.3f} |"
         )
     steps, longest = sum(e["steps"] for e in epochs), sum(e["longest"] for e in epochs)
     print(f"all epochs: steps ratio {steps / longest:.3f}")
