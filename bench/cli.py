@@ -154,6 +154,14 @@ def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="COST_MODEL",
         help=f"das's cost model: {help_text.replace('%', '%%')} (default {DEFAULTS.cost})",
     )
+    rollout.add_argument(
+        "--tree-drafts", action="store_true", help="every mode drafts best-first trees"
+    )
+    rollout.add_argument(
+        "--live-siblings",
+        action="store_true",
+        help="every mode also drafts from its running siblings' outputs so far",
+    )
     rollout.add_argument("--json", dest="json_out", default=None, help="write results here")
     rollout.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     rollout.add_argument(
@@ -216,6 +224,9 @@ def _rollout_config(args: argparse.Namespace, modes: tuple[str, ...], cost: str)
         modes=modes,
         max_batch=args.max_batch,
         cost=cost,
+        # `das trace` records the no-speculation run only: it has neither flag.
+        tree_drafts=getattr(args, "tree_drafts", False),
+        live_siblings=getattr(args, "live_siblings", False),
     )
 
 

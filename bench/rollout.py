@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from bench.prompts import encode_prompt, load_prompts
+from drafter.config import DrafterConfig
 from drafter.cost import CALIBRATE, SMOLLM2_CPU, CostModel, parse_cost_model
 from drafter.policy_spec import parse_policy, parse_policy_spec
 from drafter.traces import TraceRecord
@@ -73,6 +74,8 @@ class RolloutConfig:
     max_batch: int | None = None  # None: every rollout of an epoch decodes at once
     # The cost model das plans with: "calibrate" (timed at start-up), a preset or C_BASE,C_TOK.
     cost: str = CALIBRATE
+    tree_drafts: bool = False  # every mode drafts best-first trees (the engine verifies them)
+    live_siblings: bool = False  # every mode also drafts from its running siblings' outputs
 
     def __post_init__(self) -> None:
         for name in ("samples", "epochs", "max_tokens"):
@@ -273,6 +276,7 @@ def mode_engine(
         max_model_len=longest + config.max_tokens,
         max_prefill_tokens=max(2048, longest),
         speculation=mode,
+        drafter=DrafterConfig(tree_drafts=config.tree_drafts, live_siblings=config.live_siblings),
     )
     return Engine(engine_config, model=model, tokenizer=tokenizer, policy=parse_policy(mode, cost))
 

@@ -137,6 +137,18 @@ def test_bench_rollout_modes_and_cost_flags(
     assert max(n for run in data["runs"] for _, n in run["batch_size_over_time"]) == 2
 
 
+def test_bench_rollout_tree_drafts_and_live_siblings(tmp_path: Path) -> None:
+    json_out = tmp_path / "t.json"
+    argv = ["bench", "rollout", *TINY, "--prompts", "math:2", "--modes", "none,fixed:4"]
+    argv += ["--temperature", "0", "--tree-drafts", "--live-siblings", "--json", str(json_out)]
+    assert main([*argv, "--no-progress"]) == 0
+    data = json.loads(json_out.read_text())
+    assert data["config"]["tree_drafts"] is True and data["config"]["live_siblings"] is True
+    fixed = [run for run in data["runs"] if run["mode"] == "fixed:4"]
+    assert sum(run["accepted"] for run in fixed) > 0
+    assert all(run["mismatches"] == [] for run in data["runs"])  # no rollout differs
+
+
 def test_bench_rollout_takes_a_cost_model_in_seconds(tmp_path: Path) -> None:
     json_out = tmp_path / "b.json"
     argv = ["bench", "rollout", *TINY, "--prompts", "math:1", "--samples", "1", "--epochs", "1"]
