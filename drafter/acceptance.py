@@ -214,7 +214,10 @@ class DraftCalibrator:
 
     Two levels of exponentially decayed (accepted, tried) counts, each shrunk toward the one
     above it by a prior worth a few tried tokens:
-      coarse (path-probability bin, position bin) -> toward the bin's middle path probability;
+      coarse (path-probability bin, position bin) -> toward a prior: at the first position the
+        bin's middle path probability, deeper the coarse estimate of the position bin before
+        it times position_discount (so a deeper bin is tried once the one before it does well:
+        on greedy traces drafts grow past any fixed depth);
       fine   (path-probability bin, position bin, match-length bin, source) -> toward coarse.
     Counts decay once per verify step (tick), whether or not anything was drafted, so a bin
     that stopped being drafted (its estimate fell below what pays) drifts back to its prior
@@ -246,10 +249,6 @@ class DraftCalibrator:
         self._accepted = np.zeros(shape)
         self._tried = np.zeros(shape)
         self.position_discount = position_discount
-        # A coarse cell's prior: its middle path probability, times position_discount per
-        # chain position before the bin's first one (0, 1, 2, 4, 8).
-        firsts = np.asarray([0] + [1 << (j - 1) for j in range(1, _POSITION_BINS)])
-        self._prior = np.outer(np.asarray(_PROB_PRIORS), position_discount**firsts)
         self._table: npt.NDArray[np.float64] | None = None  # estimates, until the next change
 
     def tick(self) -> None:
@@ -274,7 +273,11 @@ class DraftCalibrator:
             coarse_acc = self._accepted.sum(axis=(2, 3))
             coarse_tried = self._tried.sum(axis=(2, 3))
             w = self.coarse_weight
-            coarse = (coarse_acc + w * self._prior) / (coarse_tried + w)
+            coarse = np.empty((_PROB_BINS, _POSITION_BINS))
+            prior = np.asarray(_PROB_PRIORS)
+            for j in range(_POSITION_BINS):  # each position bin's prior: the one before it
+                coarse[:, j] = (coarse_acc[:, j] + w * prior) / (coarse_tried[:, j] + w)
+                prior = coarse[:, j] * self.position_discount
             v = self.fine_weight
             fine = (self._accepted + v * coarse[:, :, None, None]) / (self._tried + v)
             self._table = np.maximum(fine, self.floor).ravel()

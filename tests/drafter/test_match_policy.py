@@ -47,30 +47,32 @@ def _reference_estimate(
     source; each level is shrunk toward the one above."""
     want_prob, want_pos = prob_bin(prob), position_bin(position)
     want_match, want_source = match_bin(match_len), source_bin(source)
-    coarse = [0.0, 0.0]  # accepted, tried
-    fine = [0.0, 0.0]
-    ticks_after = 0
-    for kind, payload in reversed(events):
-        if kind == "tick":
-            ticks_after += 1
-            continue
-        probs, match, src, accepted = payload  # type: ignore[misc]
-        weight = calibrator.decay**ticks_after
-        for i, p in enumerate(probs):
-            if (prob_bin(p), position_bin(i)) != (want_prob, want_pos):
+
+    def counts(pos_bin: int, fine: bool) -> tuple[float, float]:  # accepted, tried
+        hits = tried = 0.0
+        ticks_after = 0
+        for kind, payload in reversed(events):
+            if kind == "tick":
+                ticks_after += 1
                 continue
-            hit = weight if i < accepted else 0.0
-            coarse[0] += hit
-            coarse[1] += weight
-            if (match_bin(match), source_bin(src)) == (want_match, want_source):
-                fine[0] += hit
-                fine[1] += weight
-    bin_prior = (1.0, 0.95, 0.825, 0.675, 0.525, 0.375, 0.25, 0.15, 0.075, 0.025)[want_prob]
-    first_position = (0, 1, 2, 4, 8)[want_pos]
-    bin_prior *= calibrator.position_discount**first_position
+            probs, match, src, accepted = payload  # type: ignore[misc]
+            if fine and (match_bin(match), source_bin(src)) != (want_match, want_source):
+                continue
+            weight = calibrator.decay**ticks_after
+            for i, p in enumerate(probs):
+                if (prob_bin(p), position_bin(i)) == (want_prob, pos_bin):
+                    hits += weight if i < accepted else 0.0
+                    tried += weight
+        return hits, tried
+
     w, v = calibrator.coarse_weight, calibrator.fine_weight
-    coarse_estimate = (coarse[0] + w * bin_prior) / (coarse[1] + w)
-    fine_estimate = (fine[0] + v * coarse_estimate) / (fine[1] + v)
+    prior = (1.0, 0.95, 0.825, 0.675, 0.525, 0.375, 0.25, 0.15, 0.075, 0.025)[want_prob]
+    for pos_bin in range(want_pos + 1):  # a deeper bin's prior: the bin before it, discounted
+        hits, tried = counts(pos_bin, fine=False)
+        coarse_estimate = (hits + w * prior) / (tried + w)
+        prior = coarse_estimate * calibrator.position_discount
+    hits, tried = counts(want_pos, fine=True)
+    fine_estimate = (hits + v * coarse_estimate) / (tried + v)
     return max(calibrator.floor, fine_estimate)
 
 
