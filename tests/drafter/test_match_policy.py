@@ -332,3 +332,22 @@ def test_a_tree_draft_teaches_the_calibrator_its_accepted_path() -> None:
     rule.trim([view], [tree], [100.0], CostModel(1.0, 1e-6))
     rule.observe_draft(view, 3, 2)
     assert (rule.calibrator.table()[cells] == after).all()
+
+
+def test_drafts_grow_past_any_fixed_depth_when_every_token_is_accepted() -> None:
+    # Four tied requests (w = 1/4): a token pays at an acceptance chance >= 0.25 / 1.5 = 0.17.
+    cost = CostModel(c_base=1.0, c_tok=0.125)
+    policy = DasPolicy(cost, DasConfig(rule="match"))
+    views = [RequestView("g", 0) for _ in range(4)]
+    lengths = []
+    for _ in range(60):
+        drafts = policy.trim(views, [_chain([1.0] * 16, match_len=12)] * 4)
+        lengths.append(len(drafts[0]))
+        for view, draft in zip(views, drafts, strict=True):
+            policy.observe_draft(view, len(draft), len(draft))  # every token accepted
+        views = [view.advanced(len(draft) + 1) for view, draft in zip(views, drafts, strict=True)]
+    # A deeper position bin's prior is the one before it x 0.5 (the default discount), over
+    # the floor of 0.17 while the bin before it does well: each bin that does opens the next.
+    assert lengths[0] < 8
+    assert lengths[-1] == 16
+    assert lengths == sorted(lengths)
