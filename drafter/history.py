@@ -1,14 +1,20 @@
 """RolloutHistory: the DAS drafting state.
 
 Per prompt group, one suffix tree over the group's recent rollouts (the last `window` policy
-versions, at most `max_rollouts_per_group` of them) and, with `live_siblings`, a second one over
-the outputs so far of the group's running requests (GRPO samples of one prompt decode together:
-a sibling's first tokens often predict another's next ones); per live request, one tree over its
-own prompt and output so far. A draft for a request is the best-scoring of those trees' drafts
-(a tie goes to the rollouts, then the request's own context), and says which tree it came from
-(Draft.source: HISTORY, SIBLINGS or CONTEXT), so acceptance can be counted by source. A running
-request's sequence in the siblings' tree grows as it accepts tokens and leaves when it stops; a
+versions, at most `max_rollouts_per_group` of them) and, with `live_siblings`, the outputs so far
+of the group's running requests (GRPO samples of one prompt decode together: a sibling's first
+tokens often predict another's next ones); per live request, one tree over its own prompt and
+output so far. A draft for a request is the better-scoring of the two trees' drafts. A running
+request's sequence in the group tree grows as it accepts tokens and leaves when it stops; a
 finished one comes back as a rollout (add_rollout).
+
+Each draft says where it came from (Draft.source, source_of): HISTORY if the matched context
+followed by the draft's first token occurs in a stored rollout; else SIBLINGS if it occurs in
+running requests' outputs more often than in the request's own prompt and output (so another
+request holds it); else CONTEXT. To tell them apart, a group with live siblings keeps a second
+tree holding only its running requests' sequences; it is never drafted from (one pooled tree
+drafts better than two: replaying a T = 0.7 SmolLM2 trace, drafting from separate trees lost
+all of the live siblings' gain).
 
 Each stored rollout is its output preceded by the last max_depth prompt tokens, so a request
 that has generated nothing yet already matches the prompt's end and drafts the group's most
@@ -39,6 +45,7 @@ class TokenTree(Protocol):
     def speculate(
         self, context: Tokens, max_tokens: int, min_prob: float = 0.1, tree: bool = False
     ) -> Draft: ...
+    def count(self, tokens: Tokens) -> int: ...
     def num_tokens(self) -> int: ...
     def memory_bytes(self) -> int: ...
 
@@ -86,10 +93,10 @@ class _Rollout:
 
 @dataclass(slots=True)
 class _Group:
-    tree: TokenTree  # the stored rollouts
-    siblings: TokenTree | None  # the running requests' outputs so far (None: live_siblings off)
+    tree: TokenTree  # the stored rollouts and (live_siblings) the running requests' outputs
+    siblings: TokenTree | None  # live_siblings: the running requests' sequences only, else None
     rollouts: deque[_Rollout] = field(default_factory=deque)  # oldest first
-    live: int = 0  # running requests (their sequences in `siblings`)
+    live: int = 0  # running requests
 
 
 @dataclass(slots=True)
@@ -97,7 +104,25 @@ class _Request:
     group: str
     tree: TokenTree  # the request's prompt and output, as sequence 0
     context: list[int]  # its latest tokens; at most 2 * max_depth are kept
-    live_seq: int = -1  # its output so far in the siblings' tree (-1: live_siblings off)
+    live_seq: int = -1  # its output so far in the group's trees (-1: live_siblings off)
+
+
+def source_of(
+    draft: Draft,
+    context: Sequence[int],
+    own: TokenTree,
+    group: TokenTree,
+    siblings: TokenTree | None,
+) -> str:
+    """Where a non-empty draft of the group tree came from (the module docstring); siblings
+    holds the group tree's running requests' sequences (None: not tracked, HISTORY)."""
+    if siblings is None:
+        return HISTORY
+    key = [*context[len(context) - draft.match_len :], draft.token_ids[0]]
+    live = siblings.count(key)
+    if live < group.count(key):
+        return HISTORY
+    return SIBLINGS if live > own.count(key) else CONTEXT
 
 
 class RolloutHistory:
@@ -183,7 +208,9 @@ class RolloutHistory:
         state = self._group(group)
         if state.siblings is not None:  # its output will follow the prompt's tail there
             request.live_seq = self._new_seq_id()
-            state.siblings.extend(request.live_seq, tokens[-self.config.max_depth :])
+            tail = tokens[-self.config.max_depth :]
+            state.tree.extend(request.live_seq, tail)
+            state.siblings.extend(request.live_seq, tail)
         state.live += 1
         self._requests[request_id] = request
 
@@ -192,39 +219,39 @@ class RolloutHistory:
         array = as_token_array(tokens)
         request.tree.extend(0, array)
         if request.live_seq >= 0:
-            cast(TokenTree, self._groups[request.group].siblings).extend(request.live_seq, array)
+            state = self._groups[request.group]
+            state.tree.extend(request.live_seq, array)
+            cast(TokenTree, state.siblings).extend(request.live_seq, array)
         request.context.extend(array.tolist())
         if len(request.context) > 2 * self.config.max_depth:
             del request.context[: -self.config.max_depth]
 
     def stop_request(self, request_id: Hashable) -> None:
-        """The request left: its output so far leaves the siblings' tree too (a finished one
+        """The request left: its output so far leaves its group's trees too (a finished one
         returns through add_rollout)."""
         request = self._requests.pop(request_id)
         state = self._groups[request.group]
         if request.live_seq >= 0:
+            state.tree.remove(request.live_seq)
             cast(TokenTree, state.siblings).remove(request.live_seq)
         state.live -= 1
         if not state.live and not state.rollouts:
             del self._groups[request.group]
 
     def speculate(self, request_id: Hashable, max_tokens: int) -> Draft:
-        """The best-scoring draft of the group's rollouts, the request's own context and the
-        live siblings' outputs (a tie goes to the first of them), with its source."""
+        """The better-scoring draft of the group's tree and the request's own context (the
+        group's on a tie), with its source."""
         request = self._requests[request_id]
         if max_tokens == 0:
             return Draft()
         context = request.context[-self.config.max_depth :]
         min_prob, as_tree = self.config.min_prob, self.config.tree_drafts
+        own = request.tree.speculate(context, max_tokens, min_prob, as_tree)
         state = self._groups[request.group]
-        trees = ((HISTORY, state.tree), (CONTEXT, request.tree), (SIBLINGS, state.siblings))
-        drafts = [
-            (source, candidate.speculate(context, max_tokens, min_prob, as_tree))
-            for source, candidate in trees
-            if candidate is not None
-        ]
-        source, best = max(drafts, key=lambda pair: pair[1].score)  # the first of the best
-        return best.sourced(source)
+        shared = state.tree.speculate(context, max_tokens, min_prob, as_tree)
+        if shared.score < own.score or not shared.token_ids:
+            return own.sourced(CONTEXT)
+        return shared.sourced(source_of(shared, context, request.tree, state.tree, state.siblings))
 
     def speculate_batch(
         self, request_ids: Sequence[Hashable], max_tokens: Sequence[int]

@@ -114,11 +114,13 @@ def speculate_batch(
 ) -> list[Draft]:
     """Every row's draft in one native call, the GIL released while it drafts. Row i drafts
     after the last context_len tokens of own[i]'s sequence 0 (a request's prompt and output)
-    from own[i], shared[i] and siblings[i] (None: not from that one) and keeps the
-    best-scoring draft (a tie goes to the first of shared, own, siblings; with own_wins_ties
-    to own), at most max_tokens[i] tokens; its source says which (CONTEXT, HISTORY, SIBLINGS;
-    "" for an empty draft). spec_factor 0: speculate's longest match; > 0: speculate_capped's
-    rule. Equal to those per-row calls; not safe while another thread changes a tree."""
+    from own[i] and shared[i] (None: own only) and keeps the better-scoring draft (a tie goes
+    to shared unless own_wins_ties), at most max_tokens[i] tokens. Its source: CONTEXT (own);
+    from shared, SIBLINGS if siblings[i] (a tree of some of shared[i]'s sequences: a group's
+    running requests) counts its match followed by its first token as often as shared[i]
+    does, else HISTORY; "" for an empty draft. spec_factor 0: speculate's longest match;
+    > 0: speculate_capped's rule. Equal to those per-row calls; not safe while another
+    thread changes one of the trees."""
     check_speculate_args(0, min_prob)
     if spec_factor != 0.0:
         check_spec_factor(spec_factor, spec_offset)

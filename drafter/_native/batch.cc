@@ -12,6 +12,20 @@ const DraftResult& draft_one(SuffixTreeCore& tree, const int32_t* context, size_
   return tree.speculate(context, n, max_tokens, o.min_prob, o.tree);
 }
 
+// Where a draft of `shared` came from, by the occurrences of its match followed by its first
+// token: kShared if one is in a sequence `siblings` (a subset of shared's) lacks; else
+// kSiblings if there are more than in the request's own tree (so some running request other
+// than this one holds it), else kOwn.
+DraftSource shared_source(const BatchRow& row, const int32_t* context, size_t n,
+                          const DraftResult& draft, std::vector<int32_t>* key) {
+  if (row.siblings == nullptr) return kShared;
+  key->assign(context + n - size_t(draft.match_len), context + n);
+  key->push_back(draft.token_ids[0]);
+  const int64_t live = row.siblings->count(key->data(), key->size());
+  if (live < row.shared->count(key->data(), key->size())) return kShared;
+  return live > row.own->count(key->data(), key->size()) ? kSiblings : kOwn;
+}
+
 }  // namespace
 
 void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options,
@@ -23,6 +37,7 @@ void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options
   out->scores.clear();
   out->match_lens.clear();
   out->sources.clear();
+  std::vector<int32_t> key;
   for (size_t i = 0; i < n; ++i) {
     const BatchRow& row = rows[i];
     double score = 0.0;
@@ -30,33 +45,27 @@ void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options
     DraftSource source = kNoDraft;
     if (row.max_tokens > 0) {
       const auto [context, len] = row.own->tail(0, size_t(options.context_len));
-      // The trees in tie order. Each tree's result lives in that tree's scratch until its next
-      // call, so every draft stays intact while the others are made (they are different trees).
-      struct Candidate {
-        SuffixTreeCore* tree;
-        DraftSource source;
-      };
-      const Candidate order[3] = {
-          options.own_wins_ties ? Candidate{row.own, kOwn} : Candidate{row.shared, kShared},
-          options.own_wins_ties ? Candidate{row.shared, kShared} : Candidate{row.own, kOwn},
-          Candidate{row.siblings, kSiblings}};
-      const DraftResult* pick = nullptr;
-      for (const Candidate& candidate : order) {
-        if (candidate.tree == nullptr || (candidate.tree == row.own && candidate.source != kOwn))
-          continue;
-        const DraftResult& draft =
-            draft_one(*candidate.tree, context, len, row.max_tokens, options);
-        if (pick == nullptr || draft.score > pick->score) {
-          pick = &draft;
-          source = candidate.source;
-        }
+      // Each tree's result lives in that tree's scratch until its next call, so the own
+      // draft is still intact when the shared one is made (they are different trees).
+      const DraftResult& own = draft_one(*row.own, context, len, row.max_tokens, options);
+      const DraftResult* pick = &own;
+      source = kOwn;
+      if (row.shared != nullptr && row.shared != row.own) {
+        const DraftResult& shared =
+            draft_one(*row.shared, context, len, row.max_tokens, options);
+        const bool shared_wins =
+            options.own_wins_ties ? shared.score > own.score : shared.score >= own.score;
+        if (shared_wins) pick = &shared;
       }
+      if (pick->token_ids.empty())
+        source = kNoDraft;
+      else if (pick != &own)
+        source = shared_source(row, context, len, *pick, &key);
       out->token_ids.insert(out->token_ids.end(), pick->token_ids.begin(), pick->token_ids.end());
       out->parents.insert(out->parents.end(), pick->parents.begin(), pick->parents.end());
       out->probs.insert(out->probs.end(), pick->probs.begin(), pick->probs.end());
       score = pick->score;
       match_len = pick->match_len;
-      if (pick->token_ids.empty()) source = kNoDraft;
     }
     out->offsets.push_back(out->token_ids.size());
     out->scores.push_back(score);

@@ -12,8 +12,10 @@
 namespace drafter {
 
 // One row: the request's own tree, whose sequence 0 is the request's prompt and output so far
-// (the context is its tail), the shared tree it also drafts from (its group's rollouts, or
-// suffix decoding's global cache) and its group's live siblings' tree; the last two may be null.
+// (the context is its tail), and the shared tree it also drafts from (its group's rollouts
+// and, with live siblings, its running requests' outputs; or suffix decoding's global cache).
+// `siblings`, if not null, holds exactly the running requests' sequences of `shared`: it is
+// not drafted from, only asked where a draft of `shared` came from.
 struct BatchRow {
   SuffixTreeCore* own;
   SuffixTreeCore* shared;
@@ -21,7 +23,11 @@ struct BatchRow {
   int64_t max_tokens;  // >= 0; 0: no draft
 };
 
-// Which tree a row's draft came from (kNoDraft: the draft is empty).
+// Where a row's draft came from (kNoDraft: it is empty). kOwn: the own tree's draft, or one of
+// shared that occurs in running requests only and no more often than in the own tree; kShared:
+// shared's, from a sequence not in `siblings` (a stored rollout); kSiblings: shared's, only
+// from running requests, and more often than in the own tree (so another request holds it).
+// "Occurs": the draft's match followed by its first token.
 enum DraftSource : uint8_t { kNoDraft = 0, kOwn = 1, kShared = 2, kSiblings = 3 };
 
 struct BatchOptions {
@@ -32,8 +38,7 @@ struct BatchOptions {
   // longest match, uncapped (SuffixTreeCore::speculate).
   double spec_factor;
   double spec_offset;
-  // A tie of scores goes to the first of shared, own, siblings; with own_wins_ties to own.
-  bool own_wins_ties;
+  bool own_wins_ties;  // which draft a tie of scores goes to
 };
 
 // Row i's draft is token_ids[offsets[i], offsets[i + 1]) (parents and probs likewise),
@@ -48,8 +53,8 @@ struct BatchDrafts {
   std::vector<DraftSource> sources;
 };
 
-// Every row's draft: the best-scoring of its trees' drafts (each as speculate or
-// speculate_capped would draft it alone), so the result equals the per-row calls.
+// Every row's draft: the better-scoring of its own tree's and its shared tree's (each as
+// speculate or speculate_capped would draft it alone), so the result equals the per-row calls.
 void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options,
                      BatchDrafts* out);
 

@@ -224,7 +224,8 @@ def test_live_siblings_draft_from_each_others_outputs_so_far(
     assert history.speculate("c", 4).token_ids == ANSWER[:4]
     assert history.speculate("c", 4).source == HISTORY  # a tie goes to the stored rollouts
     history.extend_request("c", [50, 51, 52, 50, 51])
-    assert history.speculate("c", 4).source == CONTEXT  # only its own output holds 50, 51
+    # 50, 51 is only in c's own output (in the group tree too, as c is running): context.
+    assert history.speculate("c", 4).source == CONTEXT
     assert history.groups() == ["g"]
     history.stop_request("c")
     history.stop_request("other")
@@ -244,8 +245,10 @@ def test_live_sibling_drafts_copy_only_what_a_drafter_may_see(
     stored: list[list[int]], steps: list[tuple[int, list[int]]], budget: int
 ) -> None:
     """Every draft (with the context it matched) is a run of one sequence a history drafter
-    may see, of the kind its source names: a stored rollout (HISTORY), a running request's
-    output so far (SIBLINGS; the request's own is among them) or the request's own (CONTEXT)."""
+    may see: a stored rollout, a running sibling's output so far, or the request's own. Its
+    source is the kind of sequence its match and first token came from: a stored rollout
+    (HISTORY); only running requests' outputs, more often than in the request's own prompt
+    and output (SIBLINGS); else the request's own (CONTEXT)."""
     history = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True))
     prompt = [9, 9]
     for output in stored:
@@ -260,20 +263,31 @@ def test_live_sibling_drafts_copy_only_what_a_drafter_may_see(
         if len(outputs) > 1 and live == 3:  # one sibling stops (aborted) now and then
             history.stop_request(live)
             del outputs[live]
+        rollouts = [prompt + s for s in stored]
         running = [prompt + o for o in outputs.values()]
         for request, output in outputs.items():
             draft = history.speculate(request, budget)
             if not draft.token_ids:
                 assert draft.source == ""
                 continue
-            visible = {
-                HISTORY: [prompt + s for s in stored],
-                SIBLINGS: running,
-                CONTEXT: [prompt + output],
-            }[draft.source]
             context = (prompt + output)[-12:]
-            run = context[len(context) - draft.match_len :] + draft.token_ids
-            assert any(_contains(sequence, run) for sequence in visible), (run, draft.source)
+            match = context[len(context) - draft.match_len :]
+            run = match + draft.token_ids
+            assert any(_contains(s, run) for s in rollouts + running), run
+            key = match + draft.token_ids[:1]
+            in_rollouts = sum(_count(s, key) for s in rollouts)
+            in_running = sum(_count(s, key) for s in running)
+            in_own = _count(prompt + output, key)
+            if draft.source == HISTORY:
+                assert in_rollouts > 0, (key, draft)
+            elif draft.source == SIBLINGS:
+                assert in_rollouts == 0 and in_running > in_own, (key, draft)
+            else:
+                assert draft.source == CONTEXT and in_own > 0, (key, draft)
+
+
+def _count(sequence: list[int], run: list[int]) -> int:
+    return sum(sequence[i : i + len(run)] == run for i in range(len(sequence) - len(run) + 1))
 
 
 def _contains(sequence: list[int], run: list[int]) -> bool:

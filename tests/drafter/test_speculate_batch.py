@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drafter import Draft, DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
-from drafter.draft import CONTEXT, DRAFT_SOURCES, HISTORY, SIBLINGS
+from drafter.draft import CONTEXT, DRAFT_SOURCES
+from drafter.history import source_of
 from drafter.suffix_tree import speculate_batch
 
 tokens_st = st.lists(st.integers(0, 4), min_size=0, max_size=24)
@@ -24,8 +25,7 @@ def per_row(
     spec_factor: float,
     own_wins_ties: bool,
 ) -> Draft:
-    """What the batch must give for one row, from the per-row calls: the first of the
-    best-scoring drafts in tie order, named by the tree it came from."""
+    """What the batch must give for one row, from the per-row calls, with its source."""
     if max_tokens == 0:
         return Draft()
 
@@ -34,16 +34,16 @@ def per_row(
             return t.speculate_capped(context, max_tokens, min_prob, tree, spec_factor)
         return t.speculate(context, max_tokens, min_prob, tree)
 
-    order = [(HISTORY, shared), (CONTEXT, own), (SIBLINGS, siblings)]
-    if own_wins_ties:
-        order[:2] = order[1::-1]
-    candidates = [(source, t) for source, t in order if t is not None]
-    best_source, best = candidates[0][0], one(candidates[0][1])
-    for source, t in candidates[1:]:
-        draft = one(t)
-        if draft.score > best.score:
-            best_source, best = source, draft
-    return best.sourced(best_source)
+    mine = one(own)
+    if shared is None:
+        return mine.sourced(CONTEXT)
+    theirs = one(shared)
+    wins = theirs.score > mine.score if own_wins_ties else theirs.score >= mine.score
+    if not wins:
+        return mine.sourced(CONTEXT)
+    if not theirs:
+        return theirs
+    return theirs.sourced(source_of(theirs, context, own, shared, siblings))
 
 
 @settings(max_examples=300, deadline=None)
@@ -53,7 +53,7 @@ def per_row(
         st.tuples(
             st.lists(st.integers(0, 4), min_size=1, max_size=30),
             st.integers(0, 2),
-            st.integers(0, 3),
+            st.integers(-1, 4),  # the group's first k sequences are running; -1: none tracked
         ),
         min_size=0,
         max_size=8,
@@ -85,12 +85,19 @@ def test_batch_equals_per_row_calls(
                 group.extend(seq_id, seq)
         groups.append(group)
     own, shared, siblings, contexts = [], [], [], []
-    for sequence, group_index, siblings_index in rows:
+    for sequence, group_index, running in rows:
         tree_of_row = SuffixTree(max_depth)
         tree_of_row.extend(0, sequence)
         own.append(tree_of_row)
-        shared.append(groups[group_index] if group_index < len(groups) else None)
-        siblings.append(groups[siblings_index] if siblings_index < len(groups) else None)
+        group = groups[group_index] if group_index < len(groups) else None
+        shared.append(group)
+        live = None
+        if group is not None and running >= 0:  # a tree of some of the group's sequences
+            live = SuffixTree(max_depth)
+            for seq_id, seq in enumerate(shared_seqs[group_index][:running]):
+                if seq:
+                    live.extend(seq_id, seq)
+        siblings.append(live)
         contexts.append(sequence[-context_len:] if context_len else [])
     sizes = budgets[: len(rows)]
     got = speculate_batch(
