@@ -159,7 +159,8 @@ def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     rollout.add_argument(
         "--live-siblings",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.live_siblings,
         help="every mode also drafts from its running siblings' outputs so far",
     )
     rollout.add_argument("--json", dest="json_out", default=None, help="write results here")
@@ -226,7 +227,7 @@ def _rollout_config(args: argparse.Namespace, modes: tuple[str, ...], cost: str)
         cost=cost,
         # `das trace` records the no-speculation run only: it has neither flag.
         tree_drafts=getattr(args, "tree_drafts", False),
-        live_siblings=getattr(args, "live_siblings", False),
+        live_siblings=getattr(args, "live_siblings", DEFAULTS.live_siblings),
     )
 
 

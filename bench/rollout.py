@@ -75,7 +75,7 @@ class RolloutConfig:
     # The cost model das plans with: "calibrate" (timed at start-up), a preset or C_BASE,C_TOK.
     cost: str = CALIBRATE
     tree_drafts: bool = False  # every mode drafts best-first trees (the engine verifies them)
-    live_siblings: bool = False  # every mode also drafts from its running siblings' outputs
+    live_siblings: bool = True  # every mode also drafts from its running siblings' outputs
 
     def __post_init__(self) -> None:
         for name in ("samples", "epochs", "max_tokens"):

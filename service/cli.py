@@ -105,7 +105,8 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     sim.add_argument("--tree-drafts", action="store_true", help="tree drafts instead of chains")
     sim.add_argument(
         "--live-siblings",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=default.live_siblings,
         help="a group's tree also holds its running rollouts' outputs so far",
     )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -166,7 +166,7 @@ class Settings(BaseSettings):
         "lives in this process only)",
     )
     history_window: Annotated[int, WORKER] = Field(
-        4, ge=1, description="policy versions of rollouts kept per prompt group"
+        8, ge=1, description="policy versions of rollouts kept per prompt group"
     )
     history_max_rollouts_per_group: Annotated[int, WORKER] = Field(
         64, ge=1, description="newest rollouts kept per prompt group, whatever their version"
@@ -177,9 +177,10 @@ class Settings(BaseSettings):
         description="prompt groups kept; past it the least recently used idle group is dropped",
     )
     history_live_siblings: Annotated[bool, WORKER] = Field(
-        False,
+        True,
         description="draft from the outputs so far of a prompt group's running requests too "
-        "(GRPO samples of one prompt decode together), not only from its finished rollouts",
+        "(GRPO samples of one prompt decode together), not only from its finished rollouts; "
+        "off: finished rollouts only",
     )
     history_buffer_size: Annotated[int, WORKER] = Field(
         10_000, ge=1, description="rollouts held for Redis while it is down"

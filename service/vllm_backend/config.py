@@ -24,11 +24,11 @@ class DasVllmOptions:
     cost_model: str = "calibrate"
     max_draft: int = 16  # vLLM's num_speculative_tokens: the cap on every draft
     max_depth: int = 64  # suffix tree depth
-    window: int = 4  # policy versions kept per group
+    window: int = 8  # policy versions kept per group
     max_rollouts_per_group: int = 64
     max_groups: int = 8192
     min_prob: float = 0.1
-    live_siblings: bool = False  # draft from the group's running requests' outputs too
+    live_siblings: bool = True  # draft from the group's running requests' outputs too
     calibration_steps: int = 32  # timed steps before the fit
 
     def __post_init__(self) -> None:

@@ -135,8 +135,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         das = [sys.executable, "-m", "service.cli"]
         worker = start(
             [*das, "worker", "--port", str(worker_port), "--worker-id", "worker-0",
-             "--redis-url", redis.url, "--cost-model", "smollm2-cpu", "--max-model-len", "512",
-             "--history-live-siblings"],
+             "--redis-url", redis.url, "--cost-model", "smollm2-cpu", "--max-model-len", "512"],
             tmp / "worker.log",
         )  # fmt: skip
         processes.append(worker)

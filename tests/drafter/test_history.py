@@ -24,15 +24,18 @@ def make_history(factory: Callable[[int], TokenTree], **knobs: object) -> Rollou
     return RolloutHistory(DrafterConfig(**knobs), tree_factory=factory)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("live_siblings", [False, True])
 def test_history_drafts_a_rollout_of_the_same_group_from_the_first_token(
-    tree_factory: Callable[[int], TokenTree],
+    tree_factory: Callable[[int], TokenTree], live_siblings: bool
 ) -> None:
-    history = make_history(tree_factory)
+    history = make_history(tree_factory, live_siblings=live_siblings)
     history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)
     history.start_request("r", "g", PROMPT)
     draft = history.speculate("r", 6)
     assert draft.token_ids == ANSWER[:6]
-    assert draft.probs == [1.0] * 6
+    # With live siblings the request's own sequence is in the group tree too, ending at the
+    # match: it counts there (2 occurrences) but continues with nothing, so 1/2 each.
+    assert draft.probs == [0.5 if live_siblings else 1.0] * 6
     history.extend_request("r", ANSWER[:6])
     assert history.speculate("r", 16).token_ids == ANSWER[6:]
 
@@ -195,7 +198,7 @@ def test_config_rejects_bad_values(knobs: dict[str, object]) -> None:
 
 def test_config_defaults() -> None:
     config = DrafterConfig()
-    assert (config.max_depth, config.window, config.max_rollouts_per_group) == (64, 4, 64)
+    assert (config.max_depth, config.window, config.max_rollouts_per_group) == (64, 8, 64)
     assert (config.min_prob, config.tree_drafts) == (0.1, False)
     assert RolloutHistory().config == config
 

@@ -160,7 +160,7 @@ def test_result_serialises_every_figure() -> None:
         "max_groups": 8192,
         "min_prob": 0.1,
         "tree_drafts": False,
-        "live_siblings": False,
+        "live_siblings": True,
     }
     epochs = data["epochs"]
     assert isinstance(epochs, list)

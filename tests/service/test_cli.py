@@ -114,12 +114,12 @@ def test_simulate_defaults_to_das(
     assert data["policy"] == "das"
     assert data["drafter"] == {
         "max_depth": 64,
-        "window": 4,
+        "window": 8,
         "max_rollouts_per_group": 64,
         "max_groups": 8192,
         "min_prob": 0.1,
         "tree_drafts": False,
-        "live_siblings": False,
+        "live_siblings": True,
     }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafter import RolloutHistory
+from drafter import DrafterConfig, RolloutHistory
 from service.engine import Engine, EngineConfig, RequestOutput
 from service.engine.models import Tokenizer, tiny_random_model
 from service.worker import GenerateRequest, SamplingParams
@@ -48,8 +48,9 @@ def requests(params: SamplingParams, prompts: list[list[int]] = PROMPTS) -> list
 
 def history_of(outputs: list[RequestOutput], corrupt_every: int = 0) -> RolloutHistory:
     """A history holding these outputs (drafts then follow them exactly), or copies with every
-    corrupt_every-th token changed (drafts partly wrong)."""
-    history = RolloutHistory()
+    corrupt_every-th token changed (drafts partly wrong); without live siblings, so that the
+    drafts come from these outputs alone."""
+    history = RolloutHistory(DrafterConfig(live_siblings=False))
     for output in outputs:
         for sample in output.samples:
             tokens = list(sample.token_ids)
