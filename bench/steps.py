@@ -129,6 +129,13 @@ def main_trees(args: argparse.Namespace) -> None:
                     f"| {tree / chain:.3f} | {keep * 1e3:.2f} |",
                     flush=True,
                 )
+    write_cells(args.json or TREES_JSON, args, runner, cells)
+
+
+def write_cells(
+    out: Path, args: argparse.Namespace, runner: Runner, cells: list[dict[str, Any]]
+) -> None:
+    """The measured cells as JSON, with what they were measured on."""
     payload = {
         "model": args.model,
         "small_matmul": runner.small_matmul,
@@ -137,7 +144,6 @@ def main_trees(args: argparse.Namespace) -> None:
         "machine": machine_info(),
         "cells": cells,
     }
-    out = args.json or TREES_JSON
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
@@ -190,17 +196,7 @@ def main() -> None:
                 f"| {(forward + sampling) * 1e3:.1f} |",
                 flush=True,
             )
-    payload = {
-        "model": args.model,
-        "small_matmul": runner.small_matmul,
-        "context": args.context,
-        "repeats": args.repeats,
-        "machine": machine_info(),
-        "cells": cells,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_cells(args.json, args, runner, cells)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,19 @@ def tiny_model() -> torch.nn.Module:
 def smollm2() -> tuple[torch.nn.Module, Tokenizer]:
     model, tokenizer = load_model("smollm2-135m")
     return model, tokenizer
+
+
+def counting_prompts(tokenizer: Tokenizer) -> list[list[int]]:
+    """Two chat prompts (as token ids) whose answers repeat a pattern: drafts get accepted."""
+    messages = [
+        [{"role": "user", "content": f"Count from {i} to {i + 20}, comma separated."}]
+        for i in (1, 7)
+    ]
+    return [
+        list(
+            tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for m in messages
+    ]

@@ -10,6 +10,7 @@ from drafter import DrafterConfig, RolloutHistory
 from service.engine import Engine, EngineConfig, RequestOutput
 from service.engine.models import Tokenizer, tiny_random_model
 from service.worker import GenerateRequest, SamplingParams
+from tests.service.engine.conftest import counting_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=True)
 SAMPLED = SamplingParams(
@@ -296,18 +297,7 @@ def test_smollm2_speculation_is_lossless_with_stop_strings(
     smollm2: tuple[torch.nn.Module, Tokenizer],
 ) -> None:
     model, tokenizer = smollm2
-    messages = [
-        [{"role": "user", "content": f"Count from {i} to {i + 20}, comma separated."}]
-        for i in (1, 7)
-    ]
-    prompts = [
-        list(
-            tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)[
-                "input_ids"
-            ]
-        )
-        for m in messages
-    ]
+    prompts = counting_prompts(tokenizer)
     params = dataclasses.replace(SAMPLED, max_tokens=48, ignore_eos=False, n=2)
     config = EngineConfig(max_batch=4, max_model_len=256)
     baseline = Engine(config, model=model, tokenizer=tokenizer).generate(requests(params, prompts))

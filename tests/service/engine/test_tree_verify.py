@@ -20,6 +20,7 @@ from service.engine.engine import main_path
 from service.engine.models import Tokenizer
 from service.engine.runner import Runner, _AttentionPlan, _TreeMask
 from service.worker import GenerateRequest, SamplingParams
+from tests.service.engine.conftest import counting_prompts
 from tests.service.engine.test_engine import (
     GREEDY,
     SAMPLED,
@@ -383,18 +384,7 @@ def test_engine_config_takes_tree_drafts() -> None:
 @pytest.mark.slow
 def test_smollm2_tree_speculation_is_lossless(smollm2: tuple[torch.nn.Module, Tokenizer]) -> None:
     model, tokenizer = smollm2
-    messages = [
-        [{"role": "user", "content": f"Count from {i} to {i + 20}, comma separated."}]
-        for i in (1, 7)
-    ]
-    prompts = [
-        list(
-            tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=True)[
-                "input_ids"
-            ]
-        )
-        for m in messages
-    ]
+    prompts = counting_prompts(tokenizer)
     config = EngineConfig(max_batch=4, max_model_len=256)
     for params in (
         dataclasses.replace(GREEDY, max_tokens=32, n=2),
