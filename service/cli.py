@@ -78,9 +78,9 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--policy",
         default=("das",),
         type=policy_specs,
-        help="das, das-eq7, fixed:K, suffix or none, or several comma-separated (replayed one "
-        "after another, then a side-by-side table; the JSON then holds a list of runs) "
-        "(default: das)",
+        help="das, das-eq7, das-match, fixed:K, suffix or none, or several comma-separated "
+        "(replayed one after another, then a side-by-side table; the JSON then holds a list of "
+        "runs) (default: das)",
     )
     cost_help = (Settings.model_fields["cost_model"].description or "").replace("%", "%%")
     sim.add_argument(

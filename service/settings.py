@@ -107,7 +107,9 @@ class Settings(BaseSettings):
         "policy says",
     )
     spec_policy: Annotated[str, Flag("worker", metavar="POLICY")] = Field(
-        "das", description="the engine's speculation budget policy: das, das-eq7, fixed:K or none"
+        "das",
+        description="the speculation budget policy: das, das-eq7, das-match, fixed:K, suffix "
+        "or none",
     )
     cost_model: Annotated[str, Flag("worker", metavar="COST_MODEL")] = Field(
         "calibrate", description=_COST_MODEL_HELP
