@@ -1,12 +1,15 @@
 """Engine step times: one verify step (the runner's forward, then sampling every logits row as
 the engine does) over batch sizes and tokens per row, on a real model.
 
-    python -m bench.steps [--model smollm2-135m] [--threads N] [--torch-matmul] [--json OUT]
+    python -m bench.steps [--model smollm2-135m] [--threads N] [--torch-matmul | --native-matmul]
+                          [--json OUT]
     python -m bench.steps --trees [--rows 1 4 16] [--nodes 4 8 16] [--json OUT]
 
 Each cell is the median of --repeats timings after one warm-up, every slot holding --context
-cached tokens; the drafted rows are rolled back after each timing. --torch-matmul turns the
-native small-batch matmul off (every matmul through torch/MKL), for comparison. --trees times
+cached tokens; the drafted rows are rolled back after each timing. By default the runner
+takes the native small-batch matmul up to the row count where it measured it faster than torch
+(MKL); --torch-matmul turns it off (every matmul through torch) and --native-matmul takes it up
+to 64 rows whatever it measured, for comparison. --trees times
 instead the forward of a batch whose drafts are trees against the same batch with chains of
 as many tokens (TREE_SHAPES), timings of the two interleaved, and Runner.keep_path. Prints a
 table and writes JSON; no timing is asserted.
@@ -55,6 +58,12 @@ def _star(nodes: int) -> list[int]:
 TREE_SHAPES = {"fork": _fork, "binary": _binary, "star": _star}
 
 
+def matmul_label(runner: Runner) -> str:
+    if not runner.small_matmul:
+        return "torch"
+    return f"native small-batch kernel up to {runner.small_matmul_rows} rows, then torch"
+
+
 def measure(
     runner: Runner, rows: int, per_row: int, context: int, repeats: int
 ) -> tuple[float, float]:
@@ -100,7 +109,7 @@ def main_trees(args: argparse.Namespace) -> None:
     model, _ = load_model(args.model)
     rows_grid, nodes_grid = args.rows or ROWS, args.nodes or DRAFT_NODES
     runner = primed_runner(model, max(rows_grid), args.context, max(nodes_grid) + 1)
-    matmul = "native small-batch kernel" if runner.small_matmul else "torch"
+    matmul = matmul_label(runner)
     print(f"{args.model} | torch threads {torch.get_num_threads()} | matmul: {matmul}")
     print(
         "| rows x draft nodes | shape | chain forward ms | tree forward ms | tree / chain "
@@ -138,7 +147,7 @@ def write_cells(
     """The measured cells as JSON, with what they were measured on."""
     payload = {
         "model": args.model,
-        "small_matmul": runner.small_matmul,
+        "small_matmul_rows": runner.small_matmul_rows,
         "context": args.context,
         "repeats": args.repeats,
         "machine": machine_info(),
@@ -155,7 +164,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
-    parser.add_argument("--torch-matmul", action="store_true", help="no native small matmul")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--torch-matmul", action="store_true", help="no native small matmul")
+    which.add_argument(
+        "--native-matmul", action="store_true", help="the native small matmul up to 64 rows"
+    )
     parser.add_argument("--context", type=int, default=128, help="cached tokens per slot")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument(
@@ -173,9 +186,14 @@ def main() -> None:
     args.json = args.json or DEFAULT_JSON
     model, _ = load_model(args.model)
     runner = primed_runner(
-        model, max(ROWS), args.context, max(TOKENS_PER_ROW), small_matmul=not args.torch_matmul
+        model,
+        max(ROWS),
+        args.context,
+        max(TOKENS_PER_ROW),
+        small_matmul=not args.torch_matmul,
+        small_matmul_rows=64 if args.native_matmul else None,
     )
-    matmul = "native small-batch kernel" if runner.small_matmul else "torch"
+    matmul = matmul_label(runner)
     print(f"{args.model} | torch threads {torch.get_num_threads()} | matmul: {matmul}")
     print("| rows x tokens per row | forward ms | sampling ms | step ms |")
     print("|---|---|---|---|")

@@ -46,10 +46,22 @@ class Calibration:
 
 
 def primed_runner(
-    model: torch.nn.Module, slots: int, context: int, room: int, small_matmul: bool = True
+    model: torch.nn.Module,
+    slots: int,
+    context: int,
+    room: int,
+    small_matmul: bool = True,
+    small_matmul_rows: int | None = None,
 ) -> Runner:
-    """A runner whose every slot caches the same `context` tokens, with `room` positions more."""
-    runner = Runner(model, slots, context + room, small_matmul=small_matmul)
+    """A runner whose every slot caches the same `context` tokens, with `room` positions more
+    (small_matmul and small_matmul_rows as Runner takes them)."""
+    runner = Runner(
+        model,
+        slots,
+        context + room,
+        small_matmul=small_matmul,
+        small_matmul_rows=small_matmul_rows,
+    )
     vocab = runner.vocab_size
     runner.forward([0], [[3 + (17 * i) % (vocab - 3) for i in range(context)]], [1])
     for slot in range(1, slots):

@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +83,16 @@ class Runner:
         batched_max_chunk: int = 32,
         deterministic: bool = False,
         small_matmul: bool = True,
+        small_matmul_rows: int | None = None,
     ) -> None:
         """`batched_max_chunk`: chunks of at most this many tokens (decode and verify steps)
         attend in padded batched calls, one per width class (_AttentionPlan.by_width), longer
         ones one slot at a time; 0 always loops. `deterministic`: batch-invariant numerics (see the
         module docstring); RuntimeError where this machine's matmuls cannot give them.
         `small_matmul`: multiply few-row batches with the native kernel (_SmallMatmul) where it
-        applies (fp32 on an AVX2 CPU, default mode); False always uses torch."""
+        applies (fp32 on an AVX2 CPU, default mode) and is faster; False always uses torch.
+        `small_matmul_rows`: up to how many token rows a forward uses it; None measures where
+        it beats torch on this model's weights (_SmallMatmul.faster_up_to)."""
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if max_len < 1:
@@ -112,11 +116,20 @@ class Runner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.load_weights(model)
-        self.small_matmul = (
+        applies = (
             small_matmul
             and not deterministic
             and _SmallMatmul.applies(self.device, self.dtype, self._weights())
         )
+        if not applies:
+            small_matmul_rows = 0
+        elif small_matmul_rows is None:
+            small_matmul_rows = _SmallMatmul.faster_up_to(
+                self._all_weights(), torch.get_num_threads()
+            )
+        # Forwards of at most this many tokens multiply on the native kernel.
+        self.small_matmul_rows = min(small_matmul_rows, _SmallMatmul.MAX_ROWS)
+        self.small_matmul = self.small_matmul_rows > 0
         shape = (len(self.layers), slots, self.num_kv_heads, max_len, self.head_dim)
         # Zeroed, not empty: batched attention reads (masked) positions past a slot's length,
         # and 0 * NaN from uninitialised memory would poison the output. Zero pages are only
@@ -170,6 +183,14 @@ class Runner:
             (layer.down, None),
             (self.lm_head, None),
         ]
+
+    def _all_weights(self) -> list[tuple[Tensor, Tensor | None]]:
+        """Every matmul weight of a forward, in its order (with bias)."""
+        weights: list[tuple[Tensor, Tensor | None]] = []
+        for layer in self.layers:
+            weights += [(layer.qkv, layer.qkv_bias), (layer.o, None), (layer.gate_up, None)]
+            weights.append((layer.down, None))
+        return [*weights, (self.lm_head, None)]
 
     def reset(self, slot: int | None = None) -> None:
         """Forget one slot's cache (or every slot's)."""
@@ -239,7 +260,7 @@ class Runner:
         tree_masks = _TreeMask.build_all(chunks, trees, self.device)
         if tree_masks and self.deterministic:
             raise ValueError("deterministic mode verifies chain drafts only, not trees")
-        if self.small_matmul and sum(len(chunk) for chunk in chunks) <= _SmallMatmul.MAX_ROWS:
+        if sum(len(chunk) for chunk in chunks) <= self.small_matmul_rows:
             # The kernel's threads do the matmuls; torch's other work keeps to this thread (its
             # pool spinning beside the kernel's would slow both).
             kernel = functools.partial(_SmallMatmul.linear, threads=torch.get_num_threads())
@@ -587,10 +608,56 @@ class _Bucket:
 class _SmallMatmul:
     """x @ weight.T by service.engine._kernels for batches of at most MAX_ROWS token rows
     (decode and verify steps): it streams the weights once where MKL's sgemm packs them per
-    call. On this project's 2-core CPU, SmolLM2's matmuls at 9 rows take 45 ms instead of
-    140; above about 64 rows MKL is faster. Each row's result is independent of the others."""
+    call. On an AMD EPYC (Zen 1) here, SmolLM2's matmuls at 9 rows took 45 ms instead of 140,
+    and MKL was faster only above about 64 rows; on an Intel Xeon with AVX-512 here, MKL was
+    faster at every row count (23 against 30 ms at 1 row, 63 against 97 at 32). So the runner
+    measures which is faster on its own weights (faster_up_to). Each row's result is
+    independent of the others."""
 
     MAX_ROWS = 64
+    _ROW_COUNTS = (1, 4, 8, 16, 32, 64)
+    _measured: ClassVar[dict[tuple[int, ...], int]] = {}  # weights' storage and threads -> rows
+
+    @classmethod
+    def faster_up_to(cls, weights: Sequence[tuple[Tensor, Tensor | None]], threads: int) -> int:
+        """The most rows (of _ROW_COUNTS) up to which this kernel multiplied x by every one of
+        `weights` faster than torch at each count timed: each count best of two rounds of the
+        two taken in turns, every weight once per round (they stream from memory, as in a
+        forward). 0 where torch won at 1 row. Measured once per set of weights and threads
+        (a few hundred ms for SmolLM2 where the kernel wins everywhere, tens where it does
+        not)."""
+        key = (threads, *(w.data_ptr() for w, _ in weights))
+        if key not in cls._measured:
+            cls._measured[key] = cls._measure(weights, threads)
+        return cls._measured[key]
+
+    @classmethod
+    def _measure(cls, weights: Sequence[tuple[Tensor, Tensor | None]], threads: int) -> int:
+        generator = torch.Generator().manual_seed(0)  # leaves torch's global stream alone
+        inputs = {
+            w.shape[1]: torch.randn(max(cls._ROW_COUNTS), w.shape[1], generator=generator)
+            for w, _ in weights
+        }
+
+        def seconds(multiply: Callable[[Tensor, Tensor], object], rows: int) -> float:
+            start = time.perf_counter()
+            for weight, _ in weights:
+                multiply(inputs[weight.shape[1]][:rows], weight)
+            return time.perf_counter() - start
+
+        def native(x: Tensor, weight: Tensor) -> None:
+            cls.linear(x, weight, threads=threads)
+
+        faster = 0
+        for rows in cls._ROW_COUNTS:
+            timed: dict[str, list[float]] = {"native": [], "torch": []}
+            for _ in range(2):
+                timed["native"].append(seconds(native, rows))
+                timed["torch"].append(seconds(F.linear, rows))
+            if min(timed["native"]) >= min(timed["torch"]):
+                break
+            faster = rows
+        return faster
 
     @staticmethod
     def applies(

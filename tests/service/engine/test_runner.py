@@ -19,9 +19,15 @@ def check_ragged_steps(
 ) -> None:
     """Prefill three slots with different prompt lengths, then ragged steps with rollback
     and re-feeding; every logit row must equal Hugging Face's forward of the full prefix.
-    Steps of at most 64 tokens take the native small-batch matmul where it applies."""
+    With small_matmul, steps of at most 64 tokens take the native small-batch matmul where it
+    applies, whether or not it is faster on this machine."""
     runner = Runner(
-        model, slots=4, max_len=64, batched_max_chunk=batched_max_chunk, small_matmul=small_matmul
+        model,
+        slots=4,
+        max_len=64,
+        batched_max_chunk=batched_max_chunk,
+        small_matmul=small_matmul,
+        small_matmul_rows=64,
     )
     assert runner.small_matmul == (small_matmul and _kernels.available())
     generator = torch.Generator().manual_seed(0)
@@ -71,6 +77,37 @@ def test_num_logits_returns_the_last_rows(tiny_model: torch.nn.Module) -> None:
     last = runner.forward([0, 1], chunks, num_logits=[2, 1])
     everything = full.forward([0, 1], chunks)
     torch.testing.assert_close(last, everything[[3, 4, 7]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not _kernels.available(), reason="the native kernel needs AVX2 and FMA")
+def test_small_matmul_rows_decides_which_forwards_take_the_native_kernel(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    native = _kernels.linear
+
+    def counted(x: torch.Tensor, *args: object) -> None:
+        calls.append(x.shape[0])
+        native(x, *args)
+
+    monkeypatch.setattr(_kernels, "linear", counted)
+    runner = Runner(tiny_model, slots=2, max_len=32, small_matmul_rows=4)
+    runner.forward([0, 1], [[1, 2], [3, 4]])
+    assert calls and set(calls) == {4}
+    calls.clear()
+    runner.forward([0, 1], [[5, 6, 7], [8, 9]])  # 5 tokens: torch
+    assert calls == []
+    assert Runner(tiny_model, slots=1, max_len=8, small_matmul=False).small_matmul_rows == 0
+
+
+def test_measured_small_matmul_rows_is_a_timed_row_count_and_kept(
+    tiny_model: torch.nn.Module,
+) -> None:
+    runner = Runner(tiny_model, slots=1, max_len=8)
+    assert runner.small_matmul_rows in {0, 1, 4, 8, 16, 32, 64}
+    assert runner.small_matmul == (runner.small_matmul_rows > 0)
+    # Measured once per set of weights: a second runner on the same model reads the result.
+    assert Runner(tiny_model, slots=1, max_len=8).small_matmul_rows == runner.small_matmul_rows
 
 
 def test_runner_rejects_bad_batches(tiny_model: torch.nn.Module) -> None:
