@@ -26,6 +26,7 @@ from tqdm import tqdm
 from bench.prompts import check_prompt_spec, load_prompts
 from bench.rollout import (
     RolloutConfig,
+    canonical_mode,
     format_table,
     record_trace,
     run_bench,
@@ -142,7 +143,8 @@ def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--modes",
         default=DEFAULTS.modes,
         type=_modes,
-        help=f"comma-separated policies (default {modes})",
+        help=f"comma-separated policies (default {modes}); das/line (any das policy) prices "
+        "every step with the one fitted line instead of the calibrated curve by batch size",
     )
     help_text = Settings.model_fields["cost_model"].description or ""
     rollout.add_argument(
@@ -207,7 +209,10 @@ def _seed(text: str) -> int:
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    modes = tuple(policy_spec(part) for part in text.split(","))
+    try:
+        modes = tuple(canonical_mode(part) for part in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if len(set(modes)) != len(modes):
         raise argparse.ArgumentTypeError(f"modes must be distinct, got {text!r}")
     return modes

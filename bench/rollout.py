@@ -42,7 +42,7 @@ import torch
 
 from bench.prompts import encode_prompt, load_prompts
 from drafter.config import DrafterConfig
-from drafter.cost import CALIBRATE, SMOLLM2_CPU, CostModel, parse_cost_model
+from drafter.cost import CALIBRATE, SMOLLM2_CPU, CostCurve, CostModel, parse_cost_model
 from drafter.policy_spec import parse_policy, parse_policy_spec
 from drafter.traces import TraceRecord
 from service.engine.calibration import Calibration, calibrate_cost, cost_model_name
@@ -56,6 +56,28 @@ _SEED_MIX = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
 
 Progress = Callable[[int], None]  # called with the number of rollouts just finished
+
+
+# A das mode spelled with this suffix (das/line) prices every step with the one line fitted
+# over all batch sizes instead of the calibrated curve's line for the live batch (CostCurve):
+# the two compared in one run.
+LINE_PRICED = "/line"
+
+
+def mode_policy(mode: str) -> tuple[str, bool]:
+    """A mode's canonical policy name, and whether the cost curve (where there is one) prices
+    it: False for das/line."""
+    name = mode.strip()
+    by_line = name.endswith(LINE_PRICED)
+    spec = parse_policy_spec(name.removesuffix(LINE_PRICED))
+    if by_line and not spec.kind.startswith("das"):
+        raise ValueError(f"{LINE_PRICED} applies to das policies only, got {mode!r}")
+    return str(spec), not by_line
+
+
+def canonical_mode(mode: str) -> str:
+    name, by_curve = mode_policy(mode)
+    return name if by_curve else name + LINE_PRICED
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +108,7 @@ class RolloutConfig:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if not self.modes:
             raise ValueError("need at least one mode")
-        canonical = [str(parse_policy_spec(mode)) for mode in self.modes]
+        canonical = [canonical_mode(mode) for mode in self.modes]
         if len(set(canonical)) != len(canonical):
             raise ValueError(f"modes must be distinct, got {', '.join(self.modes)}")
         if self.max_batch is not None and self.max_batch < 1:
@@ -96,7 +118,7 @@ class RolloutConfig:
     @property
     def ordered_modes(self) -> tuple[str, ...]:
         """The modes canonicalised, `none` first: it is the reference for mismatches."""
-        modes = [str(parse_policy_spec(mode)) for mode in self.modes]
+        modes = [canonical_mode(mode) for mode in self.modes]
         return tuple(sorted(modes, key=lambda mode: mode != "none"))
 
 
@@ -267,18 +289,27 @@ def mode_engine(
     tokenizer: Tokenizer | None,
     workload: Workload,
     cost: CostModel,
+    cost_curve: CostCurve | None = None,
 ) -> Engine:
-    """A fresh engine with a fresh history for one mode of the benchmark."""
+    """A fresh engine with a fresh history for one mode of the benchmark (a das policy priced
+    at each step by `cost_curve` where one is given, unless the mode is das/line)."""
+    name, by_curve = mode_policy(mode)
     longest = max(len(prompt) for prompt in workload.prompts)
     engine_config = EngineConfig(
         model=config.model,
         max_batch=config.max_batch or workload.rollouts_per_epoch,
         max_model_len=longest + config.max_tokens,
         max_prefill_tokens=max(2048, longest),
-        speculation=mode,
+        speculation=name,
         drafter=DrafterConfig(tree_drafts=config.tree_drafts, live_siblings=config.live_siblings),
     )
-    return Engine(engine_config, model=model, tokenizer=tokenizer, policy=parse_policy(mode, cost))
+    return Engine(
+        engine_config,
+        model=model,
+        tokenizer=tokenizer,
+        policy=parse_policy(name, cost),
+        cost_curve=cost_curve if by_curve else None,
+    )
 
 
 def run_next_epoch(
@@ -450,7 +481,9 @@ def run_bench(
     result = BenchResult(config, workload, calibration, machine)
     modes = config.ordered_modes
     engines = {
-        mode: mode_engine(config, mode, model, tokenizer, workload, calibration.cost)
+        mode: mode_engine(
+            config, mode, model, tokenizer, workload, calibration.cost, calibration.curve
+        )
         for mode in modes
     }
     runs: dict[str, list[EpochRun]] = {mode: [] for mode in modes}
@@ -479,7 +512,7 @@ def record_trace(
     """Rollouts of config.modes[0] (speculation never changes them) as trace records."""
     vocab_size = _vocab_size(model)
     workload = build_workload(config, tokenizer, vocab_size)
-    mode = str(parse_policy_spec(config.modes[0]))
+    mode = mode_policy(config.modes[0])[0]
     engine = mode_engine(config, mode, model, tokenizer, workload, SMOLLM2_CPU)
     runs = [
         run_next_epoch(engine, workload, config, mode, epoch, progress)

@@ -7,6 +7,7 @@ with the CPU preset: its step is ten times shorter.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,67 @@ class CostModel:
         design = np.stack([np.ones_like(tokens), tokens], axis=1)
         (c_base, c_tok), *_ = np.linalg.lstsq(design, seconds, rcond=None)
         return cls(float(c_base), float(c_tok))
+
+
+@dataclass(frozen=True, slots=True)
+class CostCurve:
+    """Local cost models by batch size: where a forward's matmuls are bound by streaming the
+    weights (a CPU, or a GPU at a few rows), a token costs more at few rows than at many, so
+    one line fitted over all batch sizes misprices drafts at both ends. Each point is
+    (rows, the line through that many rows' steps with and without drafts); at(rows) is the
+    line for a live batch of that size, interpolated between the calibrated row counts and
+    held at the ends' per-token cost beyond them."""
+
+    points: tuple[tuple[int, CostModel], ...]  # ascending, distinct row counts
+
+    def __post_init__(self) -> None:
+        rows = [count for count, _ in self.points]
+        if not rows or rows[0] < 1 or any(b <= a for a, b in itertools.pairwise(rows)):
+            raise ValueError(f"a cost curve needs ascending row counts >= 1, got {rows}")
+
+    def at(self, rows: int) -> CostModel:
+        """The local cost model for a batch of `rows` requests: its step time without drafts
+        (c_base + c_tok * rows) and what one more token costs (c_tok), both linear in rows
+        between the two calibrated row counts around it."""
+        points = self.points
+        if rows <= points[0][0]:
+            return points[0][1]
+        for (low, below), (high, above) in itertools.pairwise(points):
+            if rows <= high:
+                share = (rows - low) / (high - low)
+                step = (1 - share) * below.step_time(low) + share * above.step_time(high)
+                c_tok = (1 - share) * below.c_tok + share * above.c_tok
+                return CostModel(max(step - c_tok * rows, 1e-9), c_tok)
+        return points[-1][1]
+
+    @classmethod
+    def fit(cls, steps: Sequence[tuple[int, int, float]]) -> CostCurve:
+        """From (rows, tokens per row, seconds) step timings: at each row count, the line
+        through its fewest and most tokens per row. A slope that is not positive (timing
+        noise) takes the next row count's, or the previous one's at the end."""
+        by_rows: dict[int, dict[int, float]] = {}
+        for rows, per_row, seconds in steps:
+            by_rows.setdefault(rows, {})[per_row] = seconds
+        slopes: dict[int, float] = {}
+        for rows, timed in by_rows.items():
+            if len(timed) < 2:
+                raise ValueError(f"a cost curve needs two token counts at {rows} rows")
+            fewest, most = min(timed), max(timed)
+            slopes[rows] = (timed[most] - timed[fewest]) / (rows * (most - fewest))
+        counts = sorted(by_rows)
+        usable = [rows for rows in counts if slopes[rows] > 0]
+        if not usable:
+            raise ValueError("no row count's timings rise with tokens")
+        points = []
+        for rows in counts:
+            slope = slopes[rows]
+            if slope <= 0:
+                later = [other for other in usable if other > rows]
+                slope = slopes[later[0] if later else usable[-1]]
+            fewest = min(by_rows[rows])
+            c_base = by_rows[rows][fewest] - slope * rows * fewest
+            points.append((rows, CostModel(max(c_base, 1e-9), slope)))
+        return cls(tuple(points))
 
 
 # SmolLM2-135M decode steps measured on this 2-core CPU (DESIGN.md; fp32, KV cache of 100

@@ -24,6 +24,7 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Protocol
 
+from drafter.cost import CostCurve
 from drafter.draft import Draft, Tokens, as_token_array
 from drafter.history import RolloutHistory
 from drafter.policy import Policy, RequestView, trimmer
@@ -102,9 +103,12 @@ class Speculator:
         *,
         max_draft: int = 16,
         publish: Publisher | None = None,
+        cost_curve: CostCurve | None = None,
     ) -> None:
         """`max_draft` caps every draft whatever the policy says; `publish` receives each
-        rollout that ended by itself, after it joined `history`."""
+        rollout that ended by itself, after it joined `history`; with `cost_curve`, a policy
+        that prices drafts is repriced at every step with the curve's cost model for the live
+        batch's size."""
         if max_draft < 0:
             raise ValueError(f"max_draft must be >= 0, got {max_draft}")
         self.history = history
@@ -115,6 +119,8 @@ class Speculator:
         # Without drafting the per-request suffix trees are not worth maintaining.
         self.drafting = max_draft > 0 and policy.drafts
         self._trimmer = trimmer(policy)  # das-match cuts each drafted step (policy.Trimming)
+        self.cost_curve = cost_curve if policy.cost is not None else None
+        self._priced_rows = 0  # the batch size the policy was last repriced for
 
     def start(
         self, request_id: str, group: str, prompt: Tokens, sample_index: int = 0
@@ -137,6 +143,9 @@ class Speculator:
         if not self.drafting or not requests:
             return [Draft() for _ in requests]
         views = [request.view for request in requests]
+        if self.cost_curve is not None and len(requests) != self._priced_rows:
+            self.policy.reprice(self.cost_curve.at(len(requests)))
+            self._priced_rows = len(requests)
         budgets = self.policy.budgets(views)
         # map, not a comprehension: at hundreds of rows per step the per-row bytecode shows.
         sizes = list(map(min, budgets, max_draft, repeat(self.max_draft)))

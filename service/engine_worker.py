@@ -184,7 +184,7 @@ class EngineWorker:
             engine.policy.name,
             config.max_batch,
         )
-        cost = engine.policy.cost
+        cost = engine.cost
         if cost is not None:
             gauge = self._metrics.cost_model
             gauge.labels(worker=self._settings.worker_name, term="c_base").set(cost.c_base)
@@ -277,10 +277,17 @@ class EngineWorker:
     def cost_model(self) -> dict[str, Any] | None:
         """The cost model the engine's policy prices drafts with, and where it came from."""
         engine = self._loaded()
-        cost = engine.policy.cost
+        cost = engine.cost
         if cost is None:
             return None
-        return {"c_base": cost.c_base, "c_tok": cost.c_tok, "source": engine.cost_source}
+        model: dict[str, Any] = {"c_base": cost.c_base, "c_tok": cost.c_tok}
+        model["source"] = engine.cost_source
+        if engine.cost_curve is not None and engine.speculator.cost_curve is not None:
+            model["by_batch_size"] = [
+                {"rows": rows, "c_base": local.c_base, "c_tok": local.c_tok}
+                for rows, local in engine.cost_curve.points
+            ]
+        return model
 
     # -- tokenizer ----------------------------------------------------------------------
 

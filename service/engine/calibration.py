@@ -8,21 +8,23 @@ cost model, or raises where none is given: a GPU worker must never plan with a C
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from drafter.cost import COST_PRESETS, SMOLLM2_CPU, CostModel
+from drafter.cost import COST_PRESETS, SMOLLM2_CPU, CostCurve, CostModel
 from service.engine.runner import Runner
 from service.engine.sampling import sample
 from service.worker import SamplingParams
 
 CALIBRATED = "calibrated"
-# Tokens per row timed: a plain decode step and a step verifying an 8-token draft.
+# Tokens per row timed for the fit: a plain decode step and a step verifying an 8-token draft.
 _TOKENS_PER_ROW = (1, 9)
+# Tokens per row timed for the curve (at every power of two rows up to the batch, and the
+# batch): a decode step and one verifying 2-token drafts, das's usual size.
+_CURVE_TOKENS_PER_ROW = (1, 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,17 +33,31 @@ class Calibration:
     source: str  # "calibrated", a preset name, or "<fallback> (calibration fit unusable)"
     points: tuple[tuple[int, int, float], ...] = ()  # (rows, tokens per row, fastest seconds)
     context: int = 0  # cached tokens per row while timing
+    # Local cost models by batch size (CostCurve), from the curve's points; None when given.
+    curve: CostCurve | None = None
+    curve_points: tuple[tuple[int, int, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
+        def timings(points: tuple[tuple[int, int, float], ...]) -> list[dict[str, Any]]:
+            return [
+                {"rows": rows, "tokens_per_row": per_row, "seconds": seconds}
+                for rows, per_row, seconds in points
+            ]
+
+        curve = None
+        if self.curve is not None:
+            curve = [
+                {"rows": rows, "c_base": local.c_base, "c_tok": local.c_tok}
+                for rows, local in self.curve.points
+            ]
         return {
             "source": self.source,
             "c_base": self.cost.c_base,
             "c_tok": self.cost.c_tok,
             "context": self.context,
-            "points": [
-                {"rows": rows, "tokens_per_row": per_row, "seconds": seconds}
-                for rows, per_row, seconds in self.points
-            ],
+            "points": timings(self.points),
+            "curve": curve,
+            "curve_points": timings(self.curve_points),
         }
 
 
@@ -108,20 +124,23 @@ def calibrate_cost(
     fallback: CostModel | None = SMOLLM2_CPU,
 ) -> Calibration:
     """Time verify steps at batch 1 and max_batch with 1 and 9 tokens per row over `context`
-    cached tokens, and fit t = c_base + c_tok * tokens. Each point is the fastest of `repeats`
-    timings after one warm-up (the least disturbed by other work on a shared machine). A fit
-    that is not positive returns `fallback`, or raises ValueError if it is None."""
+    cached tokens, and fit t = c_base + c_tok * tokens; then the curve (CostCurve): steps of 1
+    and 3 tokens per row at 1, 2, 4, ... rows and max_batch. Each point is the fastest of
+    `repeats` timings after one warm-up (the least disturbed by other work on a shared
+    machine). A fit that is not positive returns `fallback` (and no curve), or raises
+    ValueError if it is None; a curve that cannot be fitted is left out."""
     if max_batch < 1 or context < 1 or repeats < 1:
         raise ValueError("max_batch, context and repeats must be >= 1")
     runner = primed_runner(model, max_batch, context, max(_TOKENS_PER_ROW))
     params = SamplingParams(temperature=temperature)
-    points = []
-    for rows in sorted({1, max_batch}):
-        for per_row in _TOKENS_PER_ROW:
-            timings = time_verify_step(runner, rows, per_row, context, repeats, params)
-            points.append((rows, per_row, min(f + s for f, s in timings)))
-    del runner
-    gc.collect()
+
+    def fastest(rows: int, per_row: int) -> tuple[int, int, float]:
+        timings = time_verify_step(runner, rows, per_row, context, repeats, params)
+        return rows, per_row, min(f + s for f, s in timings)
+
+    points = [fastest(rows, n) for rows in sorted({1, max_batch}) for n in _TOKENS_PER_ROW]
+    curve_rows = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
+    curve_points = [fastest(rows, n) for rows in curve_rows for n in _CURVE_TOKENS_PER_ROW]
     try:
         cost = CostModel.fit([(rows * per_row, seconds) for rows, per_row, seconds in points])
     except ValueError as error:
@@ -130,7 +149,11 @@ def calibrate_cost(
             raise ValueError(f"the calibration fit is unusable ({error}; timed {timed})") from None
         source = f"{cost_model_name(fallback)} (calibration fit unusable)"
         return Calibration(fallback, source, tuple(points), context)
-    return Calibration(cost, CALIBRATED, tuple(points), context)
+    try:
+        curve: CostCurve | None = CostCurve.fit(curve_points)
+    except ValueError:
+        curve = None
+    return Calibration(cost, CALIBRATED, tuple(points), context, curve, tuple(curve_points))
 
 
 def cost_model_name(cost: CostModel) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from drafter.cost import SMOLLM2_CPU, CostModel, parse_cost_model
+from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel, parse_cost_model
 from drafter.draft import Draft
 from drafter.groups import group_of
 from drafter.history import RolloutHistory
@@ -134,10 +134,13 @@ class Engine:
         history: RolloutHistory | None = None,
         policy: Policy | None = None,
         publish: Publisher | None = None,
+        cost_curve: CostCurve | None = None,
     ) -> None:
         """Loads config.model unless a model (and its tokenizer, or None) is given, and builds
         the policy config.speculation names unless one is given, pricing drafts with
-        config.cost_model (calibrate: time this engine's verify step now).
+        config.cost_model (calibrate: time this engine's verify step now, and price each
+        step with the calibration's cost model for its batch size, drafter.cost.CostCurve;
+        `cost_curve` does the latter for a given policy).
 
         Every rollout that ends by itself joins `history` and then goes to `publish` (a worker
         shares it through Redis)."""
@@ -152,13 +155,16 @@ class Engine:
         self.cost_source = "given with the policy"  # where policy.cost came from
         if policy is None:
             if parse_policy_spec(config.speculation).kind.startswith("das"):
-                cost, self.cost_source = self._cost_model()
+                cost, self.cost_source, cost_curve = self._cost_model()
                 policy = parse_policy(config.speculation, cost)
             else:
                 policy = parse_policy(config.speculation)
         self.policy = policy
+        # What the policy was built with; with a curve it is repriced at every step.
+        self.cost = policy.cost
+        self.cost_curve = cost_curve
         self.speculator = Speculator(
-            self.history, policy, max_draft=config.max_draft, publish=publish
+            self.history, policy, max_draft=config.max_draft, publish=publish, cost_curve=cost_curve
         )
         self.stats = EngineStats()
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
@@ -168,14 +174,14 @@ class Engine:
         self._free_slots = list(range(config.max_batch))  # a heap: the lowest slot first
         self._paused = False
 
-    def _cost_model(self) -> tuple[CostModel, str]:
-        """config.cost_model and its source: a preset or given constants, or this engine's
-        verify step timed now. An unusable timing falls back to the CPU preset on a CPU only:
-        a GPU must never plan with a CPU's constants."""
+    def _cost_model(self) -> tuple[CostModel, str, CostCurve | None]:
+        """config.cost_model, its source and its curve by batch size: a preset or given
+        constants (no curve), or this engine's verify step timed now. An unusable timing falls
+        back to the CPU preset on a CPU only: a GPU must never plan with a CPU's constants."""
         config = self.config
         cost = parse_cost_model(config.cost_model)
         if cost is not None:
-            return cost, config.cost_model
+            return cost, config.cost_model, None
         context = max(1, min(128, config.max_model_len - 10))
         on_cpu = config.device == "cpu"
         try:
@@ -187,7 +193,7 @@ class Engine:
                 f"cost model calibration failed on {config.device} ({error}): "
                 "set cost_model to C_BASE,C_TOK seconds"
             ) from error
-        return calibration.cost, calibration.source
+        return calibration.cost, calibration.source, calibration.curve
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -13,13 +13,14 @@ from bench.rollout import (
     build_workload,
     count_mismatches,
     format_table,
+    mode_engine,
     record_trace,
     rollout_seed,
     run_bench,
     trace_records,
     write_plot,
 )
-from drafter.cost import H100_7B, SMOLLM2_CPU, CostModel
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel
 from drafter.simulator import simulate
 from drafter.traces import read_trace, write_trace
 
@@ -108,6 +109,8 @@ def test_a_given_cost_model_reaches_the_result_unmeasured(
         {"modes": ()},
         {"modes": ("none", "bogus")},
         {"modes": ("fixed:8", " fixed:8")},
+        {"modes": ("das/line", "das /line")},
+        {"modes": ("fixed:8/line",)},
         {"max_batch": 0},
         {"cost": "guess"},
         {"cost": "0,1"},
@@ -122,6 +125,10 @@ def test_none_runs_first_as_the_reference() -> None:
     config = RolloutConfig(modes=("das", "fixed:4", "none"))
     assert config.ordered_modes == ("none", "das", "fixed:4")
     assert RolloutConfig(modes=("das",)).ordered_modes == ("das",)
+    assert RolloutConfig(modes=("das-match/line", "das")).ordered_modes == (
+        "das-match/line",
+        "das",
+    )
 
 
 def test_seeds_are_distinct_per_epoch_and_prompt_and_fixed_by_the_seed() -> None:
@@ -230,6 +237,16 @@ def test_calibrate_is_the_default_cost_and_reaches_the_das_policy(
     source = result.to_json()["config"]["cost_model"]["source"]
     assert source in ("calibrated", "smollm2-cpu (calibration fit unusable)")
     assert len(result.runs) == 2
+
+
+def test_das_is_priced_by_the_curve_and_das_line_by_the_line(tiny_model: torch.nn.Module) -> None:
+    curve = CostCurve(((1, CostModel(0.03, 0.005)), (4, CostModel(0.05, 0.001))))
+    workload = build_workload(TINY, None, tiny_model.config.vocab_size)
+    by_curve = mode_engine(TINY, "das", tiny_model, None, workload, SMOLLM2_CPU, curve)
+    by_line = mode_engine(TINY, "das/line", tiny_model, None, workload, SMOLLM2_CPU, curve)
+    assert by_curve.speculator.cost_curve is curve and by_curve.policy.name == "das"
+    assert by_line.speculator.cost_curve is None and by_line.policy.name == "das"
+    assert by_line.policy.cost == SMOLLM2_CPU
 
 
 def test_trace_is_readable_and_simulates(tmp_path: Path, tiny_model: torch.nn.Module) -> None:

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 import pytest
 
-from drafter.cost import COST_PRESETS, H100_7B, SMOLLM2_CPU, CostModel, parse_cost_model
+from drafter.cost import (
+    COST_PRESETS,
+    H100_7B,
+    SMOLLM2_CPU,
+    CostCurve,
+    CostModel,
+    parse_cost_model,
+)
 
 
 def test_presets_constants_and_calibrate_parse() -> None:
@@ -29,3 +36,44 @@ def test_a_cost_model_prices_a_step_and_fits_points() -> None:
     assert (fitted.c_base, fitted.c_tok) == pytest.approx((0.01, 0.001))
     with pytest.raises(ValueError, match="two or more token counts"):
         CostModel.fit([(4, 0.1), (4, 0.2)])
+
+
+def _concave(rows: int, per_row: int) -> float:
+    """A step whose tokens cost more at few rows: 30 ms + 4 ms/row + 6 / rows ms per draft
+    token."""
+    return 0.030 + 0.004 * rows + 0.006 / rows * rows * (per_row - 1)
+
+
+def test_a_cost_curve_is_the_local_line_at_each_row_count_and_interpolates() -> None:
+    steps = [(rows, n, _concave(rows, n)) for rows in (1, 2, 4, 8) for n in (1, 3)]
+    curve = CostCurve.fit(steps)
+    for rows in (1, 2, 4, 8):
+        local = curve.at(rows)
+        assert local.step_time(rows) == pytest.approx(_concave(rows, 1))
+        assert local.c_tok == pytest.approx(0.006 / rows)
+    # Between two row counts: step time and per-token cost both linear in rows.
+    middle = curve.at(3)
+    assert middle.step_time(3) == pytest.approx((_concave(2, 1) + _concave(4, 1)) / 2)
+    assert middle.c_tok == pytest.approx((0.003 + 0.0015) / 2)
+    # Beyond the ends: the end's line.
+    assert curve.at(16) == curve.at(8) and curve.at(0) == curve.at(1)
+
+
+def test_a_cost_curve_slope_lost_to_noise_takes_its_neighbours() -> None:
+    steps = [
+        (1, 1, 0.030),
+        (1, 3, 0.040),
+        (2, 1, 0.050),
+        (2, 3, 0.049),
+        (4, 1, 0.08),
+        (4, 3, 0.088),
+    ]
+    curve = CostCurve.fit(steps)
+    assert curve.at(2).c_tok == pytest.approx(curve.at(4).c_tok) == pytest.approx(0.001)
+    assert curve.at(2).step_time(2) == pytest.approx(0.050)
+    with pytest.raises(ValueError, match="rise with tokens"):
+        CostCurve.fit([(1, 1, 0.03), (1, 3, 0.02)])
+    with pytest.raises(ValueError, match="two token counts"):
+        CostCurve.fit([(1, 1, 0.03)])
+    with pytest.raises(ValueError, match="ascending"):
+        CostCurve(((2, SMOLLM2_CPU), (1, SMOLLM2_CPU)))

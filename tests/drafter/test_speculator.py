@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from drafter import DrafterConfig, RolloutHistory
-from drafter.cost import SMOLLM2_CPU
+from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel
 from drafter.das import DasPolicy
 from drafter.draft import HISTORY, Draft
 from drafter.groups import group_of, prompt_group
@@ -135,6 +135,22 @@ def test_das_reports_the_length_class_predicted_before_the_request_ran() -> None
     assert Speculator(history, FixedPolicy(2)).length_class(core.start("x", "g", PROMPT)) == (
         "unknown"
     )
+
+
+def test_a_cost_curve_reprices_das_for_each_batch_size() -> None:
+    curve = CostCurve(((1, CostModel(0.03, 0.005)), (4, CostModel(0.05, 0.001))))
+    history = RolloutHistory(DrafterConfig(max_depth=8))
+    policy = DasPolicy(SMOLLM2_CPU)
+    core = Speculator(history, policy, cost_curve=curve)
+    requests = [core.start(f"r{i}", "g", PROMPT) for i in range(4)]
+    core.drafts(requests[:1], [8])
+    assert policy.cost == curve.at(1)
+    core.drafts(requests, [8] * 4)
+    assert policy.cost == curve.at(4)
+    core.drafts(requests[:3], [8] * 3)
+    assert policy.cost == curve.at(3) != curve.at(4)
+    # A policy that prices nothing keeps no curve.
+    assert Speculator(history, FixedPolicy(2), cost_curve=curve).cost_curve is None
 
 
 def test_bad_calls_raise() -> None:

@@ -10,7 +10,7 @@ from service.engine.runner import Runner
 from service.worker import SamplingParams
 
 
-def test_calibration_times_four_points(tiny_model: torch.nn.Module) -> None:
+def test_calibration_times_four_points_and_the_curve(tiny_model: torch.nn.Module) -> None:
     result = calibrate_cost(tiny_model, max_batch=3, context=8, repeats=1)
     assert [(rows, per_row) for rows, per_row, _ in result.points] == [
         (1, 1),
@@ -18,10 +18,15 @@ def test_calibration_times_four_points(tiny_model: torch.nn.Module) -> None:
         (3, 1),
         (3, 9),
     ]
-    assert all(seconds > 0 for _, _, seconds in result.points)
+    assert [(rows, per_row) for rows, per_row, _ in result.curve_points] == [
+        (rows, per_row) for rows in (1, 2, 3) for per_row in (1, 3)
+    ]
+    assert all(seconds > 0 for _, _, seconds in result.points + result.curve_points)
     assert result.source in ("calibrated", "smollm2-cpu (calibration fit unusable)")
     assert result.cost.c_base > 0 and result.cost.c_tok > 0
-    assert set(result.to_json()) == {"source", "c_base", "c_tok", "context", "points"}
+    assert set(result.to_json()) == {
+        *("source", "c_base", "c_tok", "context", "points", "curve", "curve_points")
+    }
 
 
 def _timed_as(
@@ -48,10 +53,16 @@ def test_a_line_of_timings_is_fitted(
 ) -> None:
     steps = _timed_as(monkeypatch, CostModel(0.02, 0.001))
     result = calibrate_cost(tiny_model, max_batch=4, context=8, repeats=2, fallback=None)
-    assert steps == [(1, 1), (1, 9), (4, 1), (4, 9)]
+    curve_steps = [(rows, per_row) for rows in (1, 2, 4) for per_row in (1, 3)]
+    assert steps == [(1, 1), (1, 9), (4, 1), (4, 9), *curve_steps]
     assert result.source == "calibrated" and result.context == 8
     assert result.cost.c_base == pytest.approx(0.02)
     assert result.cost.c_tok == pytest.approx(0.001)
+    # Timings on one line give that line at every batch size.
+    assert result.curve is not None
+    for rows in (1, 3, 4, 9):
+        local = result.curve.at(rows)
+        assert (local.c_base, local.c_tok) == pytest.approx((0.02, 0.001))
 
 
 @pytest.mark.parametrize(
@@ -70,7 +81,7 @@ def test_an_unusable_fit_falls_back(
 ) -> None:
     _timed_as(monkeypatch, None)
     result = calibrate_cost(tiny_model, max_batch=2, context=8, repeats=1, fallback=fallback)
-    assert (result.cost, result.source) == (fallback, source)
+    assert (result.cost, result.source, result.curve) == (fallback, source, None)
     assert len(result.points) == 4
 
 
