@@ -193,6 +193,9 @@ class EpochRun:
     accepted: int
     prefill_tokens: int
     batch_size_over_time: list[tuple[float, int]]
+    # Per batch-size class (rows 1, 2-3, 4-7, ...: the bit length of rows): [steps, seconds,
+    # draft tokens, accepted, prefill tokens] summed over the epoch's steps of that size.
+    steps_by_rows: dict[int, list[float]] = field(default_factory=dict)
     mismatched_rollouts: int | None = None  # against the reference mode's run of the epoch
     # Per mismatched rollout: where it first left the reference, and the two tokens there.
     mismatches: list[dict[str, Any]] = field(default_factory=list)
@@ -223,7 +226,26 @@ class EpochRun:
             "mismatches": self.mismatches,
             "lengths": sorted(len(output) for output in self.outputs.values()),
             "batch_size_over_time": [[round(t, 4), n] for t, n in self.batch_size_over_time],
+            "steps_by_rows": [
+                {
+                    "rows": _rows_class(size),
+                    "steps": int(steps),
+                    "mean_step_s": seconds / steps,
+                    "drafted_per_step": drafted / steps,
+                    "accepted_per_step": accepted / steps,
+                    "prefill_per_step": prefill / steps,
+                }
+                for size, (steps, seconds, drafted, accepted, prefill) in sorted(
+                    self.steps_by_rows.items()
+                )
+            ],
         }
+
+
+def _rows_class(size: int) -> str:
+    """Batch sizes of one bit length: "1", "2-3", "4-7", ..."""
+    low, high = 1 << (size - 1), (1 << size) - 1
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -250,8 +272,10 @@ def run_epoch(
     outputs: dict[tuple[str, int], list[int]] = {}
     forwards = 0
     now, active = 0.0, 0
+    by_rows: dict[int, list[float]] = {}
     while engine.has_unfinished():
         began = now
+        counted = (stats.drafted_tokens, stats.accepted_tokens, stats.prefill_tokens)
         done = engine.step()
         now = time.perf_counter() - start
         for output in done:
@@ -265,6 +289,16 @@ def run_epoch(
         if batch != active:
             timeline.append((began, batch))
             active = batch
+        step = (
+            1,
+            now - began,
+            stats.drafted_tokens - counted[0],
+            stats.accepted_tokens - counted[1],
+            stats.prefill_tokens - counted[2],
+        )
+        totals = by_rows.setdefault(batch.bit_length(), [0.0] * len(step))
+        for i, value in enumerate(step):
+            totals[i] += value
         if finished and progress is not None:
             progress(finished)
     timeline.append((now, 0))
@@ -279,6 +313,7 @@ def run_epoch(
         accepted=stats.accepted_tokens - before[2],
         prefill_tokens=stats.prefill_tokens - prefill_before,
         batch_size_over_time=timeline,
+        steps_by_rows=by_rows,
     )
 
 

@@ -53,6 +53,7 @@ RUN_FIELDS = {
     "lengths": list,
     "mismatches": list,
     "batch_size_over_time": list,
+    "steps_by_rows": list,
 }
 
 
@@ -175,6 +176,18 @@ def test_bench_json_schema(greedy_result: BenchResult) -> None:
         assert timeline[-1][1] == 0
         assert [t for t, _ in timeline] == sorted(t for t, _ in timeline)
         assert timeline[-1][0] == pytest.approx(run["makespan_s"], abs=1e-4)
+        profile = run["steps_by_rows"]
+        assert [row["rows"] for row in profile] == sorted(
+            (row["rows"] for row in profile), key=lambda rows: int(rows.split("-")[0])
+        )
+        assert {row["rows"] for row in profile} <= {"1", "2-3", "4-7"}
+        assert sum(row["steps"] for row in profile) == run["steps"]
+        steps = {row["rows"]: row["steps"] for row in profile}
+        for key in ("drafted", "accepted", "prefill"):
+            total = sum(row[f"{key}_per_step"] * row["steps"] for row in profile)
+            assert total == pytest.approx(run[key if key != "prefill" else "prefill_tokens"])
+        seconds = sum(row["mean_step_s"] * steps[row["rows"]] for row in profile)
+        assert seconds == pytest.approx(run["makespan_s"], rel=1e-6)
     assert [row["mode"] for row in data["summary"]] == ["none", "fixed:8", "das"]
     assert data["summary"][0]["makespan_ratio"] == 1.0
 
