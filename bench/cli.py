@@ -26,7 +26,6 @@ from tqdm import tqdm
 from bench.prompts import check_prompt_spec, load_prompts
 from bench.rollout import (
     RolloutConfig,
-    canonical_mode,
     format_table,
     record_trace,
     run_bench,
@@ -34,6 +33,7 @@ from bench.rollout import (
     write_plot,
 )
 from drafter.cost import parse_cost_model
+from drafter.policy_spec import canonical_mode
 from drafter.traces import write_trace
 from service.cli import fail, policy_spec, positive, reason
 from service.settings import Settings

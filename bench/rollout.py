@@ -43,7 +43,7 @@ import torch
 from bench.prompts import encode_prompt, load_prompts
 from drafter.config import DrafterConfig
 from drafter.cost import CALIBRATE, SMOLLM2_CPU, CostCurve, CostModel, parse_cost_model
-from drafter.policy_spec import parse_policy, parse_policy_spec
+from drafter.policy_spec import canonical_mode, mode_policy, parse_policy
 from drafter.traces import TraceRecord
 from service.engine.calibration import Calibration, calibrate_cost, cost_model_name
 from service.engine.config import EngineConfig
@@ -56,28 +56,6 @@ _SEED_MIX = 0x9E3779B97F4A7C15
 _MASK63 = (1 << 63) - 1
 
 Progress = Callable[[int], None]  # called with the number of rollouts just finished
-
-
-# A das mode spelled with this suffix (das/line) prices every step with the one line fitted
-# over all batch sizes instead of the calibrated curve's line for the live batch (CostCurve):
-# the two compared in one run.
-LINE_PRICED = "/line"
-
-
-def mode_policy(mode: str) -> tuple[str, bool]:
-    """A mode's canonical policy name, and whether the cost curve (where there is one) prices
-    it: False for das/line."""
-    name = mode.strip()
-    by_line = name.endswith(LINE_PRICED)
-    spec = parse_policy_spec(name.removesuffix(LINE_PRICED))
-    if by_line and not spec.kind.startswith("das"):
-        raise ValueError(f"{LINE_PRICED} applies to das policies only, got {mode!r}")
-    return str(spec), not by_line
-
-
-def canonical_mode(mode: str) -> str:
-    name, by_curve = mode_policy(mode)
-    return name if by_curve else name + LINE_PRICED
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,3 +57,25 @@ def parse_policy(
     if parsed.kind in _DAS_NAMES:
         return DasPolicy(cost, replace(config or DasConfig(), rule=_DAS_NAMES[parsed.kind]))
     return FixedPolicy(parsed.budget)
+
+
+# A das policy spelled with this suffix (das/line) in a benchmark or a replay plans with the one
+# line fitted over all batch sizes instead of the cost curve's line for the live batch
+# (drafter.cost.CostCurve): the two compared in one run.
+LINE_PRICED = "/line"
+
+
+def mode_policy(mode: str) -> tuple[str, bool]:
+    """A mode's canonical policy name, and whether the cost curve (where there is one) prices
+    it: False for das/line."""
+    name = mode.strip()
+    by_line = name.endswith(LINE_PRICED)
+    spec = parse_policy_spec(name.removesuffix(LINE_PRICED))
+    if by_line and not spec.kind.startswith("das"):
+        raise ValueError(f"{LINE_PRICED} applies to das policies only, got {mode!r}")
+    return str(spec), not by_line
+
+
+def canonical_mode(mode: str) -> str:
+    name, by_curve = mode_policy(mode)
+    return name if by_curve else name + LINE_PRICED

@@ -9,7 +9,9 @@ before any is verified, as in the engine (a Trimming policy, das-match, then cut
 again as the speculation core does); then the target "verifies" each draft against the recorded
 output: the longest draft path that matches it is accepted and the target adds its own next
 token, so a step emits accepted + 1 tokens (never past the recorded end). A step costs
-c_base + c_tok * (sum over live rollouts of 1 + draft length) under the cost model. A rollout
+c_base + c_tok * (sum over live rollouts of 1 + draft length) under the cost model, or, given a
+cost curve (a calibration's CostCurve), that under the curve's line for the step's live batch,
+with a das policy repriced at every step as the speculation core reprices it. A rollout
 enters the history (version = epoch) as soon as it finishes, as in the engine, where the
 speculation core adds it at once; after the epoch the history moves to version epoch + 1.
 
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from drafter.config import DrafterConfig
-from drafter.cost import CostModel
+from drafter.cost import CostCurve, CostModel
 from drafter.das import DasConfig
 from drafter.draft import Draft
 from drafter.history import RolloutHistory, TreeFactory
@@ -82,6 +84,10 @@ class SimulationResult:
     outputs: tuple[tuple[int, ...], ...] | None = field(default=None, repr=False)
     # The suffix policy's own settings (it drafts from its cache; `config` is then unused).
     suffix_decoding: SuffixDecodingConfig | None = None
+    # The steps' cost by batch size, if given (then `cost` is what a policy priced by the
+    # line plans with), and whether a das policy planned with it.
+    cost_curve: CostCurve | None = None
+    priced_by_curve: bool = False
 
     @property
     def total(self) -> EpochReport:
@@ -108,6 +114,11 @@ class SimulationResult:
         }
         if self.suffix_decoding is not None:
             data["suffix_decoding"] = asdict(self.suffix_decoding)
+        if self.cost_curve is not None:
+            data["cost_curve"] = [
+                {"rows": rows, **asdict(local)} for rows, local in self.cost_curve.points
+            ]
+            data["priced_by_curve"] = self.priced_by_curve
         return data
 
 
@@ -135,12 +146,21 @@ def accepted_tokens(draft: Draft, target: Sequence[int]) -> list[int]:
     return path
 
 
-def baseline_time(lengths: Sequence[int], cost: CostModel) -> float:
+def baseline_time(lengths: Sequence[int], cost: CostModel, curve: CostCurve | None = None) -> float:
     """Modeled time of a batch without speculation: step s costs c_base + c_tok * (rollouts
-    still running), until the longest is done."""
+    still running), until the longest is done; with a curve, each step under its line for
+    the rollouts still running."""
     if not lengths:
         return 0.0
-    return cost.c_base * max(lengths) + cost.c_tok * sum(lengths)
+    if curve is None:
+        return cost.c_base * max(lengths) + cost.c_tok * sum(lengths)
+    ordered = sorted(lengths)
+    total, done = 0.0, 0
+    for index, length in enumerate(ordered):  # steps done + 1 .. length run len - index rows
+        rows = len(ordered) - index
+        total += (length - done) * curve.at(rows).step_time(rows)
+        done = length
+    return total
 
 
 @dataclass(slots=True)
@@ -162,9 +182,13 @@ def simulate(
     tree_factory: TreeFactory = SuffixTree,
     progress: bool = False,
     record_outputs: bool = False,
+    cost_curve: CostCurve | None = None,
+    price_by_curve: bool = True,
 ) -> SimulationResult:
     """Replay `trace` epoch by epoch under the policy named by policy_spec (module docstring).
-    Deterministic. progress: a tqdm bar of finished rollouts on stderr, if it is a terminal."""
+    Deterministic. progress: a tqdm bar of finished rollouts on stderr, if it is a terminal.
+    cost_curve: steps cost what its line for their batch says, and (unless price_by_curve is
+    False, which keeps `cost` for planning) a das policy plans with that line."""
     config = config or DrafterConfig()
     policy = parse_policy(policy_spec, cost, das_config)
     history = RolloutHistory(config, tree_factory=tree_factory)
@@ -182,7 +206,8 @@ def simulate(
                     source.start_request(index, record.group, record.prompt)
                     view = policy.request(record.group)
                     batch.append(_Live(index, record, view, [] if record_outputs else None))
-            counts = _run_batch(list(batch), policy, source, history, bar)
+            reprice = cost_curve if price_by_curve and policy.cost is not None else None
+            counts = _run_batch(list(batch), policy, source, history, bar, cost_curve, reprice)
             lengths = [len(entry.record.output) for entry in batch]
             reports.append(
                 EpochReport(
@@ -193,8 +218,8 @@ def simulate(
                     steps=counts.steps,
                     drafted=counts.drafted,
                     accepted=counts.accepted,
-                    makespan_s=counts.makespan(cost),
-                    baseline_s=baseline_time(lengths, cost),
+                    makespan_s=counts.makespan(cost) if cost_curve is None else counts.seconds,
+                    baseline_s=baseline_time(lengths, cost, cost_curve),
                 )
             )
             for entry in batch:
@@ -204,6 +229,8 @@ def simulate(
     return SimulationResult(
         policy=policy.name,
         cost=cost,
+        cost_curve=cost_curve,
+        priced_by_curve=cost_curve is not None and price_by_curve and policy.cost is not None,
         config=config,
         epochs=tuple(reports),
         synthetic=any(record.synthetic for record in trace),
@@ -219,6 +246,7 @@ class _Counts:
     drafted: int = 0
     accepted: int = 0
     processed: int = 0  # tokens fed to forward passes, all steps and rows
+    seconds: float = 0.0  # with a cost curve: the steps' times under it
 
     def makespan(self, cost: CostModel) -> float:
         # The sum of c_base + c_tok * tokens over steps, in the form baseline_time uses, so
@@ -227,14 +255,24 @@ class _Counts:
 
 
 def _run_batch(
-    live: list[_Live], policy: Policy, source: DraftSource, history: RolloutHistory, bar: tqdm
+    live: list[_Live],
+    policy: Policy,
+    source: DraftSource,
+    history: RolloutHistory,
+    bar: tqdm,
+    curve: CostCurve | None = None,
+    reprice: CostCurve | None = None,
 ) -> _Counts:
     """Decode one batch until every rollout in `live` is done (emptying it). A rollout joins
     the history (at the history's version) as soon as it finishes, as the speculation core
-    does, so that its still running siblings can draft from it."""
+    does, so that its still running siblings can draft from it. `curve` times each step;
+    `reprice` reprices the policy for each step's batch size."""
     counts = _Counts()
     trimming = trimmer(policy)
     while live:
+        rows = len(live)
+        if reprice is not None:
+            policy.reprice(reprice.at(rows))
         views = [entry.view for entry in live]
         budgets = policy.budgets(views)
         # Every row drafts before any is verified: a row never sees a companion's tokens
@@ -274,5 +312,7 @@ def _run_batch(
             bar.update(1)
         counts.processed += step_tokens
         counts.steps += 1
+        if curve is not None:
+            counts.seconds += curve.at(rows).step_time(step_tokens)
         live[:] = still_live
     return counts

@@ -23,8 +23,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from drafter.config import DrafterConfig
-from drafter.cost import SMOLLM2_CPU, CostModel, parse_cost_model
-from drafter.policy_spec import parse_policy_spec
+from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel, parse_cost_model
+from drafter.policy_spec import LINE_PRICED, canonical_mode, mode_policy, parse_policy_spec
 from drafter.simulator import EpochReport, SimulationResult, simulate
 from drafter.traces import read_trace, synthetic_trace, write_trace
 from service.commands import add_gateway_parser, add_serve_parser, add_worker_parser
@@ -80,15 +80,25 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         type=policy_specs,
         help="das, das-eq7, das-match, fixed:K, suffix or none, or several comma-separated "
         "(replayed one after another, then a side-by-side table; the JSON then holds a list of "
-        "runs) (default: das)",
+        "runs); with --cost-curve, das/line (any das policy) plans with the line instead of "
+        "the curve (default: das)",
     )
     cost_help = (Settings.model_fields["cost_model"].description or "").replace("%", "%%")
     sim.add_argument(
         "--cost-model",
-        default=SMOLLM2_CPU,
+        default=None,
         type=_replay_cost_model,
         metavar="COST_MODEL",
-        help=f"{cost_help}; calibrate needs an engine, so not here (default smollm2-cpu)",
+        help=f"{cost_help}; calibrate needs an engine, so not here (default smollm2-cpu, or "
+        "with --cost-curve the file's fitted line)",
+    )
+    sim.add_argument(
+        "--cost-curve",
+        default=None,
+        metavar="JSON",
+        help="price each step by the cost curve of a calibration (a das bench rollout JSON, "
+        "or its config.cost_model object): the line for the step's batch size; das plans with "
+        "it too (das/line: with the cost model's line)",
     )
     sim.add_argument(
         "--c-base", type=seconds, default=None, help="seconds per forward pass (overrides)"
@@ -114,8 +124,11 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def policy_specs(text: str) -> tuple[str, ...]:
-    """An argparse type: comma-separated distinct policy names, canonical."""
-    specs = tuple(policy_spec(part) for part in text.split(","))
+    """An argparse type: comma-separated distinct policy names (das/line too), canonical."""
+    try:
+        specs = tuple(canonical_mode(part) for part in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if len(set(specs)) != len(specs):
         raise argparse.ArgumentTypeError(f"policies must be distinct, got {text!r}")
     return specs
@@ -165,7 +178,18 @@ def _simulate(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
-    given: CostModel = args.cost_model
+    curve = None
+    given: CostModel = args.cost_model or SMOLLM2_CPU
+    if args.cost_curve is not None:
+        try:
+            line, curve = read_cost_curve(args.cost_curve)
+        except OSError as error:
+            return fail(f"cannot read cost curve {args.cost_curve}: {reason(error)}")
+        except (ValueError, KeyError, TypeError) as error:
+            return fail(f"bad cost curve {args.cost_curve}: {error}")
+        given = args.cost_model or line
+    elif any(not by_curve for _, by_curve in map(mode_policy, args.policy)):
+        parser.error("das/line needs --cost-curve")
     cost = CostModel(
         given.c_base if args.c_base is None else args.c_base,
         given.c_tok if args.c_tok is None else args.c_tok,
@@ -178,10 +202,19 @@ def _simulate(args: argparse.Namespace) -> int:
         return fail(f"bad trace: {error}")
     if not trace:
         return fail(f"trace {args.trace} holds no rollouts")
-    results = [
-        simulate(trace, policy, cost, config, progress=not args.no_progress)
-        for policy in args.policy
-    ]
+    results = []
+    for policy, by_curve in map(mode_policy, args.policy):
+        results.append(
+            simulate(
+                trace,
+                policy,
+                cost,
+                config,
+                progress=not args.no_progress,
+                cost_curve=curve,
+                price_by_curve=by_curve,
+            )
+        )
     print("\n\n".join(format_result(result) for result in results))
     if len(results) > 1:
         print("\n" + format_side_by_side(results))
@@ -214,6 +247,30 @@ _COLUMNS = (
 )
 
 
+def read_cost_curve(path: str) -> tuple[CostModel, CostCurve]:
+    """The fitted line and the cost curve of a calibration saved as JSON: a das bench rollout
+    result (its config.cost_model) or that object alone."""
+    with open(path, encoding="utf-8") as file:
+        data = json.load(file)
+    model = data["config"]["cost_model"] if "config" in data else data
+    if not model.get("curve"):
+        raise ValueError("it holds no cost curve (a calibration with --cost-model calibrate)")
+    points = tuple(
+        (int(point["rows"]), CostModel(float(point["c_base"]), float(point["c_tok"])))
+        for point in model["curve"]
+    )
+    return CostModel(float(model["c_base"]), float(model["c_tok"])), CostCurve(points)
+
+
+def policy_label(result: SimulationResult) -> str:
+    """The policy as --policy names it: das/line where a curve timed the steps but das
+    planned with the line."""
+    by_line = result.cost_curve is not None and not result.priced_by_curve
+    if by_line and result.policy.startswith("das"):
+        return result.policy + LINE_PRICED
+    return result.policy
+
+
 def format_result(result: SimulationResult) -> str:
     """The per-epoch table `das simulate` prints."""
     cost = result.cost
@@ -231,9 +288,15 @@ def format_result(result: SimulationResult) -> str:
             f"{peer.max_spec_tokens} tokens, spec factor {peer.spec_factor}, "
             f"min prob {peer.min_prob}"
         )
+    if result.cost_curve is None:
+        priced = (
+            f"cost model c_base {cost.c_base * 1e3:.1f} ms + c_tok {cost.c_tok * 1e3:.2f} ms/token"
+        )
+    else:
+        rows = ", ".join(str(count) for count, _ in result.cost_curve.points)
+        priced = f"steps priced by a cost curve (rows {rows})"
     lines = [
-        f"policy {result.policy} | {label} | cost model c_base {cost.c_base * 1e3:.1f} ms + "
-        f"c_tok {cost.c_tok * 1e3:.2f} ms/token | {drafter}",
+        f"policy {policy_label(result)} | {label} | {priced} | {drafter}",
         "  ".join(f"{name:>{width}}" for name, width in _COLUMNS),
     ]
     for report in (*result.epochs, result.total):
@@ -248,11 +311,11 @@ def format_result(result: SimulationResult) -> str:
 def format_side_by_side(results: Sequence[SimulationResult]) -> str:
     """Every policy's makespan ratio per epoch and over all epochs, one row per policy."""
     epochs = [report.epoch for report in results[0].epochs]
-    width = max(8, *(len(result.policy) for result in results))
+    width = max(8, *(len(policy_label(result)) for result in results))
     header = [f"{'policy':<{width}}", *(f"{f'ep {e}':>6}" for e in epochs), "   all", "tok/fwd"]
     lines = ["side by side: modeled makespan / makespan without speculation", "  ".join(header)]
     for result in results:
-        cells = [f"{result.policy:<{width}}"]
+        cells = [f"{policy_label(result):<{width}}"]
         cells += [f"{report.makespan_ratio:>6.3f}" for report in result.epochs]
         total = result.total
         cells += [f"{total.makespan_ratio:>6.3f}", f"{total.tokens_per_forward:>7.2f}"]

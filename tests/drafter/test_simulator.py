@@ -5,7 +5,7 @@ from collections.abc import Callable
 import pytest
 
 from drafter import DrafterConfig, ReferenceSuffixTree, SuffixTree
-from drafter.cost import CostModel
+from drafter.cost import CostCurve, CostModel
 from drafter.draft import Draft
 from drafter.history import TokenTree
 from drafter.simulator import (
@@ -95,6 +95,36 @@ def test_none_gives_one_token_per_forward_and_ratio_one() -> None:
         lengths = [len(r.output) for r in trace if r.epoch == report.epoch]
         assert report.steps == max(lengths)
         assert report.baseline_s == pytest.approx(baseline_time(lengths, COST))
+
+
+CURVE = CostCurve(((1, CostModel(0.5, 0.3)), (4, CostModel(1.0, 0.05)), (8, CostModel(2.0, 0.02))))
+
+
+def test_a_cost_curve_times_each_step_for_its_batch() -> None:
+    trace = synthetic_trace(groups=3, samples=4, epochs=3, seed=3)
+    none = simulate(trace, "none", COST, cost_curve=CURVE)
+    for report in none.epochs:
+        assert report.makespan_s == pytest.approx(report.baseline_s)
+        lengths = [len(r.output) for r in trace if r.epoch == report.epoch]
+        # Brute force: every step priced under the line for the rollouts still running.
+        expected = 0.0
+        for step in range(max(lengths)):
+            rows = sum(length > step for length in lengths)
+            expected += CURVE.at(rows).step_time(rows)
+        assert report.baseline_s == pytest.approx(expected)
+    # A curve that is one line everywhere is that line.
+    flat = CostCurve(((1, COST), (8, COST)))
+    for policy in ("none", "fixed:4", "das"):
+        by_line = simulate(trace, policy, COST).total
+        by_flat = simulate(trace, policy, COST, cost_curve=flat).total
+        assert by_flat.makespan_s == pytest.approx(by_line.makespan_s)
+        assert by_flat.drafted == by_line.drafted
+    # das plans with the curve unless told to keep the line; the steps cost the same either way.
+    priced = simulate(trace, "das", COST, cost_curve=CURVE)
+    kept = simulate(trace, "das", COST, cost_curve=CURVE, price_by_curve=False)
+    assert priced.priced_by_curve and not kept.priced_by_curve
+    assert priced.total.drafted != kept.total.drafted
+    assert priced.to_json()["cost_curve"][1] == {"rows": 4, "c_base": 1.0, "c_tok": 0.05}
 
 
 @pytest.mark.parametrize("policy", ["fixed:4", "das"])

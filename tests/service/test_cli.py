@@ -179,6 +179,36 @@ def test_simulate_refuses_a_bad_cost_model(
     assert "argument --cost-model" in err and message in err
 
 
+def test_simulate_prices_steps_by_a_bench_cost_curve(
+    small_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    curve = [
+        {"rows": 1, "c_base": 0.03, "c_tok": 0.004},
+        {"rows": 4, "c_base": 0.05, "c_tok": 0.001},
+    ]
+    bench = {"config": {"cost_model": {"c_base": 0.04, "c_tok": 0.002, "curve": curve}}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    out_path = tmp_path / "runs.json"
+    argv = ["simulate", "--trace", str(small_trace), "--policy", "none,das,das/line"]
+    argv += ["--cost-curve", str(tmp_path / "bench.json"), "--json", str(out_path)]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "policy das/line | SYNTHETIC trace | steps priced by a cost curve (rows 1, 4)" in out
+    runs = json.loads(out_path.read_text())["runs"]
+    assert [run["priced_by_curve"] for run in runs] == [False, True, False]
+    assert all(run["cost_curve"] == curve for run in runs)
+    assert runs[0]["cost_model"] == {"c_base": 0.04, "c_tok": 0.002}  # the file's line
+    assert runs[0]["total"]["makespan_ratio"] == pytest.approx(1.0)
+    # A calibration without a curve, and das/line without one, are refused.
+    (tmp_path / "line.json").write_text(json.dumps({"c_base": 0.04, "c_tok": 0.002}))
+    bad = ["simulate", "--trace", str(small_trace), "--no-progress"]
+    assert main([*bad, "--cost-curve", str(tmp_path / "line.json")]) == 1
+    assert "holds no cost curve" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*bad, "--policy", "das/line"])
+    assert "das/line needs --cost-curve" in capsys.readouterr().err
+
+
 def test_simulate_labels_a_recorded_trace_as_such(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -210,7 +240,7 @@ def test_simulate_runs_several_policies_side_by_side(
         cells = line.split()
         assert cells[0] == run["policy"]
         assert float(cells[3]) == pytest.approx(run["total"]["makespan_ratio"], abs=5e-4)
-    assert runs[0]["total"]["makespan_ratio"] == 1.0
+    assert runs[0]["total"]["makespan_ratio"] == pytest.approx(1.0)
     assert runs[1]["total"]["accepted"] > 0  # the global cache drafts from the first epoch on
 
 
