@@ -1,7 +1,7 @@
 """How far any history drafter could go on a trace: the makespan of an oracle drafter.
 
     python -m bench.oracle --trace T.jsonl [--max-draft 16] [--context 2] [--live-siblings]
-                           [--json OUT]
+                           [--cost-curve BENCH.json] [--json OUT]
 
 At every step each live rollout drafts exactly the longest correct run of its next tokens (at
 most --max-draft) that occurs, right after the rollout's last --context tokens, somewhere in
@@ -12,7 +12,8 @@ knows the future, so it is never rejected and never drafts a token in vain; a re
 picks one continuation without knowing which is right. Each epoch is one batch, all rollouts
 decoding in lockstep. Reports per epoch the oracle's steps against the longest rollout's
 length (the makespan ratio when verifying drafts is free, the limit a GPU cost model
-approaches) and the modeled makespan ratio under --c-base/--c-tok, where the oracle's drafts
+approaches) and the modeled makespan ratio under --c-base/--c-tok (or --cost-curve: each step
+under the line of a calibration's cost curve for its batch size), where the oracle's drafts
 are priced like any others. Prints a table and writes JSON.
 """
 
@@ -23,9 +24,10 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from drafter.cost import H100_7B, CostModel
+from drafter.cost import H100_7B, CostCurve, CostModel
 from drafter.simulator import baseline_time
 from drafter.traces import TraceRecord, read_trace
+from service.cli import read_cost_curve
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "oracle.json"
 _SEPARATOR = "\x00"  # between sequences; token t is chr(t + 1), never chr(0)
@@ -100,10 +102,11 @@ def oracle_epochs(
     context: int,
     cost: CostModel,
     live_siblings: bool = False,
+    curve: CostCurve | None = None,
 ) -> list[dict[str, float | int]]:
     """Per epoch: rollouts, longest length, oracle steps, tokens per forward, accepted draft
     tokens and the modeled makespan ratio under cost (oracle drafts on every row, priced c_tok
-    each)."""
+    each), or with a cost curve under its line for each step's batch size."""
     epochs = []
     for epoch in sorted({record.epoch for record in trace}):
         batch = [record for record in trace if record.epoch == epoch]
@@ -114,8 +117,14 @@ def oracle_epochs(
         all_runs = oracle_batch(batch, earlier, max_draft, context, live_siblings)
         steps = max(len(runs) for runs in all_runs)
         lengths = [len(record.output) for record in batch]
-        # An oracle draft is never rejected: every verified token is an output token.
-        makespan = cost.c_base * steps + cost.c_tok * sum(lengths)
+        if curve is None:
+            # An oracle draft is never rejected: every verified token is an output token.
+            makespan = cost.c_base * steps + cost.c_tok * sum(lengths)
+        else:
+            makespan = 0.0
+            for step in range(steps):
+                live = [runs[step] + 1 for runs in all_runs if len(runs) > step]
+                makespan += curve.at(len(live)).step_time(sum(live))
         epochs.append(
             {
                 "epoch": epoch,
@@ -125,7 +134,7 @@ def oracle_epochs(
                 "steps_ratio": steps / max(lengths),
                 "tokens_per_forward": sum(lengths) / sum(len(runs) for runs in all_runs),
                 "accepted": sum(sum(runs) for runs in all_runs),  # draft tokens, all rollouts
-                "makespan_ratio": makespan / baseline_time(lengths, cost),
+                "makespan_ratio": makespan / baseline_time(lengths, cost, curve),
             }
         )
     return epochs
@@ -141,17 +150,25 @@ def main() -> None:
     )
     parser.add_argument("--c-base", type=float, default=H100_7B.c_base, help="s per step")
     parser.add_argument("--c-tok", type=float, default=H100_7B.c_tok, help="s per token")
+    parser.add_argument(
+        "--cost-curve",
+        default=None,
+        metavar="JSON",
+        help="price each step by a calibration's cost curve (a das bench rollout JSON) instead",
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write results")
     args = parser.parse_args()
     cost = CostModel(args.c_base, args.c_tok)
+    curve = None if args.cost_curve is None else read_cost_curve(args.cost_curve)[1]
     epochs = oracle_epochs(
-        read_trace(args.trace), args.max_draft, args.context, cost, args.live_siblings
+        read_trace(args.trace), args.max_draft, args.context, cost, args.live_siblings, curve
     )
+    priced = f"cost c_base {cost.c_base * 1e3:g} ms + c_tok {cost.c_tok * 1e3:g} ms"
+    if curve is not None:
+        priced = f"steps priced by the cost curve of {args.cost_curve}"
     print(
         f"oracle drafter on {args.trace}: runs of <= {args.max_draft} tokens after a "
-        f"{args.context}-token match{', live siblings' if args.live_siblings else ''}; "
-        f"cost c_base {cost.c_base * 1e3:g} ms + "
-        f"c_tok {cost.c_tok * 1e3:g} ms"
+        f"{args.context}-token match{', live siblings' if args.live_siblings else ''}; {priced}"
     )
     print(
         "| epoch | longest | oracle steps | steps ratio | tokens/forward | accepted "
@@ -171,6 +188,7 @@ def main() -> None:
         "context": args.context,
         "live_siblings": args.live_siblings,
         "cost_model": {"c_base": cost.c_base, "c_tok": cost.c_tok},
+        "cost_curve": args.cost_curve,
         "epochs": epochs,
         "steps_ratio": steps / longest,
     }

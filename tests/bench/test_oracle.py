@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import oracle
-from drafter.cost import CostModel
+from drafter.cost import CostCurve, CostModel
 from drafter.simulator import baseline_time
 from drafter.traces import TraceRecord, write_trace
 
@@ -96,6 +96,17 @@ def test_epochs_report_steps_and_modeled_makespan() -> None:
     processed = (4 + 26) + (2 + 8)  # forwards plus accepted drafts, both rollouts
     expected = (0.01 * 4 + 0.001 * processed) / baseline_time([30, 10], cost)
     assert second["makespan_ratio"] == pytest.approx(expected)
+
+
+def test_a_cost_curve_prices_each_oracle_step_for_its_batch() -> None:
+    cost = CostModel(0.01, 0.001)
+    curve = CostCurve(((1, CostModel(0.02, 0.004)), (2, CostModel(0.01, 0.001))))
+    _, second = oracle.oracle_epochs(_repeated_trace(), 8, 2, cost, curve=curve)
+    # Epoch 1 as above: a feeds 9, 9, 9 and 3 tokens, b 9 and 1, so steps 1 and 2 run two
+    # rows (18 and 10 tokens), steps 3 and 4 one (9 and 3).
+    two, one = curve.at(2), curve.at(1)
+    modeled = two.step_time(18) + two.step_time(10) + one.step_time(9) + one.step_time(3)
+    assert second["makespan_ratio"] == pytest.approx(modeled / baseline_time([30, 10], cost, curve))
 
 
 def test_main_prints_a_table_and_writes_json(
