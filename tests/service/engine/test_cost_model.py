@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 
-from drafter.cost import H100_7B, SMOLLM2_CPU, CostModel
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel
 from service.engine import Engine, EngineConfig
 from service.engine import engine as engine_module
 from service.engine.calibration import Calibration
@@ -62,5 +62,31 @@ def test_the_worker_reports_its_cost_model_in_server_info_and_metrics() -> None:
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'das_cost_model_seconds{term="c_base",worker="w"} 0.0065' in metrics
         assert 'das_cost_model_seconds{term="c_tok",worker="w"} 2.3e-05' in metrics
+    finally:
+        server.stop()
+
+
+def test_a_calibrated_curve_reprices_das_and_the_worker_reports_it(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    curve = CostCurve(((1, CostModel(0.03, 0.005)), (2, CostModel(0.04, 0.002))))
+
+    def fake(model: torch.nn.Module, max_batch: int, context: int, **kw: Any) -> Calibration:
+        return Calibration(CostModel(0.02, 0.002), "calibrated", curve=curve)
+
+    monkeypatch.setattr(engine_module, "calibrate_cost", fake)
+    timed = engine(tiny_model, speculation="das")
+    assert timed.cost_curve is curve and timed.speculator.cost_curve is curve
+    assert timed.cost == CostModel(0.02, 0.002)
+    port = free_port()
+    settings = Settings(model="tiny-random", port=port, worker_id="w", max_model_len=128)
+    server = start_server(create_app(settings), port)
+    try:
+        info = httpx.get(f"{server.url}/get_server_info").json()["cost_model"]
+        assert info["source"] == "calibrated" and (info["c_base"], info["c_tok"]) == (0.02, 0.002)
+        assert info["by_batch_size"] == [
+            {"rows": 1, "c_base": 0.03, "c_tok": 0.005},
+            {"rows": 2, "c_base": 0.04, "c_tok": 0.002},
+        ]
     finally:
         server.stop()
