@@ -159,7 +159,9 @@ def test_bench_json_schema(greedy_result: BenchResult) -> None:
     assert config["max_batch"] == config["rollouts_per_epoch"] == 4
     assert config["cost_model"]["source"] == "smollm2-cpu"
     assert config["cost_model"]["c_base"] == SMOLLM2_CPU.c_base
-    assert {"torch", "cpu_count", "torch_threads", "load_average_at_start"} <= set(data["machine"])
+    assert {"torch", "cpu_model", "cpu_count", "torch_threads", "load_average_at_start"} <= set(
+        data["machine"]
+    )
     assert [(run["mode"], run["epoch"]) for run in data["runs"]] == [
         (mode, epoch) for mode in ("none", "fixed:8", "das") for epoch in (0, 1)
     ]
