@@ -24,10 +24,9 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from drafter.cost import H100_7B, CostCurve, CostModel
+from drafter.cost import H100_7B, CostCurve, CostModel, read_cost_curve
 from drafter.simulator import baseline_time
 from drafter.traces import TraceRecord, read_trace
-from service.cli import read_cost_curve
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "oracle.json"
 _SEPARATOR = "\x00"  # between sequences; token t is chr(t + 1), never chr(0)

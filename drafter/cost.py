@@ -8,6 +8,7 @@ with the CPU preset: its step is ten times shorter.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +76,22 @@ class CostCurve:
                 return CostModel(max(step - c_tok * rows, 1e-9), c_tok)
         return points[-1][1]
 
+    def to_json(self) -> list[dict[str, float]]:
+        """[{rows, c_base, c_tok}, ...], as calibrations and results write the curve."""
+        return [
+            {"rows": rows, "c_base": local.c_base, "c_tok": local.c_tok}
+            for rows, local in self.points
+        ]
+
+    @classmethod
+    def from_json(cls, points: Sequence[dict[str, float]]) -> CostCurve:
+        return cls(
+            tuple(
+                (int(point["rows"]), CostModel(float(point["c_base"]), float(point["c_tok"])))
+                for point in points
+            )
+        )
+
     @classmethod
     def fit(cls, steps: Sequence[tuple[int, int, float]]) -> CostCurve:
         """From (rows, tokens per row, seconds) step timings: at each row count, the line
@@ -103,6 +120,18 @@ class CostCurve:
             c_base = by_rows[rows][fewest] - slope * rows * fewest
             points.append((rows, CostModel(max(c_base, 1e-9), slope)))
         return cls(tuple(points))
+
+
+def read_cost_curve(path: str) -> tuple[CostModel, CostCurve]:
+    """The fitted line and the cost curve of a calibration saved as JSON: a das bench rollout
+    result (its config.cost_model) or that object alone."""
+    with open(path, encoding="utf-8") as file:
+        data = json.load(file)
+    model = data["config"]["cost_model"] if "config" in data else data
+    if not model.get("curve"):
+        raise ValueError("it holds no cost curve (a calibration with --cost-model calibrate)")
+    line = CostModel(float(model["c_base"]), float(model["c_tok"]))
+    return line, CostCurve.from_json(model["curve"])
 
 
 # SmolLM2-135M decode steps measured on this 2-core CPU (DESIGN.md; fp32, KV cache of 100

@@ -115,9 +115,7 @@ class SimulationResult:
         if self.suffix_decoding is not None:
             data["suffix_decoding"] = asdict(self.suffix_decoding)
         if self.cost_curve is not None:
-            data["cost_curve"] = [
-                {"rows": rows, **asdict(local)} for rows, local in self.cost_curve.points
-            ]
+            data["cost_curve"] = self.cost_curve.to_json()
             data["priced_by_curve"] = self.priced_by_curve
         return data
 

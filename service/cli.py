@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from drafter.config import DrafterConfig
-from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel, parse_cost_model
+from drafter.cost import SMOLLM2_CPU, CostModel, parse_cost_model, read_cost_curve
 from drafter.policy_spec import LINE_PRICED, canonical_mode, mode_policy, parse_policy_spec
 from drafter.simulator import EpochReport, SimulationResult, simulate
 from drafter.traces import read_trace, synthetic_trace, write_trace
@@ -245,21 +245,6 @@ _COLUMNS = (
     ("baseline_s", 10),
     ("ratio", 6),
 )
-
-
-def read_cost_curve(path: str) -> tuple[CostModel, CostCurve]:
-    """The fitted line and the cost curve of a calibration saved as JSON: a das bench rollout
-    result (its config.cost_model) or that object alone."""
-    with open(path, encoding="utf-8") as file:
-        data = json.load(file)
-    model = data["config"]["cost_model"] if "config" in data else data
-    if not model.get("curve"):
-        raise ValueError("it holds no cost curve (a calibration with --cost-model calibrate)")
-    points = tuple(
-        (int(point["rows"]), CostModel(float(point["c_base"]), float(point["c_tok"])))
-        for point in model["curve"]
-    )
-    return CostModel(float(model["c_base"]), float(model["c_tok"])), CostCurve(points)
 
 
 def policy_label(result: SimulationResult) -> str:

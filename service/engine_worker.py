@@ -282,11 +282,9 @@ class EngineWorker:
             return None
         model: dict[str, Any] = {"c_base": cost.c_base, "c_tok": cost.c_tok}
         model["source"] = engine.cost_source
-        if engine.cost_curve is not None and engine.speculator.cost_curve is not None:
-            model["by_batch_size"] = [
-                {"rows": rows, "c_base": local.c_base, "c_tok": local.c_tok}
-                for rows, local in engine.cost_curve.points
-            ]
+        curve = engine.speculator.cost_curve
+        if curve is not None:
+            model["by_batch_size"] = curve.to_json()
         return model
 
     # -- tokenizer ----------------------------------------------------------------------

@@ -44,19 +44,13 @@ class Calibration:
                 for rows, per_row, seconds in points
             ]
 
-        curve = None
-        if self.curve is not None:
-            curve = [
-                {"rows": rows, "c_base": local.c_base, "c_tok": local.c_tok}
-                for rows, local in self.curve.points
-            ]
         return {
             "source": self.source,
             "c_base": self.cost.c_base,
             "c_tok": self.cost.c_tok,
             "context": self.context,
             "points": timings(self.points),
-            "curve": curve,
+            "curve": None if self.curve is None else self.curve.to_json(),
             "curve_points": timings(self.curve_points),
         }
 

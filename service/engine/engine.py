@@ -162,7 +162,6 @@ class Engine:
         self.policy = policy
         # What the policy was built with; with a curve it is repriced at every step.
         self.cost = policy.cost
-        self.cost_curve = cost_curve
         self.speculator = Speculator(
             self.history, policy, max_draft=config.max_draft, publish=publish, cost_curve=cost_curve
         )

@@ -57,6 +57,7 @@ def test_a_cost_curve_is_the_local_line_at_each_row_count_and_interpolates() -> 
     assert middle.c_tok == pytest.approx((0.003 + 0.0015) / 2)
     # Beyond the ends: the end's line.
     assert curve.at(16) == curve.at(8) and curve.at(0) == curve.at(1)
+    assert CostCurve.from_json(curve.to_json()) == curve
 
 
 def test_a_cost_curve_slope_lost_to_noise_takes_its_neighbours() -> None:
