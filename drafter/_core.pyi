@@ -31,9 +31,7 @@ class SuffixTreeCore:
     def check_integrity(self) -> str: ...
 
 def speculate_batch(
-    own: Sequence[SuffixTreeCore],
-    shared: Sequence[SuffixTreeCore | None],
-    siblings: Sequence[SuffixTreeCore | None],
+    rows: Sequence[tuple[SuffixTreeCore, SuffixTreeCore | None, SuffixTreeCore | None, int]],
     max_tokens: Sequence[int],
     context_len: int,
     min_prob: float,

@@ -34,7 +34,7 @@ import numpy as np
 
 from drafter.config import DrafterConfig
 from drafter.draft import CONTEXT, HISTORY, SIBLINGS, Draft, Tokens, as_token_array
-from drafter.suffix_tree import SuffixTree, speculate_batch
+from drafter.suffix_tree import BatchRow, SuffixTree, batch_row, speculate_batch
 
 
 class TokenTree(Protocol):
@@ -51,9 +51,7 @@ class TokenTree(Protocol):
 
 
 TreeFactory = Callable[[int], TokenTree]
-_GROUP = attrgetter("group")
-_TREE = attrgetter("tree")
-_SIBLINGS = attrgetter("siblings")
+_BATCH_ROW = attrgetter("batch_row")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +103,7 @@ class _Request:
     tree: TokenTree  # the request's prompt and output, as sequence 0
     context: list[int]  # its latest tokens; at most 2 * max_depth are kept
     live_seq: int = -1  # its output so far in the group's trees (-1: live_siblings off)
+    batch_row: BatchRow | None = None  # native trees: its row of speculate_batch
 
 
 def source_of(
@@ -211,6 +210,16 @@ class RolloutHistory:
             tail = tokens[-self.config.max_depth :]
             state.tree.extend(request.live_seq, tail)
             state.siblings.extend(request.live_seq, tail)
+        if self._new_tree is SuffixTree:
+            # The group's trees outlive the request (a group with a running request is kept).
+            # With live siblings its output so far is in them, after the prompt's tail: its
+            # context's suffixes need no walk there.
+            request.batch_row = batch_row(
+                cast(SuffixTree, tree),
+                cast(SuffixTree, state.tree),
+                cast(SuffixTree | None, state.siblings),
+                request.live_seq,
+            )
         state.live += 1
         self._requests[request_id] = request
 
@@ -260,19 +269,14 @@ class RolloutHistory:
         released while it drafts) when the trees are native; equal to the per-row calls."""
         if self._new_tree is not SuffixTree:
             return [self.speculate(r, m) for r, m in zip(request_ids, max_tokens, strict=True)]
-        # map where it can: at hundreds of rows per step the per-row bytecode shows.
-        requests = list(map(self._requests.__getitem__, request_ids))
-        groups = list(map(self._groups.__getitem__, map(_GROUP, requests)))
+        requests = map(self._requests.__getitem__, request_ids)
         cfg = self.config
-        # The factory is SuffixTree, so every tree is one.
         return speculate_batch(
-            cast(list[SuffixTree], list(map(_TREE, requests))),
-            cast(list[SuffixTree | None], list(map(_TREE, groups))),
+            cast(list[BatchRow], list(map(_BATCH_ROW, requests))),
             max_tokens,
             cfg.max_depth,
             cfg.min_prob,
             cfg.tree_drafts,
-            siblings=cast(list[SuffixTree | None], list(map(_SIBLINGS, groups))),
         )
 
     def active_requests(self) -> int:

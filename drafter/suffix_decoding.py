@@ -31,7 +31,7 @@ from drafter.draft import CONTEXT, HISTORY, Draft, Tokens, as_token_array, check
 from drafter.history import TokenTree
 from drafter.lengths import check_length
 from drafter.policy import RequestView
-from drafter.suffix_tree import SuffixTree, speculate_batch
+from drafter.suffix_tree import BatchRow, SuffixTree, batch_row, speculate_batch
 
 
 class CappedTree(TokenTree, Protocol):
@@ -77,6 +77,7 @@ class SuffixDecodingConfig:
 class _Request:
     tree: CappedTree  # its prompt and output, as sequence 0
     context: list[int]  # its latest tokens; at most 2 * max_depth are kept
+    batch_row: BatchRow | None = None  # native trees: its row of speculate_batch
 
 
 class SuffixDecodingCache:
@@ -104,7 +105,10 @@ class SuffixDecodingCache:
         tokens = as_token_array(prompt)
         tree = self._new_tree(self.config.max_depth)
         tree.extend(0, tokens)
-        self._requests[request_id] = _Request(tree, tokens[-2 * self.config.max_depth :].tolist())
+        request = _Request(tree, tokens[-2 * self.config.max_depth :].tolist())
+        if self._new_tree is SuffixTree:
+            request.batch_row = batch_row(cast(SuffixTree, tree), cast(SuffixTree, self._global))
+        self._requests[request_id] = request
         old = self._responses.pop(request_id, None)
         if old is not None and old in self._global:  # one with no token was never stored
             self._global.remove(old)
@@ -151,11 +155,8 @@ class SuffixDecodingCache:
         if self._new_tree is not SuffixTree:
             return [self.speculate(r, m) for r, m in zip(request_ids, max_tokens, strict=True)]
         cfg = self.config
-        # The factory is SuffixTree, so every tree is one.
-        own = cast(list[SuffixTree], [self._requests[r].tree for r in request_ids])
         return speculate_batch(
-            own,
-            [cast(SuffixTree, self._global)] * len(own),
+            [cast(BatchRow, self._requests[r].batch_row) for r in request_ids],
             max_tokens,
             cfg.max_depth,
             cfg.min_prob,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import attrgetter
 
 from drafter import _core
 from drafter.draft import (
@@ -18,7 +17,6 @@ from drafter.draft import (
     check_speculate_args,
 )
 
-_CORE = attrgetter("_core")
 # Draft.source by the native DraftSource (drafter/_native/batch.h): none, own, shared, siblings.
 _SOURCE_NAMES = ("", CONTEXT, HISTORY, SIBLINGS)
 
@@ -99,35 +97,58 @@ class SuffixTree:
             raise AssertionError(problem)
 
 
+# One row of speculate_batch (batch_row makes it): the native cores of a request's own tree,
+# of the shared tree it also drafts from and of that tree's siblings tree, and shared_seq.
+_Core = _core.SuffixTreeCore
+BatchRow = tuple[_Core, _Core | None, _Core | None, int]
+
+
+def batch_row(
+    own: SuffixTree,
+    shared: SuffixTree | None = None,
+    siblings: SuffixTree | None = None,
+    shared_seq: int = -1,
+) -> BatchRow:
+    """A row of speculate_batch. It drafts after the last context_len tokens of own's sequence
+    0 (a request's prompt and output) from own and shared (None: own only); siblings (a tree
+    of some of shared's sequences: a group's running requests) only tells where a draft of
+    shared came from. shared_seq >= 0: a live sequence of shared (and of siblings) that ends
+    with the row's context (the request's own output with live siblings), whose suffixes'
+    nodes the trees already keep, so the context is not walked from the root there.
+    A row holds the trees' native cores, so it can be kept while they live."""
+    return (
+        own._core,
+        None if shared is None else shared._core,
+        None if siblings is None else siblings._core,
+        shared_seq,
+    )
+
+
 def speculate_batch(
-    own: Sequence[SuffixTree],
-    shared: Sequence[SuffixTree | None],
+    rows: Sequence[BatchRow],
     max_tokens: Sequence[int],
     context_len: int,
     min_prob: float = 0.1,
     tree: bool = False,
     *,
-    siblings: Sequence[SuffixTree | None] | None = None,
     spec_factor: float = 0.0,
     spec_offset: float = 0.0,
     own_wins_ties: bool = False,
 ) -> list[Draft]:
-    """Every row's draft in one native call, the GIL released while it drafts. Row i drafts
-    after the last context_len tokens of own[i]'s sequence 0 (a request's prompt and output)
-    from own[i] and shared[i] (None: own only) and keeps the better-scoring draft (a tie goes
-    to shared unless own_wins_ties), at most max_tokens[i] tokens. Its source: CONTEXT (own);
-    from shared, SIBLINGS if siblings[i] (a tree of some of shared[i]'s sequences: a group's
-    running requests) counts its match followed by its first token as often as shared[i]
-    does, else HISTORY; "" for an empty draft. spec_factor 0: speculate's longest match;
-    > 0: speculate_capped's rule. Equal to those per-row calls; not safe while another
-    thread changes one of the trees."""
+    """Every row's draft (batch_row) in one native call, the GIL released while it drafts.
+    A row keeps the better-scoring of its own and its shared tree's drafts (a tie goes to
+    shared unless own_wins_ties), at most max_tokens[i] tokens. Its source: CONTEXT (own);
+    from shared, SIBLINGS if the row's siblings tree counts its match followed by its first
+    token as often as shared does, else HISTORY; "" for an empty draft. spec_factor 0:
+    speculate's longest match; > 0: speculate_capped's rule. ValueError for a row whose own
+    tree lacks sequence 0 or whose shared_seq is not live in its trees or does not end with
+    its context. Equal to those per-row calls; not safe while another thread changes one of
+    the trees."""
     check_speculate_args(0, min_prob)
     if spec_factor != 0.0:
         check_spec_factor(spec_factor, spec_offset)
     return _core.speculate_batch(
-        list(map(_CORE, own)),
-        _cores(shared),
-        [None] * len(own) if siblings is None else _cores(siblings),
+        rows,
         max_tokens,
         context_len,
         min_prob,
@@ -138,7 +159,3 @@ def speculate_batch(
         Draft,
         _SOURCE_NAMES,
     )
-
-
-def _cores(trees: Sequence[SuffixTree | None]) -> list[_core.SuffixTreeCore | None]:
-    return [None if tree is None else tree._core for tree in trees]

@@ -4,11 +4,13 @@ namespace drafter {
 
 namespace {
 
-const DraftResult& draft_one(SuffixTreeCore& tree, const int32_t* context, size_t n,
-                             int64_t max_tokens, const BatchOptions& o) {
+// slot: kNone, or a live sequence of tree that ends with the context.
+const DraftResult& draft_one(SuffixTreeCore& tree, int32_t slot, const int32_t* context,
+                             size_t n, int64_t max_tokens, const BatchOptions& o) {
   if (o.spec_factor > 0.0)
     return tree.speculate_capped(context, n, max_tokens, o.min_prob, o.tree, o.spec_factor,
                                  o.spec_offset);
+  if (slot != kNone) return tree.speculate_tail(slot, n, max_tokens, o.min_prob, o.tree);
   return tree.speculate(context, n, max_tokens, o.min_prob, o.tree);
 }
 
@@ -19,11 +21,19 @@ const DraftResult& draft_one(SuffixTreeCore& tree, const int32_t* context, size_
 DraftSource shared_source(const BatchRow& row, const int32_t* context, size_t n,
                           const DraftResult& draft, std::vector<int32_t>* key) {
   if (row.siblings == nullptr) return kShared;
-  key->assign(context + n - size_t(draft.match_len), context + n);
-  key->push_back(draft.token_ids[0]);
-  const int64_t live = row.siblings->count(key->data(), key->size());
-  if (live < row.shared->count(key->data(), key->size())) return kShared;
-  return live > row.own->count(key->data(), key->size()) ? kSiblings : kOwn;
+  const int32_t m = draft.match_len, first = draft.token_ids[0];
+  int64_t live, stored;
+  if (row.shared_slot != kNone) {
+    live = row.siblings->count_tail_then(row.siblings_slot, m, first);
+    stored = row.shared->count_tail_then(row.shared_slot, m, first);
+  } else {
+    key->assign(context + n - size_t(m), context + n);
+    key->push_back(first);
+    live = row.siblings->count(key->data(), key->size());
+    stored = row.shared->count(key->data(), key->size());
+  }
+  if (live < stored) return kShared;
+  return live > row.own->count_tail_then(row.own_slot, m, first) ? kSiblings : kOwn;
 }
 
 }  // namespace
@@ -44,15 +54,16 @@ void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options
     int32_t match_len = 0;
     DraftSource source = kNoDraft;
     if (row.max_tokens > 0) {
-      const auto [context, len] = row.own->tail(0, size_t(options.context_len));
+      const auto [context, len] = row.own->tail(row.own_slot, size_t(options.context_len));
       // Each tree's result lives in that tree's scratch until its next call, so the own
       // draft is still intact when the shared one is made (they are different trees).
-      const DraftResult& own = draft_one(*row.own, context, len, row.max_tokens, options);
+      const DraftResult& own =
+          draft_one(*row.own, row.own_slot, context, len, row.max_tokens, options);
       const DraftResult* pick = &own;
       source = kOwn;
       if (row.shared != nullptr && row.shared != row.own) {
         const DraftResult& shared =
-            draft_one(*row.shared, context, len, row.max_tokens, options);
+            draft_one(*row.shared, row.shared_slot, context, len, row.max_tokens, options);
         const bool shared_wins =
             options.own_wins_ties ? shared.score > own.score : shared.score >= own.score;
         if (shared_wins) pick = &shared;

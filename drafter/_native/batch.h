@@ -11,15 +11,22 @@
 
 namespace drafter {
 
-// One row: the request's own tree, whose sequence 0 is the request's prompt and output so far
-// (the context is its tail), and the shared tree it also drafts from (its group's rollouts
-// and, with live siblings, its running requests' outputs; or suffix decoding's global cache).
-// `siblings`, if not null, holds exactly the running requests' sequences of `shared`: it is
-// not drafted from, only asked where a draft of `shared` came from.
+// One row: the request's own tree, whose sequence 0 (in slot own_slot) is the request's prompt
+// and output so far (the context is its tail), and the shared tree it also drafts from (its
+// group's rollouts and, with live siblings, its running requests' outputs; or suffix
+// decoding's global cache). `siblings`, if not null, holds exactly the running requests'
+// sequences of `shared`: it is not drafted from, only asked where a draft of `shared` came
+// from. shared_slot, if not kNone, is a live sequence of `shared` that ends with the context
+// (the request's own output with live siblings; siblings_slot is the same sequence in
+// `siblings`): the context's suffixes are then its active suffixes there, not walked from the
+// root.
 struct BatchRow {
   SuffixTreeCore* own;
   SuffixTreeCore* shared;
   SuffixTreeCore* siblings;
+  int32_t own_slot;
+  int32_t shared_slot;
+  int32_t siblings_slot;
   int64_t max_tokens;  // >= 0; 0: no draft
 };
 

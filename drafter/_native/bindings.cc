@@ -1,5 +1,7 @@
 // Python bindings of SuffixTreeCore (drafter._core). Argument checks and int32 conversion
 // happen in drafter/suffix_tree.py; the core assumes valid input.
+#include <algorithm>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -73,6 +75,9 @@ PyObject* slice_to_list(const std::vector<T>& values, size_t begin, size_t end,
     }
     PyList_SET_ITEM(list, Py_ssize_t(i - begin), item);
   }
+  // It holds ints or floats only, so it can be in no reference cycle: the cyclic collector
+  // need not track it (as CPython does with such tuples). Nothing changes a draft's lists.
+  PyObject_GC_UnTrack(list);
   return list;
 }
 
@@ -109,6 +114,8 @@ class DraftMaker {
       if (Py_TYPE(slot)->tp_descr_set(slot, draft.ptr(), values[i].ptr()) != 0)
         throw nb::python_error();
     }
+    // Untracked too: a frozen Draft refers to its lists (untracked), a float, an int and a str.
+    if (PyObject_IS_GC(draft.ptr())) PyObject_GC_UnTrack(draft.ptr());
     return draft;
   }
 
@@ -119,26 +126,50 @@ class DraftMaker {
   bool direct_;
 };
 
+// A row (own, shared, siblings, shared_seq) of speculate_batch (drafter/suffix_tree.py's
+// batch_row), its slots resolved and checked: own holds sequence 0; a shared_seq >= 0 is live
+// in shared (and siblings, if any) and ends with the row's context.
+BatchRow batch_row(nb::handle item, int64_t max_tokens, size_t context_len) {
+  constexpr int32_t kNone = drafter::kNone;
+  if (!PyTuple_Check(item.ptr()) || PyTuple_GET_SIZE(item.ptr()) != 4)
+    throw nb::value_error("a row is a tuple (own, shared, siblings, shared_seq)");
+  auto field = [&](Py_ssize_t i) { return nb::handle(PyTuple_GET_ITEM(item.ptr(), i)); };
+  SuffixTreeCore* own = tree_or_null(field(0));
+  SuffixTreeCore* shared = tree_or_null(field(1));
+  SuffixTreeCore* siblings = tree_or_null(field(2));
+  const int64_t shared_seq = nb::cast<int64_t>(field(3));
+  if (own == nullptr) throw nb::value_error("every row needs its own tree");
+  if (max_tokens < 0) throw nb::value_error("max_tokens must be >= 0");
+  BatchRow row{own, shared, siblings, own->live_slot(0), kNone, kNone, max_tokens};
+  if (row.own_slot == kNone) throw nb::value_error("every own tree needs its sequence 0");
+  if (shared_seq < 0) return row;
+  if (shared == nullptr) throw nb::value_error("a row with a shared_seq needs a shared tree");
+  row.shared_slot = shared->live_slot(shared_seq);
+  if (siblings != nullptr) row.siblings_slot = siblings->live_slot(shared_seq);
+  if (row.shared_slot == kNone || (siblings != nullptr && row.siblings_slot == kNone))
+    throw nb::value_error("a shared_seq must be live in the row's shared and siblings trees");
+  const auto [context, n] = own->tail(row.own_slot, context_len);
+  const auto [tail, m] = shared->tail(row.shared_slot, context_len);
+  if (m < n || !std::equal(context, context + n, tail + (m - n)))
+    throw nb::value_error("a shared_seq's sequence must end with the row's context");
+  return row;
+}
+
 // Every row's draft in one call (drafter/_native/batch.h); the drafting runs with the GIL
 // released. Returns one draft_type(token_ids, parents, probs, score, match_len, source) per
 // row, source_names[DraftSource] naming the tree it came from.
-nb::list speculate_batch(nb::sequence own, nb::sequence shared, nb::sequence siblings,
-                         const std::vector<int64_t>& max_tokens, int64_t context_len,
-                         double min_prob, bool use_tree, double spec_factor,
-                         double spec_offset, bool own_wins_ties, nb::handle draft_type,
-                         nb::tuple source_names) {
-  const size_t n = nb::len(own);
-  if (nb::len(shared) != n || nb::len(siblings) != n || max_tokens.size() != n)
-    throw nb::value_error("own, shared, siblings and max_tokens need one entry per row");
+nb::list speculate_batch(nb::sequence rows_in, const std::vector<int64_t>& max_tokens,
+                         int64_t context_len, double min_prob, bool use_tree,
+                         double spec_factor, double spec_offset, bool own_wins_ties,
+                         nb::handle draft_type, nb::tuple source_names) {
+  const size_t n = nb::len(rows_in);
+  if (max_tokens.size() != n) throw nb::value_error("rows and max_tokens differ in length");
   if (nb::len(source_names) != 4) throw nb::value_error("need 4 source names");
   if (context_len < 0) throw nb::value_error("context_len must be >= 0");
-  std::vector<BatchRow> rows(n);
-  for (size_t i = 0; i < n; ++i) {
-    SuffixTreeCore* tree = tree_or_null(own[i]);
-    if (tree == nullptr) throw nb::value_error("every row needs its own tree");
-    if (max_tokens[i] < 0) throw nb::value_error("max_tokens must be >= 0");
-    rows[i] = BatchRow{tree, tree_or_null(shared[i]), tree_or_null(siblings[i]), max_tokens[i]};
-  }
+  std::vector<BatchRow> rows;
+  rows.reserve(n);
+  for (size_t i = 0; i < n; ++i)
+    rows.push_back(batch_row(rows_in[i], max_tokens[i], size_t(context_len)));
   const BatchOptions options{context_len, min_prob, use_tree, spec_factor, spec_offset,
                              own_wins_ties};
   BatchDrafts drafts;
@@ -199,7 +230,7 @@ NB_MODULE(_core, m) {
       .def("speculate_capped", &speculate_capped, "context"_a, "max_tokens"_a, "min_prob"_a,
            "tree"_a, "spec_factor"_a, "spec_offset"_a)
       .def("check_integrity", &SuffixTreeCore::check_integrity);
-  m.def("speculate_batch", &speculate_batch, "own"_a, "shared"_a, "siblings"_a, "max_tokens"_a,
+  m.def("speculate_batch", &speculate_batch, "rows"_a, "max_tokens"_a,
         "context_len"_a, "min_prob"_a, "tree"_a, "spec_factor"_a, "spec_offset"_a,
         "own_wins_ties"_a, "draft_type"_a, "source_names"_a);
 }

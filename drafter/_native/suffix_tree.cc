@@ -520,8 +520,9 @@ bool SuffixTreeCore::match(const int32_t* tokens, int32_t len, Position* end) co
   }
 }
 
-const DraftResult& SuffixTreeCore::speculate(const int32_t* context, size_t n,
-                                             int64_t max_tokens, double min_prob, bool tree) {
+template <class Probe>
+const DraftResult& SuffixTreeCore::draft_longest(size_t n, int64_t max_tokens, double min_prob,
+                                                 bool tree, Probe probe) {
   DraftResult& d = draft_;
   d.token_ids.clear();
   d.parents.clear();
@@ -538,10 +539,9 @@ const DraftResult& SuffixTreeCore::speculate(const int32_t* context, size_t n,
   int32_t lo = 0;                  // a length known to match (0: none yet)
   int32_t hi = int32_t(limit);     // no longer length matches
   Position at{};
-  auto probe = [&](int32_t m) {
+  auto try_length = [&](int32_t m) {
     Position end;
-    if (match(context + n - m, m, &end) &&
-        (end.offset < int32_t(node(end.node).len) || node(end.node).first_child != kNone)) {
+    if (probe(m, &end)) {
       lo = m;
       at = end;
       return true;
@@ -549,14 +549,14 @@ const DraftResult& SuffixTreeCore::speculate(const int32_t* context, size_t n,
     hi = m - 1;
     return false;
   };
-  if (probe(std::clamp(match_hint_, 1, hi))) {
-    for (int32_t step = 1; lo < hi && probe(std::min(lo + step, hi)); step *= 2) {
+  if (try_length(std::clamp(match_hint_, 1, hi))) {
+    for (int32_t step = 1; lo < hi && try_length(std::min(lo + step, hi)); step *= 2) {
     }
   } else {
-    for (int32_t step = 1; lo < hi && !probe(std::max(hi + 1 - step, lo + 1)); step *= 2) {
+    for (int32_t step = 1; lo < hi && !try_length(std::max(hi + 1 - step, lo + 1)); step *= 2) {
     }
   }
-  while (lo < hi) probe(lo + (hi - lo + 1) / 2);
+  while (lo < hi) try_length(lo + (hi - lo + 1) / 2);
   if (lo > 0) match_hint_ = lo;
   if (lo == 0) return d;
   d.match_len = lo;
@@ -566,6 +566,43 @@ const DraftResult& SuffixTreeCore::speculate(const int32_t* context, size_t n,
     grow_chain(at, max_tokens, min_prob);
   for (double p : d.probs) d.score += p;
   return d;
+}
+
+const DraftResult& SuffixTreeCore::speculate(const int32_t* context, size_t n,
+                                             int64_t max_tokens, double min_prob, bool tree) {
+  return draft_longest(n, max_tokens, min_prob, tree, [&](int32_t m, Position* end) {
+    return match(context + n - size_t(m), m, end) && continues(*end);
+  });
+}
+
+int32_t SuffixTreeCore::live_slot(int64_t seq_id) const {
+  auto it = slot_of_.find(seq_id);
+  return it == slot_of_.end() ? kNone : it->second;
+}
+
+std::pair<const int32_t*, size_t> SuffixTreeCore::tail(int32_t slot, size_t n) const {
+  const std::vector<int32_t>& tokens = seqs_[size_t(slot)].tokens;
+  const size_t take = std::min(n, tokens.size());
+  return {tokens.data() + tokens.size() - take, take};
+}
+
+const DraftResult& SuffixTreeCore::speculate_tail(int32_t slot, size_t n, int64_t max_tokens,
+                                                  double min_prob, bool tree) {
+  const Sequence& s = seqs_[size_t(slot)];
+  // Lengths up to min(n, max_depth - 1) are probed, all of them active suffixes, each of which
+  // ends on a node boundary.
+  return draft_longest(std::min(n, s.tokens.size()), max_tokens, min_prob, tree,
+                       [&](int32_t m, Position* end) {
+                         const int32_t id = s.active[size_t(m)];
+                         *end = Position{id, int32_t(node(id).len), m};
+                         return node(id).first_child != kNone;
+                       });
+}
+
+int64_t SuffixTreeCore::count_tail_then(int32_t slot, int32_t m, int32_t token) const {
+  // The active suffix ends on a node boundary, so the next token starts a child's edge.
+  const int32_t c = find_child(seqs_[size_t(slot)].active[size_t(m)], token);
+  return c == kNone ? 0 : node(c).count;
 }
 
 const DraftResult& SuffixTreeCore::speculate_capped(const int32_t* context, size_t n,
@@ -609,14 +646,6 @@ const DraftResult& SuffixTreeCore::speculate_capped(const int32_t* context, size
   std::swap(best, d);
   if (d.token_ids.empty()) d.match_len = 0;  // as speculate: no draft, no match
   return d;
-}
-
-std::pair<const int32_t*, size_t> SuffixTreeCore::tail(int64_t seq_id, size_t n) const {
-  auto it = slot_of_.find(seq_id);
-  if (it == slot_of_.end()) return {nullptr, 0};
-  const std::vector<int32_t>& tokens = seqs_[size_t(it->second)].tokens;
-  const size_t take = std::min(n, tokens.size());
-  return {tokens.data() + tokens.size() - take, take};
 }
 
 void SuffixTreeCore::grow_chain(Position at, int64_t max_tokens, double min_prob) {

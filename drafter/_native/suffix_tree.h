@@ -119,6 +119,22 @@ class SuffixTreeCore {
   const DraftResult& speculate(const int32_t* context, size_t n, int64_t max_tokens,
                                double min_prob, bool tree);
 
+  // A live sequence's slot, its handle for the calls below while it stays live; kNone if
+  // seq_id is not live.
+  int32_t live_slot(int64_t seq_id) const;
+
+  // The last min(n, length) tokens of the live sequence in `slot`.
+  std::pair<const int32_t*, size_t> tail(int32_t slot, size_t n) const;
+
+  // speculate(tail(slot, n)), without walking the context from the root: the live sequence's
+  // active suffixes are the nodes of the context's suffixes.
+  const DraftResult& speculate_tail(int32_t slot, size_t n, int64_t max_tokens,
+                                    double min_prob, bool tree);
+
+  // count(the last m tokens of the live sequence in `slot`, then token), from its active
+  // suffixes; m < max_depth and m <= the sequence's length.
+  int64_t count_tail_then(int32_t slot, int32_t m, int32_t token) const;
+
   // Suffix decoding's rule (ArcticInference): every context suffix of length m = 1, 2, ...
   // that occurs in the tree drafts at most min(max_tokens, floor(spec_factor * m +
   // spec_offset)) tokens (and no deeper than max_depth); the best-scoring of those drafts is
@@ -126,9 +142,6 @@ class SuffixTreeCore {
   const DraftResult& speculate_capped(const int32_t* context, size_t n, int64_t max_tokens,
                                       double min_prob, bool tree, double spec_factor,
                                       double spec_offset);
-
-  // The last min(n, length) tokens of live sequence seq_id; {nullptr, 0} if it is not live.
-  std::pair<const int32_t*, size_t> tail(int64_t seq_id, size_t n) const;
 
   // "" when every invariant holds, else a description of the first violation found.
   std::string check_integrity() const;
@@ -213,6 +226,15 @@ class SuffixTreeCore {
 
   // Drafting.
   bool match(const int32_t* tokens, int32_t len, Position* end) const;
+  // The context's suffix of length m is in the tree followed by at least one token.
+  bool continues(const Position& end) const {
+    return end.offset < int32_t(node(end.node).len) || node(end.node).first_child != kNone;
+  }
+  // speculate's draft of a context of n tokens, whose longest continued suffix is found by
+  // probe(m, &end): true, with end set, if the suffix of length m is continued.
+  template <class Probe>
+  const DraftResult& draft_longest(size_t n, int64_t max_tokens, double min_prob, bool tree,
+                                   Probe probe);
   void grow_chain(Position at, int64_t max_tokens, double min_prob);
   void grow_tree(Position at, int64_t max_tokens, double min_prob);
   void push_children(const Position& at, double prob, int32_t index, int64_t room,

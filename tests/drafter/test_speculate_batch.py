@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from drafter import Draft, DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
 from drafter.draft import CONTEXT, DRAFT_SOURCES
 from drafter.history import source_of
-from drafter.suffix_tree import speculate_batch
+from drafter.suffix_tree import batch_row, speculate_batch
 
 tokens_st = st.lists(st.integers(0, 4), min_size=0, max_size=24)
 
@@ -54,13 +54,14 @@ def per_row(
             st.lists(st.integers(0, 4), min_size=1, max_size=30),
             st.integers(0, 2),
             st.integers(-1, 4),  # the group's first k sequences are running; -1: none tracked
+            st.booleans(),  # the row's own sequence is also live in its group's trees
         ),
         min_size=0,
         max_size=8,
     ),
     budgets=st.lists(st.integers(0, 10), min_size=8, max_size=8),
-    max_depth=st.integers(2, 12),
-    context_len=st.integers(0, 14),
+    max_depth=st.integers(2, 24),  # long matches need max_depth - budget to be large
+    context_len=st.integers(0, 26),
     min_prob=st.sampled_from([0.0, 0.1, 0.4]),
     tree=st.booleans(),
     spec_factor=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
@@ -68,7 +69,7 @@ def per_row(
 )
 def test_batch_equals_per_row_calls(
     shared_seqs: list[list[list[int]]],
-    rows: list[tuple[list[int], int, int]],
+    rows: list[tuple[list[int], int, int, bool]],
     budgets: list[int],
     max_depth: int,
     context_len: int,
@@ -84,8 +85,8 @@ def test_batch_equals_per_row_calls(
             if seq:
                 group.extend(seq_id, seq)
         groups.append(group)
-    own, shared, siblings, contexts = [], [], [], []
-    for sequence, group_index, running in rows:
+    own, shared, siblings, contexts, in_shared = [], [], [], [], []
+    for row, (sequence, group_index, running, also_shared) in enumerate(rows):
         tree_of_row = SuffixTree(max_depth)
         tree_of_row.extend(0, sequence)
         own.append(tree_of_row)
@@ -99,15 +100,21 @@ def test_batch_equals_per_row_calls(
                     live.extend(seq_id, seq)
         siblings.append(live)
         contexts.append(sequence[-context_len:] if context_len else [])
+        # As a running request with live siblings: its sequence (ids past the group's) is in
+        # the group's trees too, and the batch finds its context's suffixes there by slot.
+        seq_id = 100 + row if group is not None and also_shared else -1
+        if seq_id >= 0:
+            group.extend(seq_id, sequence)
+            if live is not None:
+                live.extend(seq_id, sequence)
+        in_shared.append(seq_id)
     sizes = budgets[: len(rows)]
     got = speculate_batch(
-        own,
-        shared,
+        [batch_row(*row) for row in zip(own, shared, siblings, in_shared, strict=True)],
         sizes,
         context_len,
         min_prob,
         tree,
-        siblings=siblings,
         spec_factor=spec_factor,
         own_wins_ties=own_wins_ties,
     )
@@ -122,17 +129,33 @@ def test_batch_equals_per_row_calls(
 def test_batch_checks_its_arguments() -> None:
     tree = SuffixTree(8)
     tree.extend(0, [1, 2])
-    with pytest.raises(ValueError, match="one entry per row"):
-        speculate_batch([tree], [None, None], [4], 8)
-    with pytest.raises(ValueError, match="one entry per row"):
-        speculate_batch([tree], [None], [4], 8, siblings=[None, None])
+    row = batch_row(tree)
+    with pytest.raises(ValueError, match="differ in length"):
+        speculate_batch([row], [4, 4], 8)
     with pytest.raises(ValueError, match="max_tokens"):
-        speculate_batch([tree], [None], [-1], 8)
+        speculate_batch([row], [-1], 8)
     with pytest.raises(ValueError, match="min_prob"):
-        speculate_batch([tree], [None], [4], 8, min_prob=2.0)
+        speculate_batch([row], [4], 8, min_prob=2.0)
     with pytest.raises(ValueError, match="spec_factor"):
-        speculate_batch([tree], [None], [4], 8, spec_factor=-1.0)
-    assert speculate_batch([], [], [], 8) == []
+        speculate_batch([row], [4], 8, spec_factor=-1.0)
+    with pytest.raises(ValueError, match="a tuple"):
+        speculate_batch([row[:3]], [4], 8)  # type: ignore[list-item]
+    assert speculate_batch([], [], 8) == []
+    with pytest.raises(ValueError, match="sequence 0"):
+        speculate_batch([batch_row(SuffixTree(8))], [4], 8)
+    group = SuffixTree(8)
+    group.extend(7, [9, 1, 2])
+    group.extend(8, [2, 1])
+    with pytest.raises(ValueError, match="shared tree"):
+        speculate_batch([batch_row(tree, shared_seq=7)], [4], 8)
+    with pytest.raises(ValueError, match="live"):
+        speculate_batch([batch_row(tree, group, shared_seq=5)], [4], 8)
+    with pytest.raises(ValueError, match="live"):
+        speculate_batch([batch_row(tree, group, SuffixTree(8), 7)], [4], 8)
+    with pytest.raises(ValueError, match="end with the row's context"):
+        speculate_batch([batch_row(tree, group, shared_seq=8)], [4], 8)
+    by_slot = speculate_batch([batch_row(tree, group, shared_seq=7)], [4], 8)
+    assert by_slot == speculate_batch([batch_row(tree, group)], [4], 8)
 
 
 request_st = st.tuples(st.sampled_from(["a", "b"]), tokens_st.filter(bool), tokens_st)
