@@ -4,6 +4,7 @@ the engine does) over batch sizes and tokens per row, on a real model.
     python -m bench.steps [--model smollm2-135m] [--threads N] [--torch-matmul | --native-matmul]
                           [--json OUT]
     python -m bench.steps --trees [--rows 1 4 16] [--nodes 4 8 16] [--json OUT]
+    python -m bench.steps --attention [--json OUT]
 
 Each cell is the median of --repeats timings after one warm-up, every slot holding --context
 cached tokens; the drafted rows are rolled back after each timing. By default the runner
@@ -11,8 +12,12 @@ takes the native small-batch matmul up to the row count where it measured it fas
 (MKL); --torch-matmul turns it off (every matmul through torch) and --native-matmul takes it up
 to 64 rows whatever it measured, for comparison. --trees times
 instead the forward of a batch whose drafts are trees against the same batch with chains of
-as many tokens (TREE_SHAPES), timings of the two interleaved, and Runner.keep_path. Prints a
-table and writes JSON; no timing is asserted.
+as many tokens (TREE_SHAPES), timings of the two interleaved, and Runner.keep_path.
+--attention times the forward of even and ragged verify steps (RAGGED_STEPS: a share of the
+rows carrying a draft, spread over the slots as a real batch leaves them) with torch's
+attention (padded calls per width class, scattered chunks one slot at a time) and with the
+native kernel's one call per layer, two runners taking turns. Prints a table and writes JSON;
+no timing is asserted.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from service.worker import SamplingParams
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "steps.json"
 TREES_JSON = Path(__file__).parent / "results" / "steps_trees.json"
+ATTENTION_JSON = Path(__file__).parent / "results" / "steps_attention.json"
 ROWS = (1, 4, 16)
 TOKENS_PER_ROW = (1, 5, 9, 17)
 DRAFT_NODES = (4, 8, 16)
@@ -56,6 +62,22 @@ def _star(nodes: int) -> list[int]:
 
 
 TREE_SHAPES = {"fork": _fork, "binary": _binary, "star": _star}
+
+# (rows, every how many rows one carries a draft (0: none), tokens of each draft).
+RAGGED_STEPS = (
+    (1, 0, 0),
+    (1, 1, 3),
+    (4, 0, 0),
+    (4, 4, 2),
+    (16, 0, 0),
+    (16, 4, 2),
+    (16, 4, 4),
+    (16, 1, 2),
+    (32, 0, 0),
+    (32, 4, 2),
+    (32, 4, 4),
+    (32, 1, 2),
+)
 
 
 def matmul_label(runner: Runner) -> str:
@@ -141,6 +163,56 @@ def main_trees(args: argparse.Namespace) -> None:
     write_cells(args.json or TREES_JSON, args, runner, cells)
 
 
+def main_attention(args: argparse.Namespace) -> None:
+    model, _ = load_model(args.model)
+    rows_max = max(rows for rows, _, _ in RAGGED_STEPS)
+    room = max(1 + draft for _, _, draft in RAGGED_STEPS)
+    runners = {
+        name: primed_runner(model, rows_max, args.context, room, native_attention=native)
+        for name, native in (("torch", False), ("native", True))
+    }
+    if not runners["native"].native_attention:
+        raise SystemExit("the native attention kernel does not apply on this machine")
+    vocab = runners["native"].vocab_size
+    print(f"{args.model} | torch threads {torch.get_num_threads()} | context {args.context}")
+    print(
+        "| rows | drafting rows x draft tokens | torch attention ms | native ms | native / torch |"
+    )
+    print("|---|---|---|---|---|")
+    cells: list[dict[str, Any]] = []
+    for rows, every, draft in RAGGED_STEPS:
+        sizes = [1 + draft if every and row % every == every - 1 else 1 for row in range(rows)]
+        chunks = [
+            [3 + (5 * i + row) % (vocab - 3) for i in range(n)] for row, n in enumerate(sizes)
+        ]
+        timed: dict[str, list[float]] = {name: [] for name in runners}
+        for repeat in range(args.repeats + 1):
+            for name, runner in runners.items():
+                start = time.perf_counter()
+                runner.forward(list(range(rows)), chunks, sizes)
+                if repeat:  # the first round warms up
+                    timed[name].append(time.perf_counter() - start)
+                for slot in range(rows):
+                    runner.truncate(slot, args.context)
+        torch_s, native_s = (statistics.median(timed[name]) for name in runners)
+        drafting = sum(n > 1 for n in sizes)
+        cells.append(
+            {
+                "rows": rows,
+                "drafting_rows": drafting,
+                "draft_tokens": draft,
+                "torch_attention_forward_s": torch_s,
+                "native_attention_forward_s": native_s,
+            }
+        )
+        print(
+            f"| {rows} | {drafting} x {draft} | {torch_s * 1e3:.1f} | {native_s * 1e3:.1f} "
+            f"| {native_s / torch_s:.2f} |",
+            flush=True,
+        )
+    write_cells(args.json or ATTENTION_JSON, args, runners["native"], cells)
+
+
 def write_cells(
     out: Path, args: argparse.Namespace, runner: Runner, cells: list[dict[str, Any]]
 ) -> None:
@@ -174,6 +246,9 @@ def main() -> None:
     parser.add_argument(
         "--trees", action="store_true", help="tree drafts against chains of as many tokens"
     )
+    parser.add_argument(
+        "--attention", action="store_true", help="torch against native attention, ragged steps"
+    )
     parser.add_argument("--rows", type=int, nargs="+", help=f"--trees: batch sizes {ROWS}")
     parser.add_argument("--nodes", type=int, nargs="+", help=f"--trees: nodes {DRAFT_NODES}")
     parser.add_argument("--json", type=Path, default=None, help="where to write results")
@@ -182,6 +257,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.trees:
         main_trees(args)
+        return
+    if args.attention:
+        main_attention(args)
         return
     args.json = args.json or DEFAULT_JSON
     model, _ = load_model(args.model)

@@ -62,15 +62,17 @@ def primed_runner(
     room: int,
     small_matmul: bool = True,
     small_matmul_rows: int | None = None,
+    native_attention: bool = True,
 ) -> Runner:
     """A runner whose every slot caches the same `context` tokens, with `room` positions more
-    (small_matmul and small_matmul_rows as Runner takes them)."""
+    (small_matmul, small_matmul_rows and native_attention as Runner takes them)."""
     runner = Runner(
         model,
         slots,
         context + room,
         small_matmul=small_matmul,
         small_matmul_rows=small_matmul_rows,
+        native_attention=native_attention,
     )
     vocab = runner.vocab_size
     runner.forward([0], [[3 + (17 * i) % (vocab - 3) for i in range(context)]], [1])

@@ -84,6 +84,7 @@ class Runner:
         deterministic: bool = False,
         small_matmul: bool = True,
         small_matmul_rows: int | None = None,
+        native_attention: bool = True,
     ) -> None:
         """`batched_max_chunk`: chunks of at most this many tokens (decode and verify steps)
         attend in padded batched calls, one per width class (_AttentionPlan.by_width), longer
@@ -92,7 +93,10 @@ class Runner:
         `small_matmul`: multiply few-row batches with the native kernel (_SmallMatmul) where it
         applies (fp32 on an AVX2 CPU, default mode) and is faster; False always uses torch.
         `small_matmul_rows`: up to how many token rows a forward uses it; None measures where
-        it beats torch on this model's weights (_SmallMatmul.faster_up_to)."""
+        it beats torch on this model's weights (_SmallMatmul.faster_up_to).
+        `native_attention`: decode and verify chunks attend in one native call per layer
+        (_kernels.attention) where it applies (fp32 on an AVX2 CPU, default mode, head dim 16,
+        32, 64, 96 or 128); False keeps torch's padded and per-slot calls."""
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if max_len < 1:
@@ -130,6 +134,14 @@ class Runner:
         # Forwards of at most this many tokens multiply on the native kernel.
         self.small_matmul_rows = min(small_matmul_rows, _SmallMatmul.MAX_ROWS)
         self.small_matmul = self.small_matmul_rows > 0
+        self.native_attention = (
+            native_attention
+            and not deterministic
+            and _kernels.available()
+            and self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and _kernels.attention_supports_dim(self.head_dim)
+        )
         shape = (len(self.layers), slots, self.num_kv_heads, max_len, self.head_dim)
         # Zeroed, not empty: batched attention reads (masked) positions past a slot's length,
         # and 0 * NaN from uninitialised memory would poison the output. Zero pages are only
@@ -260,14 +272,18 @@ class Runner:
         tree_masks = _TreeMask.build_all(chunks, trees, self.device)
         if tree_masks and self.deterministic:
             raise ValueError("deterministic mode verifies chain drafts only, not trees")
+        threads = torch.get_num_threads()
         if sum(len(chunk) for chunk in chunks) <= self.small_matmul_rows:
-            # The kernel's threads do the matmuls; torch's other work keeps to this thread (its
-            # pool spinning beside the kernel's would slow both).
-            kernel = functools.partial(_SmallMatmul.linear, threads=torch.get_num_threads())
+            # The kernels' threads do the matmuls and the attention; torch's other work keeps
+            # to this thread (its pool spinning beside the kernels' would slow both).
+            kernel = functools.partial(_SmallMatmul.linear, threads=threads)
             with _torch_threads(1):
-                return self._forward(slots, chunks, num_logits, kernel, tree_masks)
+                return self._forward(slots, chunks, num_logits, kernel, tree_masks, threads)
         linear = self._invariant_linear if self.deterministic else F.linear
-        return self._forward(slots, chunks, num_logits, linear, tree_masks)
+        # Torch's threads do the matmuls and spin between them, so native attention keeps to
+        # this thread (measured here, 32 slots with 8 verifying 2-token drafts: 213 ms a step
+        # with 2 threads against 145 with 1).
+        return self._forward(slots, chunks, num_logits, linear, tree_masks, 1)
 
     def _forward(
         self,
@@ -276,6 +292,7 @@ class Runner:
         num_logits: Sequence[int] | None,
         linear: Callable[..., Tensor],
         tree_masks: dict[int, _TreeMask],
+        attention_threads: int,
     ) -> Tensor:
         if len(slots) != len(chunks):
             raise ValueError("slots and chunks must have the same length")
@@ -312,7 +329,13 @@ class Runner:
             plan = _AttentionPlan(_Bucket.build_all(slots, starts, sizes, self.max_len, device))
         else:
             plan = _AttentionPlan.by_width(
-                slots, starts, sizes, self.batched_max_chunk, device, tree_masks
+                slots,
+                starts,
+                sizes,
+                self.batched_max_chunk,
+                device,
+                tree_masks,
+                native_threads=attention_threads if self.native_attention else 0,
             )
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed[ids]
@@ -468,13 +491,22 @@ def _width_class(size: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class _Native:
+    """Chunks attending in one call of the native kernel (_kernels.attention)."""
+
+    chunks: Tensor  # [n, 4] int64 rows (offset, slot, start, size), as the kernel takes them
+    threads: int
+
+
+@dataclass(frozen=True, slots=True)
 class _AttentionPlan:
-    """Which tokens of a forward attend in which call: padded batched calls (grids: the
-    tokens' indices and their grid, as a _Bucket holds them) and slots attending one at a
-    time (loops). attend() returns [T, heads, head_dim]."""
+    """Which tokens of a forward attend in which call: the native kernel's one call (native),
+    padded batched calls (grids: the tokens' indices and their grid, as a _Bucket holds them)
+    and slots attending one at a time (loops). attend() returns [T, heads, head_dim]."""
 
     grids: list[_Bucket]
     loops: list[_Looped] = field(default_factory=list)
+    native: _Native | None = None
 
     @staticmethod
     def by_width(
@@ -484,9 +516,12 @@ class _AttentionPlan:
         max_chunk: int,
         device: torch.device,
         tree_masks: dict[int, _TreeMask] | None = None,
+        native_threads: int = 0,
     ) -> _AttentionPlan:
-        """Default mode: a padded call is as wide as its longest chunk and as tall as its slot
-        span, so chunks of one width class share a call (measured here: one 9-token draft
+        """Default mode. With native_threads > 0 every chunk of at most max_chunk tokens that
+        is not a tree attends in one native call (its threads) whatever the widths. Torch's
+        calls take the rest: a padded call is as wide as its longest chunk and as tall as its
+        slot span, so chunks of one width class share a call (measured here: one 9-token draft
         among 31 one-token rows padded all 32 to 9 queries and nearly doubled the forward),
         where they are at least 2 and fill at least half of their span; the rest (long
         prefill chunks, lone or scattered widths) attend one slot at a time. A tree chunk
@@ -496,12 +531,19 @@ class _AttentionPlan:
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + size)
+        native = None
+        grouped: set[int] = set()
+        if native_threads > 0:
+            rows = [i for i, n in enumerate(sizes) if n <= max_chunk and i not in tree_masks]
+            if rows:
+                table = [[offsets[i], slots[i], starts[i], sizes[i]] for i in rows]
+                native = _Native(torch.tensor(table, dtype=torch.int64), native_threads)
+                grouped.update(rows)
         classes: dict[int, list[int]] = {}
         for i, size in enumerate(sizes):
-            if size <= max_chunk:
+            if size <= max_chunk and i not in grouped:
                 classes.setdefault(_width_class(size), []).append(i)
         grids = []
-        grouped: set[int] = set()
         for rows in classes.values():
             span = max(slots[i] for i in rows) - min(slots[i] for i in rows) + 1
             if len(rows) < 2 or 2 * len(rows) < span:
@@ -529,13 +571,19 @@ class _AttentionPlan:
                 assert mask is not None  # a tree chunk has at least 3 tokens
                 tree_masks[i].apply(mask, starts[i], sizes[i])
             loops.append(_Looped(offsets[i], slots[i], starts[i], sizes[i], mask))
-        return _AttentionPlan(grids, loops)
+        return _AttentionPlan(grids, loops, native)
 
     def attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        if not self.loops and len(self.grids) == 1 and len(self.grids[0].tokens) == len(q):
+        only_grid = self.native is None and not self.loops and len(self.grids) == 1
+        if only_grid and len(self.grids[0].tokens) == len(q):
             # Every token in one call (a plain decode step): no gather or scatter.
             return _batched_attention(q, k_cache, v_cache, self.grids[0].grid)
         attended = torch.empty_like(q)
+        if self.native is not None:
+            scale = q.shape[-1] ** -0.5
+            _kernels.attention(
+                q, k_cache, v_cache, attended, self.native.chunks, scale, self.native.threads
+            )
         for bucket in self.grids:
             attended[bucket.tokens] = _batched_attention(
                 q[bucket.tokens], k_cache, v_cache, bucket.grid

@@ -1,9 +1,11 @@
-"""The native small-batch matmul (service/engine/_native/small_gemm.cc)."""
+"""The engine's native kernels: the small-batch matmul (service/engine/_native/small_gemm.cc) and
+ragged attention (ragged_attention.cc)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from service.engine import _kernels
 
@@ -56,3 +58,101 @@ def test_linear_rejects_bad_shapes() -> None:
         _kernels.linear(x, w, torch.empty(5, 2).T, 1)
     with pytest.raises(TypeError):
         _kernels.linear(x.double(), w, torch.empty(2, 5), 1)
+
+
+Chunk = tuple[int, int, int]  # (slot, start, size)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: list[Chunk], threads: int
+) -> torch.Tensor:
+    """The kernel's output for chunks laid out in q in order."""
+    offsets = [0]
+    for _, _, size in chunks:
+        offsets.append(offsets[-1] + size)
+    table = torch.tensor(
+        [[o, slot, start, size] for o, (slot, start, size) in zip(offsets, chunks, strict=False)],
+        dtype=torch.int64,
+    ).reshape(-1, 4)
+    out = torch.full_like(q, float("nan"))
+    _kernels.attention(q, k, v, out, table, q.shape[-1] ** -0.5, threads)
+    return out
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: list[Chunk]
+) -> torch.Tensor:
+    """Torch's attention, one chunk at a time: token i sees positions <= start + i."""
+    out, offset = [], 0
+    for slot, start, size in chunks:
+        end = start + size
+        mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        attended = F.scaled_dot_product_attention(
+            q[offset : offset + size].transpose(0, 1)[None],
+            k[slot, :, :end][None],
+            v[slot, :, :end][None],
+            attn_mask=mask,
+            enable_gqa=True,
+        )
+        out.append(attended[0].transpose(0, 1))
+        offset += size
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize(("dim", "heads", "kv_heads"), [(16, 4, 2), (64, 9, 3), (128, 4, 4)])
+@pytest.mark.parametrize("seed", range(4))
+def test_attention_matches_torch_on_ragged_chunks(
+    seed: int, dim: int, heads: int, kv_heads: int, threads: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    slots, max_len = 6, 70
+    k = torch.randn(slots, kv_heads, max_len, dim, generator=generator)
+    v = torch.randn(slots, kv_heads, max_len, dim, generator=generator)
+    chunks: list[Chunk] = []
+    for slot in torch.randperm(slots, generator=generator)[:4].tolist():
+        size = int(torch.randint(1, 18, (1,), generator=generator))  # decode rows and drafts
+        start = int(torch.randint(0, max_len - size + 1, (1,), generator=generator))
+        chunks.append((slot, start, size))  # from a chunk at position 0 to one at the cache's end
+    q = 3 * torch.randn(sum(c[2] for c in chunks), heads, dim, generator=generator)
+    torch.testing.assert_close(
+        attention(q, k, v, chunks, threads), reference_attention(q, k, v, chunks), atol=1e-5, rtol=0
+    )
+
+
+def test_attention_leaves_rows_of_other_tokens_alone() -> None:
+    k = v = torch.randn(2, 1, 8, 16)
+    q = torch.randn(5, 2, 16)
+    out = torch.full_like(q, 7.0)
+    table = torch.tensor([[1, 0, 2, 3]], dtype=torch.int64)  # tokens 1-3 only
+    _kernels.attention(q, k, v, out, table, 0.25, 2)
+    assert torch.equal(out[0], torch.full_like(out[0], 7.0))
+    assert torch.equal(out[4], torch.full_like(out[4], 7.0))
+    expected = reference_attention(q[1:4], k, v, [(0, 2, 3)])
+    torch.testing.assert_close(out[1:4], expected, atol=1e-5, rtol=0)
+
+
+def test_attention_rejects_bad_shapes() -> None:
+    q, k = torch.randn(3, 4, 16), torch.randn(2, 2, 8, 16)
+    out = torch.empty(3, 4, 16)
+
+    def call(table: list[list[int]], **override: torch.Tensor) -> None:
+        args = {"q": q, "k": k, "v": k, "out": out} | override
+        chunks = torch.tensor(table, dtype=torch.int64).reshape(-1, 4)
+        _kernels.attention(args["q"], args["k"], args["v"], args["out"], chunks, 0.25, 1)
+
+    call([[0, 1, 5, 3]])  # in bounds
+    for bad in ([[1, 0, 0, 3]], [[0, 2, 0, 1]], [[0, 0, 6, 3]], [[0, 0, 0, 0]], [[-1, 0, 0, 1]]):
+        with pytest.raises(ValueError, match="out of bounds"):
+            call(bad)
+    with pytest.raises(ValueError, match="head dim"):
+        call([], q=torch.randn(3, 4, 24), k=torch.randn(2, 2, 8, 24), out=torch.empty(3, 4, 24))
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        k3 = torch.randn(2, 3, 8, 16)
+        call([], k=k3, v=k3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        call([], v=torch.randn(2, 2, 9, 16))
+    with pytest.raises(ValueError, match="q's shape"):
+        call([], out=torch.empty(2, 4, 16))
+    with pytest.raises(TypeError):  # never a hidden copy
+        call([], k=torch.randn(2, 8, 2, 16).transpose(1, 2))

@@ -5,7 +5,9 @@ import torch
 
 from service.engine import _kernels
 from service.engine.models import Tokenizer
-from service.engine.runner import Runner, _AttentionPlan
+from service.engine.runner import Runner, _AttentionPlan, _TreeMask
+
+CPU = torch.device("cpu")
 
 
 def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
@@ -15,12 +17,17 @@ def hf_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
 
 
 def check_ragged_steps(
-    model: torch.nn.Module, atol: float, batched_max_chunk: int = 32, small_matmul: bool = True
+    model: torch.nn.Module,
+    atol: float,
+    batched_max_chunk: int = 32,
+    small_matmul: bool = True,
+    native_attention: bool = True,
 ) -> None:
     """Prefill three slots with different prompt lengths, then ragged steps with rollback
     and re-feeding; every logit row must equal Hugging Face's forward of the full prefix.
     With small_matmul, steps of at most 64 tokens take the native small-batch matmul where it
-    applies, whether or not it is faster on this machine."""
+    applies, whether or not it is faster on this machine; with native_attention, chunks of at
+    most batched_max_chunk tokens attend in the native kernel where it applies."""
     runner = Runner(
         model,
         slots=4,
@@ -28,8 +35,10 @@ def check_ragged_steps(
         batched_max_chunk=batched_max_chunk,
         small_matmul=small_matmul,
         small_matmul_rows=64,
+        native_attention=native_attention,
     )
     assert runner.small_matmul == (small_matmul and _kernels.available())
+    assert runner.native_attention == (native_attention and _kernels.available())
     generator = torch.Generator().manual_seed(0)
     vocab = runner.vocab_size
     seqs = [torch.randint(0, vocab, (48,), generator=generator).tolist() for _ in range(3)]
@@ -62,12 +71,13 @@ def check_ragged_steps(
     assert runner.lengths[1] == 0
 
 
+@pytest.mark.parametrize("native_attention", [True, False], ids=["native-attn", "torch-attn"])
 @pytest.mark.parametrize("small_matmul", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("batched_max_chunk", [32, 0], ids=["batched", "looped"])
 def test_runner_matches_hf_on_ragged_batches_with_rollback(
-    tiny_model: torch.nn.Module, batched_max_chunk: int, small_matmul: bool
+    tiny_model: torch.nn.Module, batched_max_chunk: int, small_matmul: bool, native_attention: bool
 ) -> None:
-    check_ragged_steps(tiny_model, 1e-4, batched_max_chunk, small_matmul)
+    check_ragged_steps(tiny_model, 1e-4, batched_max_chunk, small_matmul, native_attention)
 
 
 def test_num_logits_returns_the_last_rows(tiny_model: torch.nn.Module) -> None:
@@ -143,6 +153,19 @@ def test_copy_prefix_shares_a_prompt(tiny_model: torch.nn.Module) -> None:
     torch.testing.assert_close(logits, hf_logits(tiny_model, [*prompt, 2])[-2:], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="holds"):
         runner.copy_prefix(1, 2, 1)
+
+
+def test_native_attention_takes_every_short_chain_chunk() -> None:
+    # Scattered widths, a long prefill chunk (past max_chunk 32) and a tree chunk.
+    slots, sizes = [0, 3, 5, 6, 7], [1, 3, 40, 2, 5]
+    tree = _TreeMask.build_all([[0] * n for n in sizes], [None] * 4 + [[-1, -1, 0]], CPU)
+    plan = _AttentionPlan.by_width(slots, [20] * 5, sizes, 32, CPU, tree, native_threads=2)
+    assert plan.native is not None and plan.native.threads == 2
+    # (offset, slot, start, size) of chunks 0, 1 and 3; the long chunk and the tree attend alone.
+    assert plan.native.chunks.tolist() == [[0, 0, 20, 1], [1, 3, 20, 3], [44, 6, 20, 2]]
+    assert not plan.grids
+    assert [loop.slot for loop in plan.loops] == [5, 7]
+    assert _AttentionPlan.by_width(slots, [20] * 5, sizes, 32, CPU).native is None
 
 
 def _plan_groups(slots: list[int], sizes: list[int]) -> tuple[list[list[int]], list[int]]:

@@ -1,0 +1,16 @@
+// The engine's small-batch matmul (small_gemm.cc).
+#pragma once
+
+#include <cstdint>
+
+namespace das {
+
+// True where this CPU runs the engine's kernels (x86-64 with AVX2 and FMA).
+bool cpu_supported();
+
+// y = x @ w.T for float32 row-major x [M, K], w [N, K], y [M, N]; K % 8 == 0; the weight rows
+// split over `threads` threads of the pool. Needs cpu_supported().
+void small_gemm(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                int threads);
+
+}  // namespace das
