@@ -7,11 +7,15 @@ and the sample index is part of the sampling RNG key, so each rollout draws its 
 same in every mode: with lossless speculation the outputs must be identical across modes.
 
 Each speculation mode (none, fixed:K, das, suffix) has its own engine with its own history (and
-suffix its own global response cache), and runs every epoch. The modes take turns epoch by
-epoch (epoch 0 of every mode, then epoch 1, ...), so a slow stretch of a shared machine falls on
-all of them rather than on one mode's whole run.
+suffix its own global response cache), and runs every epoch. The modes run each epoch together,
+taking turns step by step (one engine step of each mode that still runs, then the next), each
+step timed on its own, so that a slow stretch of a shared machine falls on all of them alike
+(taking turns epoch by epoch, as this benchmark did before, left a mode's epoch of 40 s to
+whatever the machine did then: none's steps at 16-31 rows took 117 ms in one epoch and 148 in
+the next).
 The benchmark records, per mode and epoch:
-    makespan_s            wall time from submission until the last rollout finished
+    makespan_s            the time of the mode's own steps from submission until the last
+                          rollout finished (its wall time, had it run alone)
     tokens                output tokens generated
     steps                 engine forward passes (batch steps; each serves the whole batch)
     forwards              rollout verify passes: per rollout, the steps it took part in, summed
@@ -230,69 +234,84 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
 
-def run_epoch(
-    engine: Engine,
-    requests: Sequence[GenerateRequest],
-    mode: str,
-    epoch: int,
-    progress: Progress | None = None,
-) -> EpochRun:
-    """Submit one epoch's requests at once on an idle engine and step until all finish."""
-    if engine.has_unfinished():
-        raise ValueError("run_epoch needs an idle engine")
-    stats = engine.stats
-    before = (stats.forward_passes, stats.drafted_tokens, stats.accepted_tokens)
-    prefill_before, finished_before = stats.prefill_tokens, stats.finished_samples
-    start = time.perf_counter()
-    for request in requests:
-        engine.add_request(request)
-    timeline: list[tuple[float, int]] = []
-    outputs: dict[tuple[str, int], list[int]] = {}
-    forwards = 0
-    now, active = 0.0, 0
-    by_rows: dict[int, list[float]] = {}
-    while engine.has_unfinished():
-        began = now
+class EpochRecorder:
+    """One mode's run of one epoch, a step at a time: its requests are submitted at once on an
+    idle engine, and each step() runs and records one engine step, timed on its own. The
+    epoch's makespan is the sum of its steps' times, so modes stepping in turn (run_bench)
+    each count only their own steps."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        requests: Sequence[GenerateRequest],
+        mode: str,
+        epoch: int,
+        progress: Progress | None = None,
+    ) -> None:
+        if engine.has_unfinished():
+            raise ValueError("an epoch needs an idle engine")
+        self.engine, self.mode, self.epoch, self._progress = engine, mode, epoch, progress
+        stats = engine.stats
+        self._before = (stats.forward_passes, stats.drafted_tokens, stats.accepted_tokens)
+        self._prefill_before, self._finished_before = stats.prefill_tokens, stats.finished_samples
+        for request in requests:
+            engine.add_request(request)
+        self._timeline: list[tuple[float, int]] = []
+        self._outputs: dict[tuple[str, int], list[int]] = {}
+        self._forwards = 0
+        self._now, self._active = 0.0, 0
+        self._by_rows: dict[int, list[float]] = {}
+
+    @property
+    def running(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def step(self) -> None:
+        engine, stats = self.engine, self.engine.stats
         counted = (stats.drafted_tokens, stats.accepted_tokens, stats.prefill_tokens)
+        start = time.perf_counter()
         done = engine.step()
-        now = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        began, self._now = self._now, self._now + seconds
         for output in done:
             for result in output.samples:
-                outputs[(output.group, result.index)] = result.token_ids
-                forwards += result.spec.forward_passes
-        finished = stats.finished_samples - finished_before
-        finished_before = stats.finished_samples
+                self._outputs[(output.group, result.index)] = result.token_ids
+                self._forwards += result.spec.forward_passes
+        finished = stats.finished_samples - self._finished_before
+        self._finished_before = stats.finished_samples
         # The step's batch: what still runs after it, and what it finished.
         batch = engine.num_running() + finished
-        if batch != active:
-            timeline.append((began, batch))
-            active = batch
+        if batch != self._active:
+            self._timeline.append((began, batch))
+            self._active = batch
         step = (
             1,
-            now - began,
+            seconds,
             stats.drafted_tokens - counted[0],
             stats.accepted_tokens - counted[1],
             stats.prefill_tokens - counted[2],
         )
-        totals = by_rows.setdefault(batch.bit_length(), [0.0] * len(step))
+        totals = self._by_rows.setdefault(batch.bit_length(), [0.0] * len(step))
         for i, value in enumerate(step):
             totals[i] += value
-        if finished and progress is not None:
-            progress(finished)
-    timeline.append((now, 0))
-    return EpochRun(
-        mode=mode,
-        epoch=epoch,
-        makespan_s=now,  # when the step that finished the last rollout ended
-        outputs=outputs,
-        steps=stats.forward_passes - before[0],
-        forwards=forwards,
-        drafted=stats.drafted_tokens - before[1],
-        accepted=stats.accepted_tokens - before[2],
-        prefill_tokens=stats.prefill_tokens - prefill_before,
-        batch_size_over_time=timeline,
-        steps_by_rows=by_rows,
-    )
+        if finished and self._progress is not None:
+            self._progress(finished)
+
+    def result(self) -> EpochRun:
+        stats = self.engine.stats
+        return EpochRun(
+            mode=self.mode,
+            epoch=self.epoch,
+            makespan_s=self._now,  # when the step that finished the last rollout ended
+            outputs=self._outputs,
+            steps=stats.forward_passes - self._before[0],
+            forwards=self._forwards,
+            drafted=stats.drafted_tokens - self._before[1],
+            accepted=stats.accepted_tokens - self._before[2],
+            prefill_tokens=stats.prefill_tokens - self._prefill_before,
+            batch_size_over_time=[*self._timeline, (self._now, 0)],
+            steps_by_rows=self._by_rows,
+        )
 
 
 def mode_engine(
@@ -325,19 +344,27 @@ def mode_engine(
     )
 
 
-def run_next_epoch(
-    engine: Engine,
+def run_epochs_in_turn(
+    engines: dict[str, Engine],
     workload: Workload,
     config: RolloutConfig,
-    mode: str,
     epoch: int,
     progress: Progress | None = None,
-) -> EpochRun:
-    """One epoch, then the training step between epochs: the rollouts just made join the
-    history under this policy version, and the next epoch samples under the next one."""
-    run = run_epoch(engine, workload.requests(epoch, config.seed), mode, epoch, progress)
-    engine.history.set_version(epoch + 1)
-    return run
+) -> dict[str, EpochRun]:
+    """One epoch of every mode, the modes taking turns step by step (each timed on its own),
+    then the training step between epochs: the rollouts just made join each mode's history
+    under this policy version, and the next epoch samples under the next one."""
+    requests = workload.requests(epoch, config.seed)
+    recorders = [
+        EpochRecorder(engine, requests, mode, epoch, progress) for mode, engine in engines.items()
+    ]
+    while any(recorder.running for recorder in recorders):
+        for recorder in recorders:
+            if recorder.running:
+                recorder.step()
+    for engine in engines.values():
+        engine.history.set_version(epoch + 1)
+    return {recorder.mode: recorder.result() for recorder in recorders}
 
 
 def count_mismatches(runs: Sequence[EpochRun], reference: Sequence[EpochRun]) -> None:
@@ -491,8 +518,8 @@ def run_bench(
     progress: Progress | None = None,
     on_calibrated: Callable[[Calibration], None] | None = None,
 ) -> BenchResult:
-    """Every mode (none first: the reference) over every epoch, the modes taking turns epoch
-    by epoch; see the module docstring."""
+    """Every mode (none first: the reference) over every epoch, the modes taking turns step
+    by step; see the module docstring."""
     vocab_size = _vocab_size(model)
     workload = build_workload(config, tokenizer, vocab_size)
     machine = machine_info()
@@ -514,11 +541,9 @@ def run_bench(
     }
     runs: dict[str, list[EpochRun]] = {mode: [] for mode in modes}
     for epoch in range(config.epochs):
-        for mode in modes:
-            runs[mode].append(
-                run_next_epoch(engines[mode], workload, config, mode, epoch, progress)
-            )
-            gc.collect()
+        for mode, run in run_epochs_in_turn(engines, workload, config, epoch, progress).items():
+            runs[mode].append(run)
+        gc.collect()
     for mode in modes:
         count_mismatches(runs[mode], runs[modes[0]])
         result.runs.extend(runs[mode])  # listed mode by mode
@@ -539,9 +564,9 @@ def record_trace(
     vocab_size = _vocab_size(model)
     workload = build_workload(config, tokenizer, vocab_size)
     mode = mode_policy(config.modes[0])[0]
-    engine = mode_engine(config, mode, model, tokenizer, workload, SMOLLM2_CPU)
+    engines = {mode: mode_engine(config, mode, model, tokenizer, workload, SMOLLM2_CPU)}
     runs = [
-        run_next_epoch(engine, workload, config, mode, epoch, progress)
+        run_epochs_in_turn(engines, workload, config, epoch, progress)[mode]
         for epoch in range(config.epochs)
     ]
     return trace_records(runs, workload), runs

@@ -140,7 +140,11 @@ class ContinuationRate:
     """Exponentially weighted per-token acceptance of chain drafts: a verify step that drafted
     d tokens and accepted a of them tried min(a + 1, d) positions (the first rejection ends the
     chain) and a of those succeeded. rate() is the chance that a draft token is accepted given
-    that the one before it was, with the prior worth prior_weight tried positions."""
+    that the one before it was, with the prior worth prior_weight tried positions. The evidence
+    decays by `decay` per verify step (`step`, a clock its owner advances once per step),
+    drafted or not: a group whose drafts stopped paying drifts back to its prior and drafts
+    again, so the rate never stops drafting for good (decayed per observation instead, a few
+    rejected drafts could hold it under the price of a token forever)."""
 
     def __init__(self, decay: float) -> None:
         if not 0.0 < decay <= 1.0:
@@ -148,16 +152,26 @@ class ContinuationRate:
         self._decay = decay
         self._tried = 0.0
         self._accepted = 0.0
+        self._step = 0  # the verify step the counts are as of
 
-    def observe(self, drafted: int, accepted: int) -> None:
+    def observe(self, drafted: int, accepted: int, step: int) -> None:
         check_step(drafted, accepted)
         if drafted == 0:
             return
-        self._tried = self._tried * self._decay + min(accepted + 1, drafted)
-        self._accepted = self._accepted * self._decay + accepted
+        self._age(step)
+        self._tried += min(accepted + 1, drafted)
+        self._accepted += accepted
 
-    def rate(self, prior: float, prior_weight: float) -> float:
+    def rate(self, prior: float, prior_weight: float, step: int) -> float:
+        self._age(step)
         return (self._accepted + prior * prior_weight) / (self._tried + prior_weight)
+
+    def _age(self, step: int) -> None:
+        if step > self._step:
+            factor = self._decay ** (step - self._step)
+            self._tried *= factor
+            self._accepted *= factor
+            self._step = step
 
 
 def check_step(drafted: int, accepted: int) -> None:

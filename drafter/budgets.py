@@ -262,7 +262,8 @@ class BudgetRule(Protocol):
 
 
 class MarginalRule:
-    """das: marginal_budgets over each group's continuation rate (prior: all groups' rate)."""
+    """das: marginal_budgets over each group's continuation rate (prior: all groups' rate).
+    Its clock is the verify step: one per budgets() call, by which the evidence decays."""
 
     def __init__(self, decay: float, prior_rate: float, prior_weight: float) -> None:
         self._decay = decay
@@ -270,6 +271,7 @@ class MarginalRule:
         self._prior_weight = prior_weight
         self._rates: dict[str, ContinuationRate] = {}
         self._pooled = ContinuationRate(decay)
+        self._step = 0
 
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
         check_step(drafted, accepted)
@@ -278,14 +280,14 @@ class MarginalRule:
         rate = self._rates.get(group)
         if rate is None:
             rate = self._rates[group] = ContinuationRate(self._decay)
-        rate.observe(drafted, accepted)
-        self._pooled.observe(drafted, accepted)
+        rate.observe(drafted, accepted, self._step)
+        self._pooled.observe(drafted, accepted, self._step)
 
     def rate(self, group: str) -> float:
         """The group's per-token acceptance; its prior is the rate of all groups."""
-        pooled = self._pooled.rate(self._prior_rate, self._prior_weight)
+        pooled = self._pooled.rate(self._prior_rate, self._prior_weight, self._step)
         rate = self._rates.get(group)
-        return pooled if rate is None else rate.rate(pooled, self._prior_weight)
+        return pooled if rate is None else rate.rate(pooled, self._prior_weight, self._step)
 
     def budgets(
         self,
@@ -295,6 +297,7 @@ class MarginalRule:
         cost: CostModel,
         max_budget: int,
     ) -> list[int]:
+        self._step += 1
         rates = [self.rate(group) for group in groups]
         return marginal_budgets(remaining, rates, cost, max_budget)
 

@@ -2,8 +2,9 @@
 
 One `forward` serves a ragged batch: each active slot brings its new tokens (the tokens not
 yet in its cache, then its draft), of any count. Projections and MLP run once over all tokens
-concatenated; attention runs in padded calls shared by chunks of a similar width, each
-token against its own slot's cache (long chunks attend one slot at a time). Rolling back
+concatenated; attention runs each token against its own slot's cache: on a CPU in fp32 in one
+native call for every short chunk that is not a tree (_kernels.attention), otherwise in padded
+calls shared by chunks of a similar width (long chunks attend one slot at a time). Rolling back
 rejected draft tokens is setting the slot's length back: the stale K/V beyond it is
 overwritten by the next forward.
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -17,12 +19,15 @@ from bench.rollout import (
     record_trace,
     rollout_seed,
     run_bench,
+    run_epochs_in_turn,
     trace_records,
     write_plot,
 )
 from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel
 from drafter.simulator import simulate
 from drafter.traces import read_trace, write_trace
+
+T = TypeVar("T")
 
 # 2 prompts x 2 samples x 2 epochs x 16 tokens on the tiny random model.
 TINY = RolloutConfig(
@@ -192,6 +197,35 @@ def test_bench_json_schema(greedy_result: BenchResult) -> None:
         assert seconds == pytest.approx(run["makespan_s"], rel=1e-6)
     assert [row["mode"] for row in data["summary"]] == ["none", "fixed:8", "das"]
     assert data["summary"][0]["makespan_ratio"] == 1.0
+
+
+def _logged(step: Callable[[], T], name: str, log: list[str]) -> Callable[[], T]:
+    def logged() -> T:
+        log.append(name)
+        return step()
+
+    return logged
+
+
+def test_modes_take_turns_step_by_step(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workload = build_workload(TINY, None, 512)
+    modes = ("none", "fixed:8")
+    engines = {
+        mode: mode_engine(TINY, mode, tiny_model, None, workload, SMOLLM2_CPU) for mode in modes
+    }
+    order: list[str] = []
+    for mode, engine in engines.items():
+        monkeypatch.setattr(engine, "step", _logged(engine.step, mode, order))
+    runs = run_epochs_in_turn(engines, workload, TINY, 0)
+    steps = {mode: runs[mode].steps for mode in modes}
+    both = min(steps.values())
+    assert order[: 2 * both] == list(modes) * both  # one step each while both run
+    assert len(order) == sum(steps.values())
+    for mode in modes:
+        assert engines[mode].history.version == 1  # the epoch's training step happened
+        assert runs[mode].makespan_s == pytest.approx(runs[mode].batch_size_over_time[-1][0])
 
 
 def test_speculation_changes_no_rollout(greedy_result: BenchResult) -> None:

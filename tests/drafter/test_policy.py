@@ -548,16 +548,56 @@ def test_das_config_defaults_are_the_documented_ones() -> None:
 
 def test_continuation_rate_counts_the_positions_a_chain_tried() -> None:
     rate = ContinuationRate(decay=1.0)
-    assert rate.rate(0.3, 10.0) == pytest.approx(0.3)
-    rate.observe(4, 2)  # tried 3 (two accepted, the third rejected)
-    rate.observe(4, 4)  # tried 4, all accepted
-    rate.observe(0, 0)  # nothing drafted: no evidence
-    assert rate.rate(0.0, 1e-12) == pytest.approx(6 / 7)
-    assert rate.rate(0.5, 7.0) == pytest.approx((6 + 3.5) / 14)
+    assert rate.rate(0.3, 10.0, 0) == pytest.approx(0.3)
+    rate.observe(4, 2, 0)  # tried 3 (two accepted, the third rejected)
+    rate.observe(4, 4, 1)  # tried 4, all accepted
+    rate.observe(0, 0, 2)  # nothing drafted: no evidence
+    assert rate.rate(0.0, 1e-12, 2) == pytest.approx(6 / 7)
+    assert rate.rate(0.5, 7.0, 2) == pytest.approx((6 + 3.5) / 14)
     with pytest.raises(ValueError):
-        rate.observe(2, 3)
+        rate.observe(2, 3, 2)
     with pytest.raises(ValueError):
         ContinuationRate(0.0)
+
+
+def test_continuation_rate_decays_per_step_drafted_or_not() -> None:
+    rate = ContinuationRate(decay=0.5)
+    rate.observe(4, 0, 3)  # 1 tried, 0 accepted, at step 3
+    rate.observe(4, 4, 3)  # the same step: no decay between them
+    assert rate.rate(0.0, 1e-12, 3) == pytest.approx(4 / 5)
+    # Two steps later with nothing drafted, the evidence weighs a quarter: 1 of 1.25 tried.
+    assert rate.rate(0.2, 1.0, 5) == pytest.approx((1 + 0.2) / (1.25 + 1))
+    assert rate.rate(0.2, 1.0, 60) == pytest.approx(0.2)  # all but the prior gone
+
+
+def test_das_drafts_again_after_its_drafts_stopped_paying() -> None:
+    # A lone request whose every draft is rejected: the rate falls until a token no longer
+    # pays (the floor, c_tok / t_step), then drafting stops; with nothing drafted the evidence
+    # decays back toward the prior, and the request drafts again within the steps that decay
+    # takes to lift the rate over the floor.
+    cost = CostModel(0.040, 0.004)  # a lone request's token costs a tenth of its step
+    decay = 0.99
+    policy = DasPolicy(cost, DasConfig(prior_rate=0.5, prior_weight=16, decay=decay))
+    view = RequestView("g", 0)
+    rejected_steps = 0
+    while (budget := policy.budgets([view])[0]) > 0:
+        policy.observe_step("g", budget, 0)
+        view = view.advanced(1)
+        rejected_steps += 1
+        assert rejected_steps < 1000, "rejecting every draft never stopped drafting"
+    # The group and the pooled rate saw the same T rejected positions, and the pooled one is
+    # the group's prior: its rate is 0.5 * (16 / (T + 16)) ** 2. It pays again once T has
+    # decayed (by `decay` a step) to where that reaches c_tok / t_step.
+    floor = cost.c_tok / cost.step_time(1)
+    tried = 16 / math.sqrt(policy.rule.rate("g") / 0.5) - 16
+    paying = 16 / math.sqrt(floor / 0.5) - 16
+    waited = 0
+    while policy.budgets([view]) == [0]:
+        waited += 1
+        assert waited < 10_000, "it never drafted again"
+    bound = math.ceil(math.log(paying / tried) / math.log(decay)) + 1
+    assert 0 < waited <= bound
+    assert rejected_steps > 0
 
 
 def _best_by_enumeration(

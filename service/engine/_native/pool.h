@@ -14,12 +14,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define DAS_X86 1
-#else
-#define DAS_X86 0
-#endif
+#include "simd.h"
 
 namespace das {
 

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "pool.h"
-#include "small_gemm.h"
+#include "simd.h"
 
 namespace das {
 
@@ -34,8 +34,6 @@ bool attention_supports_dim(int64_t dim) {
 
 #if DAS_X86
 namespace {
-
-#define DAS_AVX2 __attribute__((target("avx2,fma")))
 
 // exp(x) for x <= 0 (a score minus the row's max), relative error about 1e-7.
 DAS_AVX2 inline __m256 exp_nonpositive(__m256 x) {
@@ -58,13 +56,6 @@ DAS_AVX2 inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
   const __m256 abcd = _mm256_hadd_ps(ab, cd);
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-DAS_AVX2 inline float sum1(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // One query vector of D = 8 * kLanes floats against keys [0, n) and values [0, n).
@@ -97,7 +88,7 @@ DAS_AVX2 void attend_one(const float* q, const float* k, const float* v, float* 
   for (; j < n; ++j) {
     __m256 a = _mm256_setzero_ps();
     for (int l = 0; l < kLanes; ++l) a = _mm256_fmadd_ps(qv[l], _mm256_loadu_ps(k + j * D + 8 * l), a);
-    scores[j] = sum1(a);
+    scores[j] = hsum(a);
     m = std::max(m, scores[j]);
   }
   // Weights; the lanes past n are computed on garbage and never read.
@@ -108,7 +99,7 @@ DAS_AVX2 void attend_one(const float* q, const float* k, const float* v, float* 
     _mm256_storeu_ps(scores + j, p);
     total = _mm256_add_ps(total, p);
   }
-  float sum = sum1(total);
+  float sum = hsum(total);
   if (j < n) {
     alignas(32) float tail[8];
     std::fill(tail, tail + 8, m);  // the unused lanes weigh exp(0), and are never read

@@ -21,6 +21,7 @@
 #include <stdexcept>
 
 #include "pool.h"
+#include "simd.h"
 
 namespace das {
 
@@ -32,15 +33,6 @@ struct Problem {
 };
 
 #if DAS_X86
-#define DAS_AVX2 __attribute__((target("avx2,fma")))
-
-DAS_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Rows [0, MB) of x against weight rows [n0, n1), two weight rows at a time: 2 * MB
 // accumulators stay in registers and each weight vector is loaded once for all MB rows.
 // K is a multiple of 8 (checked by the caller).
