@@ -65,8 +65,8 @@ DAS_AVX2 void attend_one(const float* q, const float* k, const float* v, float* 
                          float scale, float* scores) {
   constexpr int64_t D = 8 * kLanes;
   __m256 qv[kLanes];
-  for (int l = 0; l < kLanes; ++l) qv[l] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * l),
-                                                         _mm256_set1_ps(scale));
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  for (int l = 0; l < kLanes; ++l) qv[l] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * l), scale_v);
   // Scores, four keys at a time.
   float m = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
@@ -87,11 +87,12 @@ DAS_AVX2 void attend_one(const float* q, const float* k, const float* v, float* 
   for (int i = 0; i < 4; ++i) m = std::max(m, max4[i]);
   for (; j < n; ++j) {
     __m256 a = _mm256_setzero_ps();
-    for (int l = 0; l < kLanes; ++l) a = _mm256_fmadd_ps(qv[l], _mm256_loadu_ps(k + j * D + 8 * l), a);
+    for (int l = 0; l < kLanes; ++l)
+      a = _mm256_fmadd_ps(qv[l], _mm256_loadu_ps(k + j * D + 8 * l), a);
     scores[j] = hsum(a);
     m = std::max(m, scores[j]);
   }
-  // Weights; the lanes past n are computed on garbage and never read.
+  // Weights p_j = exp(s_j - m), eight at a time, then the last n % 8.
   const __m256 mv = _mm256_set1_ps(m);
   __m256 total = _mm256_setzero_ps();
   for (j = 0; j + 8 <= n; j += 8) {
@@ -117,7 +118,8 @@ DAS_AVX2 void attend_one(const float* q, const float* k, const float* v, float* 
   for (j = 0; j < n; ++j) {
     const __m256 p = _mm256_set1_ps(scores[j]);
     const float* vj = v + j * D;
-    for (int l = 0; l < kLanes; ++l) acc[l] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * l), acc[l]);
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * l), acc[l]);
   }
   const __m256 inv = _mm256_set1_ps(1.0f / sum);
   for (int l = 0; l < kLanes; ++l) _mm256_storeu_ps(out + 8 * l, _mm256_mul_ps(acc[l], inv));
