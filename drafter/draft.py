@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -57,12 +58,19 @@ class Draft:
 
 def as_token_array(tokens: Tokens) -> TokenArray:
     """Tokens as a contiguous int32 array; ValueError for anything that is not one."""
+    if (
+        type(tokens) is np.ndarray
+        and tokens.dtype == np.int32
+        and tokens.ndim == 1
+        and tokens.flags.c_contiguous
+    ):
+        return cast(TokenArray, tokens)  # already one (a tree's extend per row: keep it cheap)
     array = np.asarray(tokens)
     if array.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {array.shape}")
     if array.size == 0:
         return np.empty(0, dtype=np.int32)
-    if not np.issubdtype(array.dtype, np.integer):
+    if array.dtype.kind not in "iu":  # signed or unsigned integers (not bool)
         raise ValueError(f"tokens must be integers, got dtype {array.dtype}")
     if array.dtype != np.int32:
         if int(array.min()) < _INT32_MIN or int(array.max()) > _INT32_MAX:

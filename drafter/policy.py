@@ -14,7 +14,7 @@ drafts it sized once they are drafted (the Trimming protocol, das-match).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from drafter.acceptance import check_step
@@ -37,7 +37,7 @@ class RequestView:
             raise ValueError(f"generated must be >= 0, got {self.generated}")
 
     def advanced(self, tokens: int) -> RequestView:
-        return replace(self, generated=self.generated + tokens)
+        return RequestView(self.group, self.generated + tokens, self.initial_class)
 
 
 class Policy(Protocol):

@@ -361,11 +361,15 @@ class Engine:
             return []
         drafts = self._prepare_drafts(batch)
         logits = self._verify(batch, drafts)
+        outcomes = []
         offset = 0
         for sequence, draft in zip(batch, drafts, strict=True):
             rows = logits[offset : offset + len(draft) + 1]
             offset += len(draft) + 1
-            sampled, accepted = self._accept(sequence, draft, rows)
+            outcomes.append(self._accept(sequence, draft, rows))
+        # Recorded after every row is sampled: sampling a row streams a few vocabulary-sized
+        # buffers through the caches, and the drafter's trees are cold after each.
+        for sequence, draft, (sampled, accepted) in zip(batch, drafts, outcomes, strict=True):
             self._record(sequence, draft, sampled, accepted)
         return self._collect_finished()
 
