@@ -24,6 +24,9 @@ The benchmark records, per mode and epoch:
     tokens_per_step       tokens / steps: batch throughput per engine forward
     accepted_per_forward  accepted draft tokens / forwards (the simulator's acc/fwd)
     tokens_per_s          tokens / makespan_s
+    step_seconds          seconds in each phase of the engine's steps (Engine.stats): admission,
+                          drafting, the forward, sampling, recording; the printed table ends
+                          with them per step, per mode
     batch_size_over_time  [t_s, rollouts in the step's batch]: a step function, one point per
                           change, ending with [makespan_s, 0]
     mismatched_rollouts   rollouts whose output tokens differ from the reference mode's (none,
@@ -51,7 +54,7 @@ from drafter.policy_spec import canonical_mode, mode_policy, parse_policy
 from drafter.traces import TraceRecord
 from service.engine.calibration import Calibration, calibrate_cost, cost_model_name
 from service.engine.config import EngineConfig
-from service.engine.engine import Engine
+from service.engine.engine import STEP_PHASES, Engine
 from service.engine.models import SMOLLM2, Tokenizer
 from service.worker import GenerateRequest, SamplingParams
 
@@ -178,6 +181,7 @@ class EpochRun:
     # Per batch-size class (rows 1, 2-3, 4-7, ...: the bit length of rows): [steps, seconds,
     # draft tokens, accepted, prefill tokens] summed over the epoch's steps of that size.
     steps_by_rows: dict[int, list[float]] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # per phase of Engine.step
     mismatched_rollouts: int | None = None  # against the reference mode's run of the epoch
     # Per mismatched rollout: where it first left the reference, and the two tokens there.
     mismatches: list[dict[str, Any]] = field(default_factory=list)
@@ -204,6 +208,7 @@ class EpochRun:
             "accepted_per_forward": _ratio(self.accepted, self.forwards),
             "tokens_per_s": _ratio(tokens, self.makespan_s),
             "mean_step_s": _ratio(self.makespan_s, self.steps),
+            "step_seconds": self.step_seconds,
             "mismatched_rollouts": self.mismatched_rollouts or 0,
             "mismatches": self.mismatches,
             "lengths": sorted(len(output) for output in self.outputs.values()),
@@ -254,6 +259,7 @@ class EpochRecorder:
         stats = engine.stats
         self._before = (stats.forward_passes, stats.drafted_tokens, stats.accepted_tokens)
         self._prefill_before, self._finished_before = stats.prefill_tokens, stats.finished_samples
+        self._seconds_before = dict(stats.step_seconds)
         for request in requests:
             engine.add_request(request)
         self._timeline: list[tuple[float, int]] = []
@@ -311,6 +317,10 @@ class EpochRecorder:
             prefill_tokens=stats.prefill_tokens - self._prefill_before,
             batch_size_over_time=[*self._timeline, (self._now, 0)],
             steps_by_rows=self._by_rows,
+            step_seconds={
+                phase: seconds - self._seconds_before[phase]
+                for phase, seconds in stats.step_seconds.items()
+            },
         )
 
 
@@ -446,6 +456,10 @@ class BenchResult:
                     "tokens_per_s": _ratio(tokens, makespan),
                     "makespan_ratio": _ratio(makespan, base),
                     "mismatched_rollouts": sum(r.mismatched_rollouts or 0 for r in runs),
+                    "ms_per_step": {
+                        phase: _ratio(sum(r.step_seconds[phase] for r in runs), steps) * 1e3
+                        for phase in STEP_PHASES
+                    },
                 }
             )
         return rows
@@ -477,6 +491,10 @@ DEFINITIONS = {
     "accepted_per_forward": "accepted draft tokens / forwards",
     "mismatched_rollouts": "rollouts whose output tokens differ from the reference mode's "
     "run of the same epoch",
+    "step_seconds": "seconds in each phase of the engine's steps, summed: admission "
+    "(schedule), the speculator's drafts (draft), the forward, sampling and acceptance "
+    "(sample), appending tokens and the speculator's bookkeeping (record)",
+    "ms_per_step": "step_seconds over all epochs, per step, in milliseconds",
     "batch_size_over_time": "[seconds since submission, rollouts in the batch of the step "
     "starting then], one point per change, ending with [makespan_s, 0]",
 }
@@ -636,6 +654,9 @@ def format_table(result: BenchResult) -> str:
             f"tok/fwd {row['tokens_per_forward']:.2f}, tok/s {row['tokens_per_s']:.1f}, "
             f"ratio {row['makespan_ratio']:.3f}, mismatched {row['mismatched_rollouts']}"
         )
+    for row in result.summary():
+        phases = ", ".join(f"{phase} {ms:.2f}" for phase, ms in row["ms_per_step"].items())
+        lines.append(f"{row['mode']:>9}  ms per step: {phases}")
     lines.append(
         "tok/fwd, acc/fwd: per rollout verify pass; tok/step: per engine forward; ratio: "
         f"makespan / {config.ordered_modes[0]}'s in the same epoch"

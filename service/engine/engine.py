@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import secrets
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class SampleProgress:
     result: SampleResult | None  # set once the sample has finished (its final output)
 
 
+STEP_PHASES = ("schedule", "draft", "forward", "sample", "record")
+
+
 @dataclass(slots=True)
 class EngineStats:
     forward_passes: int = 0  # steps that ran the model
@@ -87,6 +91,10 @@ class EngineStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     finished_samples: int = 0
+    # Seconds spent in each phase of step(), summed: admitting waiting samples ("schedule"),
+    # the speculator's drafts ("draft"), the forward, sampling and acceptance with the cache
+    # rollback ("sample"), appending tokens and the speculator's bookkeeping ("record").
+    step_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
 
 
 @dataclass(slots=True, eq=False)
@@ -355,23 +363,31 @@ class Engine:
         """One forward pass over the running batch; the requests that finished in it."""
         if self._paused:
             return []
+        seconds = self.stats.step_seconds
+        start = time.perf_counter()
         self._schedule()
         batch = self._running
         if not batch:
             return []
+        start = _lap(seconds, "schedule", start)
         drafts = self._prepare_drafts(batch)
+        start = _lap(seconds, "draft", start)
         logits = self._verify(batch, drafts)
+        start = _lap(seconds, "forward", start)
         outcomes = []
         offset = 0
         for sequence, draft in zip(batch, drafts, strict=True):
             rows = logits[offset : offset + len(draft) + 1]
             offset += len(draft) + 1
             outcomes.append(self._accept(sequence, draft, rows))
+        start = _lap(seconds, "sample", start)
         # Recorded after every row is sampled: sampling a row streams a few vocabulary-sized
         # buffers through the caches, and the drafter's trees are cold after each.
         for sequence, draft, (sampled, accepted) in zip(batch, drafts, outcomes, strict=True):
             self._record(sequence, draft, sampled, accepted)
-        return self._collect_finished()
+        finished = self._collect_finished()
+        _lap(seconds, "record", start)
+        return finished
 
     def _schedule(self) -> None:
         """Admit waiting sequences into free slots, up to max_prefill_tokens of prompt.
@@ -594,6 +610,13 @@ class Engine:
             weight_version=sequence.weight_version,
             length_class=length_class,
         )
+
+
+def _lap(seconds: dict[str, float], phase: str, start: float) -> float:
+    """Adds the time since `start` to `phase`; returns now."""
+    now = time.perf_counter()
+    seconds[phase] += now - start
+    return now
 
 
 def main_path(draft: Draft) -> Draft:

@@ -26,6 +26,7 @@ from bench.rollout import (
 from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel
 from drafter.simulator import simulate
 from drafter.traces import read_trace, write_trace
+from service.engine.engine import STEP_PHASES
 
 T = TypeVar("T")
 
@@ -59,6 +60,7 @@ RUN_FIELDS = {
     "mismatches": list,
     "batch_size_over_time": list,
     "steps_by_rows": list,
+    "step_seconds": dict,
 }
 
 
@@ -195,6 +197,11 @@ def test_bench_json_schema(greedy_result: BenchResult) -> None:
             assert total == pytest.approx(run[key if key != "prefill" else "prefill_tokens"])
         seconds = sum(row["mean_step_s"] * steps[row["rows"]] for row in profile)
         assert seconds == pytest.approx(run["makespan_s"], rel=1e-6)
+        phases = run["step_seconds"]
+        assert tuple(phases) == STEP_PHASES
+        assert all(value >= 0 for value in phases.values())
+        assert phases["forward"] > 0
+        assert sum(phases.values()) <= run["makespan_s"]  # each phase is inside a timed step
     assert [row["mode"] for row in data["summary"]] == ["none", "fixed:8", "das"]
     assert data["summary"][0]["makespan_ratio"] == 1.0
 
@@ -276,6 +283,9 @@ def test_table_has_a_row_per_mode_and_epoch(greedy_result: BenchResult) -> None:
         (mode, epoch) for mode in ("none", "fixed:8", "das") for epoch in ("0", "1")
     ]
     assert all(row[-1] == "0" for row in rows)
+    phases = [line.split() for line in lines if "ms per step:" in line]
+    assert [row[0] for row in phases] == ["none", "fixed:8", "das"]
+    assert phases[0][4::2] == list(STEP_PHASES)
 
 
 def test_calibrate_is_the_default_cost_and_reaches_the_das_policy(

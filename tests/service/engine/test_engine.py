@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from drafter import DrafterConfig, RolloutHistory
 from service.engine import Engine, EngineConfig, RequestOutput
+from service.engine.engine import STEP_PHASES
 from service.engine.models import Tokenizer, tiny_random_model
 from service.worker import GenerateRequest, SamplingParams
 from tests.service.engine.conftest import counting_prompts
@@ -135,6 +137,19 @@ def test_das_policy_is_lossless(tiny_model: torch.nn.Module) -> None:
     engine = make_engine(tiny_model, "das", history_of(baseline, corrupt_every=6))
     assert_same_outputs(baseline, engine.generate(requests(SAMPLED)))
     assert engine.stats.drafted_tokens > 0
+
+
+def test_stats_time_every_phase_of_the_steps(tiny_model: torch.nn.Module) -> None:
+    baseline = make_engine(tiny_model).generate(requests(SAMPLED))
+    engine = make_engine(tiny_model, "das", history_of(baseline))
+    start = time.perf_counter()
+    engine.generate(requests(SAMPLED))
+    elapsed = time.perf_counter() - start
+    seconds = engine.stats.step_seconds
+    assert tuple(seconds) == STEP_PHASES
+    assert all(seconds[phase] > 0 for phase in STEP_PHASES)  # drafting included: it drafted
+    assert engine.stats.drafted_tokens > 0
+    assert sum(seconds.values()) <= elapsed
 
 
 def test_suffix_policy_is_lossless(tiny_model: torch.nn.Module) -> None:
