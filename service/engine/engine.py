@@ -469,15 +469,9 @@ class Engine:
             sequence.index,
             sequence.generated,
             self.config.logprobs_mode,
+            draft=tokens,  # drawn up to the first rejected position only
         )
-        accepted = 0
-        while accepted < len(tokens) and tokens[accepted] == sampled.token_ids[accepted]:
-            accepted += 1
-        keep = accepted + 1
-        sampled.token_ids = sampled.token_ids[:keep]
-        sampled.logprobs = sampled.logprobs[:keep]
-        if sampled.top_logprobs is not None:
-            sampled.top_logprobs = sampled.top_logprobs[:keep]
+        accepted = len(sampled.token_ids) - 1
         # The cache now holds the tokens and the whole draft: roll back the rejected part.
         # The bonus token is not cached yet; it is fed with the next step's draft.
         sequence.computed = len(sequence.tokens) + accepted

@@ -17,6 +17,7 @@ sum: one rollout in 64 on SmolLM2 at temperature 0.7.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -131,18 +132,38 @@ def sample(
     sample_index: int,
     first_position: int,
     logprobs_mode: LogprobsMode = "raw",
+    draft: Sequence[int] | None = None,
 ) -> Sampled:
     """Draw the token at positions first_position, first_position + 1, ... from each row of
     `logits` [rows, vocab] (row i is the target's prediction for position first_position + i).
     Temperature 0 is greedy: the first argmax of the raw logits. Logprobs are those of the raw
-    logits (log_softmax) or, with logprobs_mode "processed", of the distribution sampled from."""
+    logits (log_softmax) or, with logprobs_mode "processed", of the distribution sampled from.
+
+    With `draft` (the tokens drafted at those positions), drawing stops at the first row whose
+    token differs from the draft's, or the row after the draft: the rows after it would be
+    thrown away (each row's draw is a function of that row alone, so the rows drawn are the
+    same as without `draft`)."""
     processed = None
     if params.temperature == 0.0:
         token_ids = logits.argmax(dim=-1)
+        if draft is not None:
+            drawn = _accepted(token_ids.tolist(), draft) + 1
+            token_ids, logits = token_ids[:drawn], logits[:drawn]
     else:
         processed = processed_logits(logits, params)
         keys = position_keys(seed, sample_index, first_position + np.arange(len(processed)))
-        token_ids = exponential_race(processed, keys)
+        if draft is not None:
+            chosen_ids: list[int] = []
+            for row in range(len(processed)):
+                token = int(exponential_race(processed[row : row + 1], keys[row : row + 1])[0])
+                chosen_ids.append(token)
+                if row >= len(draft) or token != draft[row]:
+                    break
+            drawn = len(chosen_ids)
+            token_ids = torch.tensor(chosen_ids, dtype=torch.long, device=logits.device)
+            processed, logits = processed[:drawn], logits[:drawn]
+        else:
+            token_ids = exponential_race(processed, keys)
     if logprobs_mode == "raw":
         logprobs = logits.float().log_softmax(dim=-1)
     elif processed is None:  # greedy: the processed distribution is a point mass
@@ -159,3 +180,11 @@ def sample(
             for row_ids, row_values in zip(indices.tolist(), values.tolist(), strict=True)
         ]
     return Sampled(token_ids.tolist(), chosen.tolist(), top)
+
+
+def _accepted(token_ids: Sequence[int], draft: Sequence[int]) -> int:
+    """How many leading draft tokens equal the drawn ones."""
+    accepted = 0
+    while accepted < min(len(draft), len(token_ids)) and draft[accepted] == token_ids[accepted]:
+        accepted += 1
+    return accepted

@@ -154,3 +154,34 @@ def test_the_race_ignores_rounding_sized_changes_to_the_distribution() -> None:
     u = torch.from_numpy(uniforms(11, 0, np.arange(len(logits))))[:, None]
     by_cdf = [torch.searchsorted(p.softmax(-1).cumsum(-1), u)[:, 0] for p in (logits, nudged)]
     assert (by_cdf[0] != by_cdf[1]).sum().item() >= 10
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SAMPLED,
+        SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2),
+        SamplingParams(temperature=1.0),
+    ],
+)
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+def test_a_draft_stops_the_draws_at_its_first_rejected_token(
+    params: SamplingParams, mode: str
+) -> None:
+    """With the draft given, the rows drawn are the full draw's up to the first row whose token
+    differs from the draft's (or the row after the draft), tokens and logprobs alike."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        rows = int(rng.integers(1, 7))
+        logits = logits_rows(rows, seed=trial)
+        full = sample(logits, params, 5, 1, 3 * trial, mode)  # type: ignore[arg-type]
+        agree = int(rng.integers(0, rows))  # the draft matches this many tokens, then differs
+        draft = full.token_ids[:agree]
+        if agree < rows - 1 and rng.random() < 0.7:
+            draft += [(full.token_ids[agree] + 1) % 200, *rng.integers(0, 200, rows - 2 - agree)]
+        cut = sample(logits, params, 5, 1, 3 * trial, mode, draft=draft)  # type: ignore[arg-type]
+        drawn = min(agree, len(draft)) + 1
+        assert cut.token_ids == full.token_ids[:drawn]
+        assert cut.logprobs == full.logprobs[:drawn]
+        expected_top = None if full.top_logprobs is None else full.top_logprobs[:drawn]
+        assert cut.top_logprobs == expected_top
