@@ -8,11 +8,11 @@ same in every mode: with lossless speculation the outputs must be identical acro
 
 Each speculation mode (none, fixed:K, das, suffix) has its own engine with its own history (and
 suffix its own global response cache), and runs every epoch. The modes run each epoch together,
-taking turns step by step (one engine step of each mode that still runs, then the next), each
-step timed on its own, so that a slow stretch of a shared machine falls on all of them alike
-(taking turns epoch by epoch, as this benchmark did before, left a mode's epoch of 40 s to
-whatever the machine did then: none's steps at 16-31 rows took 117 ms in one epoch and 148 in
-the next).
+taking turns step by step (one engine step of each mode that still runs, then the next, each
+round starting with the next mode), each step timed on its own, so that a slow stretch of a
+shared machine falls on all of them alike (taking turns epoch by epoch, as this benchmark did
+before, left a mode's epoch of 40 s to whatever the machine did then: none's steps at 16-31
+rows took 117 ms in one epoch and 148 in the next).
 The benchmark records, per mode and epoch:
     makespan_s            the time of the mode's own steps from submission until the last
                           rollout finished (its wall time, had it run alone)
@@ -368,10 +368,13 @@ def run_epochs_in_turn(
     recorders = [
         EpochRecorder(engine, requests, mode, epoch, progress) for mode, engine in engines.items()
     ]
+    first = 0
     while any(recorder.running for recorder in recorders):
-        for recorder in recorders:
+        # Each round starts with the next mode: none follows the same one every time.
+        for recorder in recorders[first:] + recorders[:first]:
             if recorder.running:
                 recorder.step()
+        first = (first + 1) % len(recorders)
     for engine in engines.values():
         engine.history.set_version(epoch + 1)
     return {recorder.mode: recorder.result() for recorder in recorders}
