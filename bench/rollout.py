@@ -541,7 +541,7 @@ def run_bench(
 ) -> BenchResult:
     """Every mode (none first: the reference) over every epoch, the modes taking turns step
     by step; see the module docstring."""
-    vocab_size = _vocab_size(model)
+    vocab_size = model_vocab_size(model)
     workload = build_workload(config, tokenizer, vocab_size)
     machine = machine_info()
     max_batch = config.max_batch or workload.rollouts_per_epoch
@@ -582,7 +582,7 @@ def record_trace(
     progress: Progress | None = None,
 ) -> tuple[list[TraceRecord], list[EpochRun]]:
     """Rollouts of config.modes[0] (speculation never changes them) as trace records."""
-    vocab_size = _vocab_size(model)
+    vocab_size = model_vocab_size(model)
     workload = build_workload(config, tokenizer, vocab_size)
     mode = mode_policy(config.modes[0])[0]
     engines = {mode: mode_engine(config, mode, model, tokenizer, workload, SMOLLM2_CPU)}
@@ -593,7 +593,7 @@ def record_trace(
     return trace_records(runs, workload), runs
 
 
-def _vocab_size(model: torch.nn.Module) -> int:
+def model_vocab_size(model: torch.nn.Module) -> int:
     config: Any = model.config  # a Hugging Face model's config
     return int(config.vocab_size)
 
