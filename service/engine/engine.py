@@ -4,10 +4,11 @@ Every step is one forward pass over all running sequences and reads top to botto
 schedule (admit waiting sequences into free KV slots), prepare drafts (from the speculation
 core, drafter/speculator.py: budgets from the policy for the live batch, chain or tree drafts
 from the rollout history), verify (one runner forward: each sequence's tokens not yet cached,
-then its draft; a tree under a tree mask), accept (sample the target's token at every drafted
-position with the counter-based RNG; keep draft tokens while they equal it; the first sampled
-token that differs is the bonus), record (append, stop checks, the speculation core) and
-collect the finished.
+then its draft; a tree under a tree mask), accept (sample the target's token at each drafted
+position with the counter-based RNG, up to the first that differs from the draft: the draft
+tokens before it are kept, it is the bonus), record (append, stop checks, the speculation core;
+every row after all are sampled) and collect the finished. Engine.stats.step_seconds sums the
+time of each phase.
 
 A tree draft is accepted by walking down from its root: the token at output position
 generated + d is drawn from the logits of the depth-(d - 1) node on the path (the last
