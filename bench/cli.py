@@ -135,8 +135,8 @@ def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "and runs every epoch, the modes taking turns step by step (a mode's makespan is the "
         "time of its own steps); each epoch's prompts x samples are submitted at once as one "
         "RL step. Reports makespan, tokens per forward, acceptance, tokens/s and the batch "
-        "size over "
-        "time per epoch, and the rollouts whose tokens differ from none's (must be 0).",
+        "size over time per epoch, and the rollouts whose tokens differ from none's (must be "
+        "0).",
     )
     _rollout_flags(rollout)
     modes = ",".join(DEFAULTS.modes)
