@@ -560,6 +560,10 @@ def run_bench(
         )
         for mode in modes
     }
+    # Each runner times the native matmul against torch's when it is made (Runner's doc).
+    machine["native_matmul_rows"] = {
+        mode: list(engine.runner.small_matmul_rows) for mode, engine in engines.items()
+    }
     runs: dict[str, list[EpochRun]] = {mode: [] for mode in modes}
     for epoch in range(config.epochs):
         for mode, run in run_epochs_in_turn(engines, workload, config, epoch, progress).items():

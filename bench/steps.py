@@ -5,6 +5,7 @@ the engine does) over batch sizes and tokens per row, on a real model.
                           [--json OUT]
     python -m bench.steps --trees [--rows 1 4 16] [--nodes 4 8 16] [--json OUT]
     python -m bench.steps --attention [--json OUT]
+    python -m bench.steps --matmul [--json OUT]
 
 Each cell is the median of --repeats timings after one warm-up, every slot holding --context
 cached tokens; the drafted rows are rolled back after each timing. By default the runner
@@ -16,8 +17,11 @@ as many tokens (TREE_SHAPES), timings of the two interleaved, and Runner.keep_pa
 --attention times the forward of even and ragged verify steps (RAGGED_STEPS: a share of the
 rows carrying a draft, spread over the slots as a real batch leaves them) with torch's
 attention (padded calls per width class, scattered chunks one slot at a time) and with the
-native kernel's one call per layer, two runners taking turns. Prints a table and writes JSON;
-no timing is asserted.
+native kernel's one call per layer, two runners taking turns. --matmul times, at each count
+of token rows in MATMUL_ROWS, every matmul weight of the model once (streamed from memory, as
+in a forward) with torch (MKL) and each native kernel this CPU runs (AVX2, AVX-512), then the
+forward of one request verifying that many tokens with the runner's measured choice and with
+torch only, taking turns. Prints a table and writes JSON; no timing is asserted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from bench.rollout import machine_info
+from service.engine import _kernels
 from service.engine.calibration import primed_runner, time_verify_step
 from service.engine.models import load_model
 from service.engine.runner import Runner
@@ -40,6 +45,8 @@ from service.worker import SamplingParams
 DEFAULT_JSON = Path(__file__).parent / "results" / "steps.json"
 TREES_JSON = Path(__file__).parent / "results" / "steps_trees.json"
 ATTENTION_JSON = Path(__file__).parent / "results" / "steps_attention.json"
+MATMUL_JSON = Path(__file__).parent / "results" / "steps_matmul.json"
+MATMUL_ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
 ROWS = (1, 4, 16)
 TOKENS_PER_ROW = (1, 5, 9, 17)
 DRAFT_NODES = (4, 8, 16)
@@ -83,7 +90,8 @@ RAGGED_STEPS = (
 def matmul_label(runner: Runner) -> str:
     if not runner.small_matmul:
         return "torch"
-    return f"native small-batch kernel up to {runner.small_matmul_rows} rows, then torch"
+    first, last = runner.small_matmul_rows
+    return f"native small-batch kernel at {first}-{last} rows, torch otherwise"
 
 
 def measure(
@@ -213,6 +221,72 @@ def main_attention(args: argparse.Namespace) -> None:
     write_cells(args.json or ATTENTION_JSON, args, runners["native"], cells)
 
 
+def main_matmul(args: argparse.Namespace) -> None:
+    model, _ = load_model(args.model)
+    runner = primed_runner(model, 1, args.context, max(MATMUL_ROWS))
+    chosen = runner.small_matmul_rows
+    threads = torch.get_num_threads()
+    weights = runner.matmul_weights()
+    inputs = {w.shape[1]: torch.randn(max(MATMUL_ROWS), w.shape[1]) for w, _ in weights}
+
+    def native(avx512: bool) -> Any:
+        def multiply(x: torch.Tensor, w: torch.Tensor) -> None:
+            _kernels.linear(x, w, x.new_empty(x.shape[0], w.shape[0]), threads, avx512)
+
+        return multiply
+
+    kernels: dict[str, Any] = {"torch": torch.nn.functional.linear}
+    if _kernels.available():
+        kernels["avx2"] = native(False)
+        if _kernels.has_avx512():
+            kernels["avx512"] = native(True)
+    plans = {"runner": chosen, "torch only": (0, 0)}
+    print(f"{args.model} | threads {threads} | runner's native matmul rows: {chosen}")
+    print(
+        "| token rows | "
+        + " | ".join(f"matmuls {k} ms" for k in kernels)
+        + " | "
+        + " | ".join(f"forward {k} ms" for k in plans)
+        + " |"
+    )
+    print("|---|" + "---|" * (len(kernels) + len(plans)))
+    cells = []
+    tokens = [3 + (7 * i) % (runner.vocab_size - 3) for i in range(max(MATMUL_ROWS))]
+    for rows in MATMUL_ROWS:
+        timed: dict[str, list[float]] = {name: [] for name in [*kernels, *plans]}
+        for _ in range(args.repeats):
+            for name, multiply in kernels.items():
+                start = time.perf_counter()
+                for weight, _ in weights:
+                    multiply(inputs[weight.shape[1]][:rows], weight)
+                timed[name].append(time.perf_counter() - start)
+            for name, plan in plans.items():
+                runner.small_matmul_rows = plan
+                start = time.perf_counter()
+                runner.forward([0], [tokens[:rows]], [rows])
+                timed[name].append(time.perf_counter() - start)
+                runner.truncate(0, args.context)
+        runner.small_matmul_rows = chosen
+        medians = {name: statistics.median(values) for name, values in timed.items()}
+        cells.append({"token_rows": rows, "seconds": medians})
+        print(
+            f"| {rows} | " + " | ".join(f"{medians[k] * 1e3:.1f}" for k in timed) + " |",
+            flush=True,
+        )
+    out = args.json or MATMUL_JSON
+    payload = {
+        "model": args.model,
+        "runner_native_rows": list(chosen),
+        "context": args.context,
+        "repeats": args.repeats,
+        "machine": machine_info(),
+        "cells": cells,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def write_cells(
     out: Path, args: argparse.Namespace, runner: Runner, cells: list[dict[str, Any]]
 ) -> None:
@@ -230,7 +304,7 @@ def write_cells(
     print(f"wrote {out}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
@@ -249,10 +323,13 @@ def main() -> None:
     parser.add_argument(
         "--attention", action="store_true", help="torch against native attention, ragged steps"
     )
+    parser.add_argument(
+        "--matmul", action="store_true", help="the matmul kernels and the runner's choice by rows"
+    )
     parser.add_argument("--rows", type=int, nargs="+", help=f"--trees: batch sizes {ROWS}")
     parser.add_argument("--nodes", type=int, nargs="+", help=f"--trees: nodes {DRAFT_NODES}")
     parser.add_argument("--json", type=Path, default=None, help="where to write results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.trees:
@@ -260,6 +337,9 @@ def main() -> None:
         return
     if args.attention:
         main_attention(args)
+        return
+    if args.matmul:
+        main_matmul(args)
         return
     args.json = args.json or DEFAULT_JSON
     model, _ = load_model(args.model)

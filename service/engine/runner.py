@@ -60,6 +60,7 @@ from torch import Tensor
 from service.engine import _kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_AVX512 = _kernels.available() and _kernels.has_avx512()  # the native matmul's wider kernel
 
 
 @dataclass(slots=True)
@@ -93,8 +94,8 @@ class Runner:
         module docstring); RuntimeError where this machine's matmuls cannot give them.
         `small_matmul`: multiply few-row batches with the native kernel (_SmallMatmul) where it
         applies (fp32 on an AVX2 CPU, default mode) and is faster; False always uses torch.
-        `small_matmul_rows`: up to how many token rows a forward uses it; None measures where
-        it beats torch on this model's weights (_SmallMatmul.faster_up_to).
+        `small_matmul_rows`: forwards of 1 to this many token rows use it; None measures the
+        row counts where it beats torch on this model's weights (_SmallMatmul.faster_rows).
         `native_attention`: decode and verify chunks attend in one native call per layer
         (_kernels.attention) where it applies (fp32 on an AVX2 CPU, default mode, head dim 16,
         32, 64, 96 or 128); False keeps torch's padded and per-slot calls."""
@@ -126,15 +127,15 @@ class Runner:
             and not deterministic
             and _SmallMatmul.applies(self.device, self.dtype, self._weights())
         )
-        if not applies:
-            small_matmul_rows = 0
-        elif small_matmul_rows is None:
-            small_matmul_rows = _SmallMatmul.faster_up_to(
-                self._all_weights(), torch.get_num_threads()
+        # Forwards of first to last token rows (both included) multiply on the native kernel.
+        self.small_matmul_rows: tuple[int, int] = (0, 0)
+        if applies and small_matmul_rows is None:
+            self.small_matmul_rows = _SmallMatmul.faster_rows(
+                self.matmul_weights(), torch.get_num_threads()
             )
-        # Forwards of at most this many tokens multiply on the native kernel.
-        self.small_matmul_rows = min(small_matmul_rows, _SmallMatmul.MAX_ROWS)
-        self.small_matmul = self.small_matmul_rows > 0
+        elif applies and small_matmul_rows:
+            self.small_matmul_rows = (1, min(small_matmul_rows, _SmallMatmul.MAX_ROWS))
+        self.small_matmul = self.small_matmul_rows[1] > 0
         self.native_attention = (
             native_attention
             and not deterministic
@@ -197,7 +198,7 @@ class Runner:
             (self.lm_head, None),
         ]
 
-    def _all_weights(self) -> list[tuple[Tensor, Tensor | None]]:
+    def matmul_weights(self) -> list[tuple[Tensor, Tensor | None]]:
         """Every matmul weight of a forward, in its order (with bias)."""
         weights: list[tuple[Tensor, Tensor | None]] = []
         for layer in self.layers:
@@ -274,7 +275,8 @@ class Runner:
         if tree_masks and self.deterministic:
             raise ValueError("deterministic mode verifies chain drafts only, not trees")
         threads = torch.get_num_threads()
-        if sum(len(chunk) for chunk in chunks) <= self.small_matmul_rows:
+        first, last = self.small_matmul_rows
+        if first <= sum(len(chunk) for chunk in chunks) <= last:
             # The kernels' threads do the matmuls and the attention; torch's other work keeps
             # to this thread (its pool spinning beside the kernels' would slow both).
             kernel = functools.partial(_SmallMatmul.linear, threads=threads)
@@ -657,31 +659,36 @@ class _Bucket:
 class _SmallMatmul:
     """x @ weight.T by service.engine._kernels for batches of at most MAX_ROWS token rows
     (decode and verify steps): it streams the weights once where MKL's sgemm packs them per
-    call. On an AMD EPYC (Zen 1) here, SmolLM2's matmuls at 9 rows took 45 ms instead of 140,
-    and MKL was faster only above about 64 rows; on an Intel Xeon with AVX-512 here, MKL was
-    faster at every row count (23 against 30 ms at 1 row, 63 against 97 at 32). So the runner
-    measures which is faster on its own weights (faster_up_to). Each row's result is
-    independent of the others."""
+    call, on AVX-512 where the CPU has it. On an AMD EPYC (Zen 1) here, SmolLM2's matmuls at 9
+    rows took 45 ms instead of 140, and MKL was faster only above about 64 rows. On an Intel
+    Xeon with AVX-512 here, MKL's gemv was faster at 1-3 rows (18.8 against 19.8 ms at 1) and
+    its sgemm above about 16, the AVX-512 kernel at 4-12 (27.4 against 32.6 ms at 4, 38.7
+    against 47.0 at 12). So the runner measures where it is faster on its own weights
+    (faster_rows). Each row's result is independent of the others."""
 
     MAX_ROWS = 64
-    _ROW_COUNTS = (1, 4, 8, 16, 32, 64)
-    _measured: ClassVar[dict[tuple[int, ...], int]] = {}  # weights' storage and threads -> rows
+    _ROW_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+    # weights' storage and threads -> (first, last) row counts
+    _measured: ClassVar[dict[tuple[int, ...], tuple[int, int]]] = {}
 
     @classmethod
-    def faster_up_to(cls, weights: Sequence[tuple[Tensor, Tensor | None]], threads: int) -> int:
-        """The most rows (of _ROW_COUNTS) up to which this kernel multiplied x by every one of
-        `weights` faster than torch at each count timed: each count best of two rounds of the
-        two taken in turns, every weight once per round (they stream from memory, as in a
-        forward). 0 where torch won at 1 row. Measured once per set of weights and threads
-        (a few hundred ms for SmolLM2 where the kernel wins everywhere, tens where it does
-        not)."""
+    def faster_rows(
+        cls, weights: Sequence[tuple[Tensor, Tensor | None]], threads: int
+    ) -> tuple[int, int]:
+        """The first and last row counts (of _ROW_COUNTS) of the first unbroken run of counts
+        at which this kernel multiplied x by every one of `weights` faster than torch: each
+        count best of two rounds of the two taken in turns, every weight once per round (they
+        stream from memory, as in a forward). (0, 0) where torch won at every count. Measured
+        once per set of weights and threads (about a second for SmolLM2)."""
         key = (threads, *(w.data_ptr() for w, _ in weights))
         if key not in cls._measured:
             cls._measured[key] = cls._measure(weights, threads)
         return cls._measured[key]
 
     @classmethod
-    def _measure(cls, weights: Sequence[tuple[Tensor, Tensor | None]], threads: int) -> int:
+    def _measure(
+        cls, weights: Sequence[tuple[Tensor, Tensor | None]], threads: int
+    ) -> tuple[int, int]:
         generator = torch.Generator().manual_seed(0)  # leaves torch's global stream alone
         inputs = {
             w.shape[1]: torch.randn(max(cls._ROW_COUNTS), w.shape[1], generator=generator)
@@ -697,16 +704,17 @@ class _SmallMatmul:
         def native(x: Tensor, weight: Tensor) -> None:
             cls.linear(x, weight, threads=threads)
 
-        faster = 0
+        faster: list[int] = []
         for rows in cls._ROW_COUNTS:
             timed: dict[str, list[float]] = {"native": [], "torch": []}
             for _ in range(2):
                 timed["native"].append(seconds(native, rows))
                 timed["torch"].append(seconds(F.linear, rows))
-            if min(timed["native"]) >= min(timed["torch"]):
+            if min(timed["native"]) < min(timed["torch"]):
+                faster.append(rows)
+            elif faster:
                 break
-            faster = rows
-        return faster
+        return (faster[0], faster[-1]) if faster else (0, 0)
 
     @staticmethod
     def applies(
@@ -722,7 +730,7 @@ class _SmallMatmul:
     @staticmethod
     def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, threads: int) -> Tensor:
         out = x.new_empty(x.shape[0], weight.shape[0])
-        _kernels.linear(x.contiguous(), weight, out, threads)
+        _kernels.linear(x.contiguous(), weight, out, threads, _AVX512)
         return out if bias is None else out.add_(bias)
 
 

@@ -18,8 +18,10 @@ namespace {
 using Matrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using OutMatrix = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 
-void linear(Matrix x, Matrix w, OutMatrix y, int threads) {
+void linear(Matrix x, Matrix w, OutMatrix y, int threads, bool avx512) {
   if (!das::cpu_supported()) throw std::runtime_error("linear needs a CPU with AVX2 and FMA");
+  if (avx512 && !das::cpu_has_avx512())
+    throw std::runtime_error("avx512=True needs a CPU with AVX-512F");
   const int64_t M = int64_t(x.shape(0)), K = int64_t(x.shape(1)), N = int64_t(w.shape(0));
   if (int64_t(w.shape(1)) != K) throw std::invalid_argument("x and w disagree on K");
   if (int64_t(y.shape(0)) != M || int64_t(y.shape(1)) != N)
@@ -27,7 +29,7 @@ void linear(Matrix x, Matrix w, OutMatrix y, int threads) {
   if (K % 8 != 0) throw std::invalid_argument("K must be a multiple of 8");
   if (threads < 1) throw std::invalid_argument("threads must be >= 1");
   nb::gil_scoped_release release;
-  das::small_gemm(x.data(), w.data(), y.data(), M, K, N, threads);
+  das::small_gemm(x.data(), w.data(), y.data(), M, K, N, threads, avx512);
 }
 
 using Tokens = nb::ndarray<const float, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
@@ -72,12 +74,15 @@ NB_MODULE(_kernels, m) {
   m.doc() = "The engine's CPU kernels: small-batch matmul and ragged attention.";
   m.def("available", &das::cpu_supported,
         "True where this CPU can run the kernels (AVX2 and FMA).");
+  m.def("has_avx512", &das::cpu_has_avx512,
+        "True where linear can run its AVX-512 kernel (AVX-512F besides AVX2 and FMA).");
   m.def("attention_supports_dim", &das::attention_supports_dim, nb::arg("dim"),
         "True where attention is compiled for this head dim.");
   // noconvert: a hidden copy would cost a weight or cache copy per call, or lose the output.
   m.def("linear", &linear, nb::arg("x").noconvert(), nb::arg("w").noconvert(),
-        nb::arg("y").noconvert(), nb::arg("threads"),
-        "y = x @ w.T for float32 C-contiguous x [M, K], w [N, K], y [M, N]; K % 8 == 0.");
+        nb::arg("y").noconvert(), nb::arg("threads"), nb::arg("avx512"),
+        "y = x @ w.T for float32 C-contiguous x [M, K], w [N, K], y [M, N]; K % 8 == 0. "
+        "avx512: the AVX-512 kernel (needs has_avx512()), else the AVX2 one.");
   m.def("attention", &attention, nb::arg("q").noconvert(), nb::arg("k").noconvert(),
         nb::arg("v").noconvert(), nb::arg("out").noconvert(), nb::arg("chunks").noconvert(),
         nb::arg("scale"), nb::arg("threads"),

@@ -1,12 +1,14 @@
-// What the engine's CPU kernels share of x86-64 SIMD: the platform test, the target attribute
-// of the AVX2 and FMA code (compiled for it alone, so the module loads on any x86-64 CPU; the
-// kernels run only where cpu_supported()), and the horizontal sum.
+// What the engine's CPU kernels share of x86-64 SIMD: the platform test, the target attributes
+// of the AVX2 and FMA code and of the AVX-512 code (compiled for them alone, so the module loads
+// on any x86-64 CPU; the kernels run only where cpu_supported(), the AVX-512 ones only where
+// cpu_has_avx512()), and the horizontal sum.
 #pragma once
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define DAS_X86 1
 #define DAS_AVX2 __attribute__((target("avx2,fma")))
+#define DAS_AVX512 __attribute__((target("avx512f")))
 
 namespace das {
 

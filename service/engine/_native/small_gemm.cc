@@ -6,12 +6,17 @@
 // 1-row gemv. Here the weights stream from memory once per call, each weight row meeting all
 // of x's rows while it is in registers, so a few rows cost little more than one.
 //
-// Each y[m, n] is one 8-lane FMA chain over k in order, then the same horizontal sum, whatever
-// M is and wherever row m sits: a row's result does not depend on its batch companions.
+// Two kernels of the same shape: AVX2 (8 lanes, two weight rows at a time) and AVX-512 (16
+// lanes, four weight rows at a time, prefetching ahead), the wider where the CPU has it. On an
+// Intel Xeon with AVX-512 here, SmolLM2's weights times 8 rows took 40.6 ms in the AVX2 kernel,
+// 40.1 in MKL and 33.3 in the AVX-512 one.
+// In either kernel each y[m, n] is one FMA chain over k in order, then the same horizontal
+// sum, whatever M is and wherever row m sits: a row's result does not depend on its batch
+// companions (the two kernels differ from each other in rounding).
 //
-// The kernel needs AVX2 and FMA; only it is compiled for them (target attributes), so the
-// module loads on any x86-64 CPU and available() tells Python whether to call it. Elsewhere
-// available() is false and the runner uses torch.
+// The kernels need AVX2 and FMA (AVX-512F for the wide one); only they are compiled for them
+// (target attributes), so the module loads on any x86-64 CPU and available() tells Python
+// whether to call them. Elsewhere available() is false and the runner uses torch.
 #include "small_gemm.h"
 
 #include <algorithm>
@@ -89,22 +94,87 @@ DAS_AVX2 void run_range(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// How far ahead in each weight row the AVX-512 tiles prefetch. Without it SmolLM2's weights
+// times 4 rows took 31.4 ms here; 512 bytes ahead 25.8-27.4, 1024 27.1, 2048 27.1.
+constexpr int64_t kPrefetchBytes = 512;
+
+// Rows [0, MB) of x against NB weight rows from n, 16 lanes: MB * NB accumulators stay in
+// registers and each weight vector is loaded once for all MB rows. K is a multiple of 8: a last
+// half vector is loaded masked (zeros past K), the same for every output.
+template <int MB, int NB>
+DAS_AVX512 void block_wide(const Problem& p, const float* x, float* y, int64_t n) {
+  const int64_t K = p.K;
+  const float* w = p.w + n * K;
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 lanes = K - k >= 16 ? 0xFFFF : 0x00FF;
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + kPrefetchBytes,
+                   _MM_HINT_T0);
+      wv[j] = _mm512_maskz_loadu_ps(lanes, w + j * K + k);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + m * K + k);
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) y[m * p.N + n + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+template <int MB>
+DAS_AVX512 void tile_wide(const Problem& p, const float* x, float* y, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block_wide<MB, 4>(p, x, y, n);
+  for (; n < n1; ++n) block_wide<MB, 1>(p, x, y, n);
+}
+
+// As run_range, with the AVX-512 tiles, 6 rows of x at a time (24 accumulators; 4 rows at a
+// time took 37.1 ms at 6 rows against 28.5, and 45.7 at 12 against 38.7).
+DAS_AVX512 void run_range_wide(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int64_t kBlock = 32;
+  constexpr int MB = 6;
+  for (int64_t nb = n0; nb < n1; nb += kBlock) {
+    const int64_t ne = std::min(nb + kBlock, n1);
+    int64_t m = 0;
+    for (; m + MB <= p.M; m += MB) tile_wide<MB>(p, p.x + m * p.K, p.y + m * p.N, nb, ne);
+    const float* x = p.x + m * p.K;
+    float* y = p.y + m * p.N;
+    switch (p.M - m) {
+      case 5: tile_wide<5>(p, x, y, nb, ne); break;
+      case 4: tile_wide<4>(p, x, y, nb, ne); break;
+      case 3: tile_wide<3>(p, x, y, nb, ne); break;
+      case 2: tile_wide<2>(p, x, y, nb, ne); break;
+      case 1: tile_wide<1>(p, x, y, nb, ne); break;
+      default: break;
+    }
+  }
+}
+
 bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx512() { return cpu_supported() && __builtin_cpu_supports("avx512f"); }
 #else
 void run_range(const Problem&, int64_t, int64_t) { throw std::runtime_error("needs x86-64"); }
+void run_range_wide(const Problem&, int64_t, int64_t) { throw std::runtime_error("needs x86-64"); }
 bool cpu_supported() { return false; }
+bool cpu_has_avx512() { return false; }
 #endif
 
 void small_gemm(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-                int threads) {
+                int threads, bool wide) {
   if (M == 0 || N == 0) return;
   const Problem p{x, w, y, M, K, N};
   // A slice of fewer than 64 weight rows is not worth a helper.
   const int parts = int(std::clamp<int64_t>(N / 64, 1, std::min(threads, 64)));
-  // Slices of whole weight-row pairs, so the split does not change any output's arithmetic.
-  const int64_t pairs = (N + 1) / 2;
-  auto bound = [&](int i) { return std::min(N, 2 * (pairs * i / parts)); };
-  pool().run(parts, [&](int part) { run_range(p, bound(part), bound(part + 1)); });
+  // Slices of whole groups of `step` weight rows (the tile's), so the split does not change
+  // any output's arithmetic.
+  const int64_t step = wide ? 4 : 2, groups = (N + step - 1) / step;
+  auto bound = [&](int i) { return std::min(N, step * (groups * i / parts)); };
+  const auto run = wide ? run_range_wide : run_range;
+  pool().run(parts, [&](int part) { run(p, bound(part), bound(part + 1)); });
 }
 
 }  // namespace das

@@ -102,20 +102,29 @@ def test_small_matmul_rows_decides_which_forwards_take_the_native_kernel(
 
     monkeypatch.setattr(_kernels, "linear", counted)
     runner = Runner(tiny_model, slots=2, max_len=32, small_matmul_rows=4)
+    assert runner.small_matmul_rows == (1, 4)
     runner.forward([0, 1], [[1, 2], [3, 4]])
     assert calls and set(calls) == {4}
     calls.clear()
     runner.forward([0, 1], [[5, 6, 7], [8, 9]])  # 5 tokens: torch
     assert calls == []
-    assert Runner(tiny_model, slots=1, max_len=8, small_matmul=False).small_matmul_rows == 0
+    runner.small_matmul_rows = (2, 4)  # as measured where torch wins at 1 row
+    runner.forward([0], [[10]])
+    assert calls == []
+    runner.forward([0], [[11, 12]])
+    assert calls and set(calls) == {2}
+    assert Runner(tiny_model, slots=1, max_len=8, small_matmul=False).small_matmul_rows == (0, 0)
 
 
-def test_measured_small_matmul_rows_is_a_timed_row_count_and_kept(
+def test_measured_small_matmul_rows_are_timed_row_counts_and_kept(
     tiny_model: torch.nn.Module,
 ) -> None:
     runner = Runner(tiny_model, slots=1, max_len=8)
-    assert runner.small_matmul_rows in {0, 1, 4, 8, 16, 32, 64}
-    assert runner.small_matmul == (runner.small_matmul_rows > 0)
+    counts = {0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64}
+    first, last = runner.small_matmul_rows
+    assert first in counts and last in counts and first <= last
+    assert (first == 0) == (last == 0)
+    assert runner.small_matmul == (last > 0)
     # Measured once per set of weights: a second runner on the same model reads the result.
     assert Runner(tiny_model, slots=1, max_len=8).small_matmul_rows == runner.small_matmul_rows
 
