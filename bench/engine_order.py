@@ -4,10 +4,13 @@ epoch 0), take turns step by step as `das bench rollout`'s modes do (each round 
 the next engine); prints each engine's milliseconds per step by phase and writes JSON.
 
     python -m bench.engine_order [--model smollm2-135m] [--modes none,none,das]
-                                 [--steps 250] [--temperature 1.0] [--json OUT]
+                                 [--steps 250] [--temperature 1.0] [--share-fused-weights]
+                                 [--json OUT]
 
 Two engines of one mode should time alike; a gap between them is a bias of the rollout
-benchmark, which makes its reference mode's engine first. No timing is asserted.
+benchmark, which makes its reference mode's engine first. --share-fused-weights gives every
+runner the first runner's fused q/k/v and gate/up copies (each runner makes its own), to test
+whether their placement in memory is the cause. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="none,none,das", help="engines, in the order made")
     parser.add_argument("--steps", type=int, default=250, help="steps of each engine (at most)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--share-fused-weights", action="store_true", help="every runner uses the first's"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
@@ -45,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(config.model)
     workload = build_workload(config, tokenizer, model_vocab_size(model))
     engines = [mode_engine(config, mode, model, tokenizer, workload, SMOLLM2_CPU) for mode in modes]
+    if args.share_fused_weights:
+        for engine in engines[1:]:
+            engine.runner.layers = engines[0].runner.layers
     for engine in engines:
         for request in workload.requests(0, config.seed):
             engine.add_request(request)
@@ -74,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 "steps": args.steps,
                 "temperature": args.temperature,
                 "modes": modes,
+                "share_fused_weights": args.share_fused_weights,
                 "machine": machine_info(),
                 "engines": rows,
             },

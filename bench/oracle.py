@@ -123,7 +123,7 @@ def oracle_epochs(
             makespan = 0.0
             for step in range(steps):
                 live = [runs[step] + 1 for runs in all_runs if len(runs) > step]
-                makespan += curve.at(len(live)).step_time(sum(live))
+                makespan += curve.step_seconds(len(live), sum(live))
         epochs.append(
             {
                 "epoch": epoch,

@@ -7,10 +7,12 @@ that every step can be checked (tests/drafter/test_policy.py does, against brute
 
 Two rules turn the same inputs (predicted remaining lengths, length classes, the cost model and
 the live batch) into budgets:
-- "das" (the default, marginal_budgets): per step, each request drafts the tokens that pay for
-  themselves. Its n-th draft token is accepted with probability rate ** n, where rate is its
-  group's measured per-token acceptance, and is worth a whole step if the request is the one the
-  batch waits for (its chance: its share of the predicted remaining tokens). Replaying real
+- "das" (the default, marginal_budgets): per step, the batch drafts the tokens that pay for
+  themselves. A request's n-th draft token is accepted with probability rate ** n, where rate is
+  its group's measured per-token acceptance, and is worth a whole step if the request is the one
+  the batch waits for (its chance: its share of the predicted remaining tokens); what the tokens
+  cost is the cost model's c_tok each, or where one request's steps were timed token by token
+  (CostModel.steps), what they add to the step (paying_count). Replaying real
   SmolLM2 traces (das simulate) it beat the closed form below by 3-6% of makespan on this CPU's
   cost model and 19% on the 7B-on-H100 one; in measured engine runs on a 2-core CPU the two
   were within that machine's noise of each other (README).
@@ -201,21 +203,42 @@ def _check_batch(lengths: Sequence[float], acceptance: Sequence[Acceptance]) -> 
 # -- the per-step rule (das) ---------------------------------------------------------------
 
 
+def paying_count(values: Sequence[float], live_tokens: int, cost: CostModel) -> int:
+    """How many of the draft tokens with these values (the seconds of the batch's time each is
+    expected to save, best first) to verify in a forward of `live_tokens` tokens: the count
+    whose values most exceed what they add to it, cost.draft_cost(live_tokens, count). With a
+    linear cost that is every token worth at least c_tok; where a measured step jumps (a CPU's
+    matmul changing kernels), the tokens past the jump must pay for it together."""
+    best_count, best_gain, gain = 0, 0.0, 0.0
+    slack = 1e-9 * cost.c_tok  # a value exactly at the price is drafted
+    past_steps = max(len(cost.steps) - live_tokens, 0)  # beyond: c_tok a token
+    for count, value in enumerate(values, 1):
+        if count > past_steps and value < cost.c_tok - slack:
+            break  # every later token is worth less than it costs
+        gain += value
+        net = gain - cost.draft_cost(live_tokens, count)
+        if net >= best_gain - slack:
+            best_count, best_gain = count, max(net, best_gain)
+    return best_count
+
+
 def marginal_budgets(
     remaining: Sequence[float], rates: Sequence[float], cost: CostModel, max_budget: int
 ) -> list[int]:
-    """Draft tokens per request for the next verify step, each the most that pays for itself.
+    """Draft tokens per request for the next verify step, together the most that pay for
+    themselves.
 
     The batch runs until its last request is done, so a request's accepted token saves a whole
     step only if that request is the last one; its chance of being last is taken as its share
     of the batch's predicted remaining tokens, w_i = l_i / sum_j l_j. The n-th draft token of
-    request i is accepted with probability rate_i ** n (each one given the one before) and costs
-    c_tok to verify, so it is worth drafting while
-        rate_i ** n * w_i * t_step >= c_tok,   t_step = c_base + c_tok * (live requests),
-    that is n_i = floor(ln(c_tok / (w_i * t_step)) / ln(rate_i)), capped at max_budget. A full
-    batch spreads w thin and makes every step dear, so drafts shrink; as it drains to its last
-    few requests, w_i goes to 1 and their drafts grow. Short requests are not excluded, unlike
-    in the closed form: a small w already keeps their drafts short, and where drafts are nearly
+    request i is accepted with probability rate_i ** n (each one given the one before), so it
+    is worth v = rate_i ** n * w_i * t_step, t_step = c_base + c_tok * (live requests). The
+    tokens of every request are taken best first for as long as they pay for what they add to
+    the step (paying_count): with a linear cost, each while v >= c_tok, that is
+    n_i = floor(ln(c_tok / (w_i * t_step)) / ln(rate_i)), capped at max_budget. A full batch
+    spreads w thin and makes every step dear, so drafts shrink; as it drains to its last few
+    requests, w_i goes to 1 and their drafts grow. Short requests are not excluded, unlike in
+    the closed form: a small w already keeps their drafts short, and where drafts are nearly
     always accepted (greedy decoding of a prompt seen before) a long request can finish sooner
     than an undrafted short one, which would then decide the makespan."""
     if len(remaining) != len(rates):
@@ -228,17 +251,18 @@ def marginal_budgets(
         raise ValueError("rates must be in [0, 1]")
     total = sum(remaining)
     step = cost.step_time(len(remaining))
-    budgets = []
-    for length, rate in zip(remaining, rates, strict=True):
-        floor = cost.c_tok / (length / total * step)  # least acceptance a token must have
-        if rate <= 0.0 or floor > rate:
-            budgets.append(0)
-        elif rate >= 1.0 or floor <= 0.0:
-            budgets.append(max_budget)
-        else:
-            # The tiny slack keeps an exact power (rate ** n == floor) from rounding below n.
-            tokens = math.floor(math.log(floor) / math.log(rate) + 1e-9)
-            budgets.append(min(max_budget, tokens))
+    tokens: list[tuple[float, int]] = []  # (value, request) of every candidate draft token
+    for i, (length, rate) in enumerate(zip(remaining, rates, strict=True)):
+        worth = length / total * step
+        for n in range(1, max_budget + 1):
+            value = worth * rate**n
+            if value < cost.c_tok * 1e-3:  # past anything a token could pay for
+                break
+            tokens.append((value, i))
+    tokens.sort(key=lambda token: -token[0])  # stable: a request's tokens stay in order
+    budgets = [0] * len(remaining)
+    for _, i in tokens[: paying_count([value for value, _ in tokens], len(remaining), cost)]:
+        budgets[i] += 1
     return budgets
 
 
@@ -376,17 +400,6 @@ def token_floors(remaining: Sequence[float], cost: CostModel) -> list[float]:
     return [cost.c_tok * total / (length * step) for length in remaining]
 
 
-def cut_chain(estimates: Sequence[float], floor: float) -> int:
-    """How many tokens of a chain to keep: up to the last whose (non-increasing) acceptance
-    estimate still pays, estimate >= floor."""
-    kept = 0
-    for estimate in estimates:
-        if estimate < floor:
-            break
-        kept += 1
-    return kept
-
-
 def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
     """The draft without the tokens not kept and their descendants (a node stays only if its
     parent does): a prefix of a chain, a subtree of a tree, parents re-indexed."""
@@ -411,10 +424,12 @@ def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
 
 class MatchRule:
     """das-match: every request drafts at the largest size (max_budget, 0 where not even a
-    certain token would pay), then trim() cuts each draft at the last token whose own
-    calibrated acceptance chance pays for it: p_hat * w_i * t_step >= c_tok, the marginal
-    rule's test with p_hat from the token's evidence (DraftCalibrator) instead of one rate per
-    group. observe_draft() feeds the calibrator what verification accepted of each draft."""
+    certain token would pay at c_tok), then trim() keeps of all drafts together the tokens
+    that pay for what they add to the step (paying_count), each worth p_hat * w_i * t_step:
+    the marginal rule's value with p_hat, the token's calibrated chance of acceptance
+    (DraftCalibrator, its ancestors' included), instead of one rate per group. With a linear
+    cost that cuts each draft at the last token with p_hat * w_i * t_step >= c_tok.
+    observe_draft() feeds the calibrator what verification accepted of each draft."""
 
     def __init__(self, calibrator: DraftCalibrator) -> None:
         self.calibrator = calibrator
@@ -448,32 +463,45 @@ class MatchRule:
         calibrator = self.calibrator
         calibrator.tick()
         self._pending = {}
-        out = []
-        for request, draft, floor in zip(
-            requests, drafts, token_floors(remaining, cost) if drafts else (), strict=True
-        ):
-            if not len(draft):
-                out.append(draft)
-                continue
-            source = getattr(draft, "source", None)
+        # Each draft token's calibrated chance of acceptance, its ancestors' included.
+        chances: list[list[float]] = []
+        for draft in drafts:
+            chance: list[float] = []
             if draft.is_chain():
+                source = getattr(draft, "source", None)
                 estimates = calibrator.estimate(draft.probs, draft.match_len, source)
-                kept = cut_chain(estimates, floor)
-                if kept < len(draft):
-                    draft = trim_draft(draft, [i < kept for i in range(len(draft))])
-                if kept:
-                    cells = calibrator.cells(draft.probs, draft.match_len, source)
-                    self._pending[id(request)] = (request, cells, None)
+                for estimate in estimates[: len(draft)]:
+                    chance.append(min(chance[-1] if chance else 1.0, float(estimate)))
             else:  # a tree: each node priced by its path probability and depth
                 table = calibrator.table()
                 tree_cells = _tree_cells(calibrator, draft)
-                chance: list[float] = []
                 for i, parent in enumerate(draft.parents):
                     above = 1.0 if parent < 0 else chance[parent]
                     chance.append(min(above, float(table[tree_cells[i]])))
-                draft = trim_draft(draft, [c >= floor for c in chance])
-                if len(draft):
-                    self._pending[id(request)] = (request, _tree_cells(calibrator, draft), draft)
+            chances.append(chance)
+        keep = [[False] * len(draft) for draft in drafts]
+        if drafts:
+            total = sum(remaining)
+            step = cost.step_time(len(remaining))
+            tokens = [
+                (c * length / total * step, row, i)
+                for row, (chance, length) in enumerate(zip(chances, remaining, strict=True))
+                for i, c in enumerate(chance)
+            ]
+            tokens.sort(key=lambda token: -token[0])  # stable: parents before children
+            paying = paying_count([value for value, _, _ in tokens], len(remaining), cost)
+            for _, row, i in tokens[:paying]:
+                keep[row][i] = True
+        out = []
+        for request, draft, kept in zip(requests, drafts, keep, strict=True):
+            chain = draft.is_chain()
+            draft = trim_draft(draft, kept)
+            if len(draft) and chain:
+                source = getattr(draft, "source", None)
+                cells = calibrator.cells(draft.probs, draft.match_len, source)
+                self._pending[id(request)] = (request, cells, None)
+            elif len(draft):
+                self._pending[id(request)] = (request, _tree_cells(calibrator, draft), draft)
             out.append(draft)
         return out
 

@@ -11,27 +11,54 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
 class CostModel:
-    """Time of one forward pass: c_base + c_tok * (tokens in it, all rows together), seconds."""
+    """Time of one forward pass: c_base + c_tok * (tokens in it, all rows together), seconds.
+
+    `steps`, where measured: the seconds of forwards of 1, 2, ... len(steps) tokens, which
+    price draft tokens (draft_cost) where a line cannot: on a CPU the matmul changes kernels at
+    a row count (measured here: one request's step of 1, 2, 3, 4 tokens took 33.7, 36.4, 39.6,
+    54.5 ms), so a lone request's third draft token costs five times its second."""
 
     c_base: float
     c_tok: float
+    steps: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name, value in (("c_base", self.c_base), ("c_tok", self.c_tok)):
             if not math.isfinite(value) or value <= 0.0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+        if any(not math.isfinite(t) or t <= 0.0 for t in self.steps):
+            raise ValueError("steps must be positive numbers of seconds")
+        if any(b < a for a, b in itertools.pairwise(self.steps)):
+            raise ValueError("steps must not decrease with tokens")
 
     def step_time(self, n_tokens: int) -> float:
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
         return self.c_base + self.c_tok * n_tokens
+
+    def draft_cost(self, n_tokens: int, drafted: int) -> float:
+        """What `drafted` draft tokens add to a forward of `n_tokens` tokens: by `steps` within
+        them (c_tok a token past their end), else c_tok each."""
+        if n_tokens < 0 or drafted < 0:
+            raise ValueError("n_tokens and drafted must be >= 0")
+        return self._measured(n_tokens + drafted) - self._measured(n_tokens)
+
+    def _measured(self, n_tokens: int) -> float:
+        steps = self.steps
+        if not steps:
+            return self.c_tok * n_tokens
+        if n_tokens == 0:
+            return 0.0
+        if n_tokens <= len(steps):
+            return steps[n_tokens - 1]
+        return steps[-1] + self.c_tok * (n_tokens - len(steps))
 
     @classmethod
     def fit(cls, points: Sequence[tuple[int, float]]) -> CostModel:
@@ -55,6 +82,7 @@ class CostCurve:
     held at the ends' per-token cost beyond them."""
 
     points: tuple[tuple[int, CostModel], ...]  # ascending, distinct row counts
+    steps: tuple[float, ...] = ()  # as CostModel.steps, given to every local model
 
     def __post_init__(self) -> None:
         rows = [count for count, _ in self.points]
@@ -67,14 +95,25 @@ class CostCurve:
         between the two calibrated row counts around it."""
         points = self.points
         if rows <= points[0][0]:
-            return points[0][1]
-        for (low, below), (high, above) in itertools.pairwise(points):
-            if rows <= high:
-                share = (rows - low) / (high - low)
-                step = (1 - share) * below.step_time(low) + share * above.step_time(high)
-                c_tok = (1 - share) * below.c_tok + share * above.c_tok
-                return CostModel(max(step - c_tok * rows, 1e-9), c_tok)
-        return points[-1][1]
+            local = points[0][1]
+        elif rows >= points[-1][0]:
+            local = points[-1][1]
+        else:
+            (low, below), (high, above) = next(
+                (low, high) for low, high in itertools.pairwise(points) if rows <= high[0]
+            )
+            share = (rows - low) / (high - low)
+            step = (1 - share) * below.step_time(low) + share * above.step_time(high)
+            c_tok = (1 - share) * below.c_tok + share * above.c_tok
+            local = CostModel(max(step - c_tok * rows, 1e-9), c_tok)
+        return replace(local, steps=self.steps)
+
+    def step_seconds(self, rows: int, tokens: int) -> float:
+        """A step of `rows` requests verifying `tokens` tokens in all (rows <= tokens): the
+        local line's step of the rows alone, and what the tokens beyond them add (draft_cost,
+        by the steps where measured)."""
+        local = self.at(rows)
+        return local.step_time(rows) + local.draft_cost(rows, tokens - rows)
 
     def to_json(self) -> list[dict[str, float]]:
         """[{rows, c_base, c_tok}, ...], as calibrations and results write the curve."""
@@ -84,12 +123,15 @@ class CostCurve:
         ]
 
     @classmethod
-    def from_json(cls, points: Sequence[dict[str, float]]) -> CostCurve:
+    def from_json(
+        cls, points: Sequence[dict[str, float]], steps: Sequence[float] = ()
+    ) -> CostCurve:
         return cls(
             tuple(
                 (int(point["rows"]), CostModel(float(point["c_base"]), float(point["c_tok"])))
                 for point in points
-            )
+            ),
+            tuple(float(t) for t in steps),
         )
 
     @classmethod
@@ -130,8 +172,9 @@ def read_cost_curve(path: str) -> tuple[CostModel, CostCurve]:
     model = data["config"]["cost_model"] if "config" in data else data
     if not model.get("curve"):
         raise ValueError("it holds no cost curve (a calibration with --cost-model calibrate)")
-    line = CostModel(float(model["c_base"]), float(model["c_tok"]))
-    return line, CostCurve.from_json(model["curve"])
+    steps = tuple(float(t) for t in model.get("steps") or ())
+    line = CostModel(float(model["c_base"]), float(model["c_tok"]), steps)
+    return line, CostCurve.from_json(model["curve"], steps)
 
 
 # SmolLM2-135M decode steps measured on this 2-core CPU (DESIGN.md; fp32, KV cache of 100

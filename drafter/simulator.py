@@ -311,6 +311,6 @@ def _run_batch(
         counts.processed += step_tokens
         counts.steps += 1
         if curve is not None:
-            counts.seconds += curve.at(rows).step_time(step_tokens)
+            counts.seconds += curve.step_seconds(rows, step_tokens)
         live[:] = still_live
     return counts

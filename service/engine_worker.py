@@ -285,6 +285,8 @@ class EngineWorker:
         curve = engine.speculator.cost_curve
         if curve is not None:
             model["by_batch_size"] = curve.to_json()
+        if cost.steps:
+            model["steps"] = list(cost.steps)
         return model
 
     # -- tokenizer ----------------------------------------------------------------------

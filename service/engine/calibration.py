@@ -8,8 +8,9 @@ cost model, or raises where none is given: a GPU worker must never plan with a C
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ _TOKENS_PER_ROW = (1, 9)
 # Tokens per row timed for the curve (at every power of two rows up to the batch, and the
 # batch): a decode step and one verifying 2-token drafts, das's usual size.
 _CURVE_TOKENS_PER_ROW = (1, 3)
+# One request's steps of 1 to this many tokens, timed each (CostModel.steps): where the matmul
+# changes kernels with the row count (here at 4 rows) a line misprices the first draft tokens.
+_STEP_TOKENS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,9 @@ class Calibration:
     # Local cost models by batch size (CostCurve), from the curve's points; None when given.
     curve: CostCurve | None = None
     curve_points: tuple[tuple[int, int, float], ...] = ()
+    # Fastest seconds of one request's step of 1, 2, ... tokens, as timed (the cost models
+    # above carry them made non-decreasing).
+    step_points: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         def timings(points: tuple[tuple[int, int, float], ...]) -> list[dict[str, Any]]:
@@ -52,6 +59,8 @@ class Calibration:
             "points": timings(self.points),
             "curve": None if self.curve is None else self.curve.to_json(),
             "curve_points": timings(self.curve_points),
+            "step_points": list(self.step_points),
+            "steps": list(self.cost.steps),
         }
 
 
@@ -121,13 +130,15 @@ def calibrate_cost(
 ) -> Calibration:
     """Time verify steps at batch 1 and max_batch with 1 and 9 tokens per row over `context`
     cached tokens, and fit t = c_base + c_tok * tokens; then the curve (CostCurve): steps of 1
-    and 3 tokens per row at 1, 2, 4, ... rows and max_batch. Each point is the fastest of
-    `repeats` timings after one warm-up (the least disturbed by other work on a shared
-    machine). A fit that is not positive returns `fallback` (and no curve), or raises
-    ValueError if it is None; a curve that cannot be fitted is left out."""
+    and 3 tokens per row at 1, 2, 4, ... rows and max_batch; then one request's steps of 1 to
+    16 tokens, which both carry as CostModel.steps (each the most of those timed up to it, so
+    that they never fall). Each point is the fastest of `repeats` timings after one warm-up
+    (the least disturbed by other work on a shared machine). A fit that is not positive
+    returns `fallback` (and no curve), or raises ValueError if it is None; a curve that cannot
+    be fitted is left out."""
     if max_batch < 1 or context < 1 or repeats < 1:
         raise ValueError("max_batch, context and repeats must be >= 1")
-    runner = primed_runner(model, max_batch, context, max(_TOKENS_PER_ROW))
+    runner = primed_runner(model, max_batch, context, max(*_TOKENS_PER_ROW, _STEP_TOKENS))
     params = SamplingParams(temperature=temperature)
 
     def fastest(rows: int, per_row: int) -> tuple[int, int, float]:
@@ -137,6 +148,8 @@ def calibrate_cost(
     points = [fastest(rows, n) for rows in sorted({1, max_batch}) for n in _TOKENS_PER_ROW]
     curve_rows = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
     curve_points = [fastest(rows, n) for rows in curve_rows for n in _CURVE_TOKENS_PER_ROW]
+    step_points = tuple(fastest(1, n)[2] for n in range(1, _STEP_TOKENS + 1))
+    steps = tuple(itertools.accumulate(step_points, max))
     try:
         cost = CostModel.fit([(rows * per_row, seconds) for rows, per_row, seconds in points])
     except ValueError as error:
@@ -145,11 +158,14 @@ def calibrate_cost(
             raise ValueError(f"the calibration fit is unusable ({error}; timed {timed})") from None
         source = f"{cost_model_name(fallback)} (calibration fit unusable)"
         return Calibration(fallback, source, tuple(points), context)
+    cost = replace(cost, steps=steps)
     try:
-        curve: CostCurve | None = CostCurve.fit(curve_points)
+        curve: CostCurve | None = replace(CostCurve.fit(curve_points), steps=steps)
     except ValueError:
         curve = None
-    return Calibration(cost, CALIBRATED, tuple(points), context, curve, tuple(curve_points))
+    return Calibration(
+        cost, CALIBRATED, tuple(points), context, curve, tuple(curve_points), step_points
+    )
 
 
 def cost_model_name(cost: CostModel) -> str:

@@ -668,8 +668,8 @@ class _SmallMatmul:
 
     MAX_ROWS = 64
     _ROW_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-    # weights' storage and threads -> (first, last) row counts
-    _measured: ClassVar[dict[tuple[int, ...], tuple[int, int]]] = {}
+    # threads, the LM head's storage and the weights' shapes -> (first, last) row counts
+    _measured: ClassVar[dict[tuple[object, ...], tuple[int, int]]] = {}
 
     @classmethod
     def faster_rows(
@@ -679,8 +679,10 @@ class _SmallMatmul:
         at which this kernel multiplied x by every one of `weights` faster than torch: each
         count best of two rounds of the two taken in turns, every weight once per round (they
         stream from memory, as in a forward). (0, 0) where torch won at every count. Measured
-        once per set of weights and threads (about a second for SmolLM2)."""
-        key = (threads, *(w.data_ptr() for w, _ in weights))
+        once per model and thread count (about a second for SmolLM2), so that every runner of
+        a model takes the same kernels: the last weight, the LM head, is the model's own
+        tensor (the fused ones are each runner's copies) and stands for the model."""
+        key = (threads, weights[-1][0].data_ptr(), *(tuple(w.shape) for w, _ in weights))
         if key not in cls._measured:
             cls._measured[key] = cls._measure(weights, threads)
         return cls._measured[key]

@@ -31,3 +31,14 @@ def test_each_engine_is_timed_by_phase_in_the_order_made(tmp_path: Path) -> None
         assert tuple(engine["ms_per_step"]) == STEP_PHASES
         assert engine["ms_per_step"]["forward"] > 0
     assert data["engines"][0]["drafted"] == data["engines"][2]["drafted"] == 0
+
+
+def test_fused_weights_can_be_shared_and_the_json_says_so(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "order.json"
+    args = ["--model", "tiny-random", "--modes", "none,none", "--steps", "3"]
+    main([*args, "--share-fused-weights", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["share_fused_weights"] is True
+    assert [e["mode"] for e in data["engines"]] == ["none", "none"]

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from drafter.cost import (
@@ -9,6 +13,7 @@ from drafter.cost import (
     CostCurve,
     CostModel,
     parse_cost_model,
+    read_cost_curve,
 )
 
 
@@ -78,3 +83,45 @@ def test_a_cost_curve_slope_lost_to_noise_takes_its_neighbours() -> None:
         CostCurve.fit([(1, 1, 0.03)])
     with pytest.raises(ValueError, match="ascending"):
         CostCurve(((2, SMOLLM2_CPU), (1, SMOLLM2_CPU)))
+
+
+def test_measured_steps_price_draft_tokens_where_a_line_cannot() -> None:
+    line = CostModel(0.030, 0.003)
+    assert line.draft_cost(2, 3) == pytest.approx(0.009)  # c_tok each without steps
+    # One request's steps of 1-4 tokens, a kernel change between 3 and 4 (as measured here).
+    cost = CostModel(0.030, 0.003, (0.0337, 0.0364, 0.0396, 0.0545))
+    assert cost.step_time(4) == pytest.approx(0.042)  # the line still prices whole steps
+    assert cost.draft_cost(1, 2) == pytest.approx(0.0059)
+    assert cost.draft_cost(1, 3) == pytest.approx(0.0208)
+    assert cost.draft_cost(3, 3) == pytest.approx(0.0149 + 0.006)  # c_tok past the steps
+    assert cost.draft_cost(6, 2) == pytest.approx(0.006)
+    assert cost.draft_cost(0, 1) == pytest.approx(0.0337)
+    assert cost.draft_cost(2, 0) == 0.0
+    with pytest.raises(ValueError, match="not decrease"):
+        CostModel(0.03, 0.003, (0.04, 0.03))
+    with pytest.raises(ValueError, match="positive"):
+        CostModel(0.03, 0.003, (0.0, 0.03))
+    with pytest.raises(ValueError, match=">= 0"):
+        cost.draft_cost(-1, 2)
+
+
+def test_a_cost_curve_gives_its_steps_to_every_local_model(tmp_path: Path) -> None:
+    steps = (0.0337, 0.0364, 0.0396, 0.0545)
+    curve = replace(
+        CostCurve.fit([(r, n, _concave(r, n)) for r in (1, 4) for n in (1, 3)]), steps=steps
+    )
+    assert all(curve.at(rows).steps == steps for rows in (1, 2, 4, 9))
+    # A step: the local line for its rows, the steps for what its drafts add.
+    assert curve.step_seconds(1, 4) == pytest.approx(_concave(1, 1) + 0.0545 - 0.0337)
+    assert curve.step_seconds(4, 6) == pytest.approx(
+        curve.at(4).step_time(4) + curve.at(4).c_tok * 2
+    )
+    plain = CostCurve.fit([(r, n, _concave(r, n)) for r in (1, 4) for n in (1, 3)])
+    assert plain.step_seconds(2, 7) == pytest.approx(plain.at(2).step_time(7))
+    saved = tmp_path / "calibration.json"
+    saved.write_text(
+        json.dumps({"c_base": 0.03, "c_tok": 0.003, "curve": curve.to_json(), "steps": list(steps)})
+    )
+    line, read = read_cost_curve(str(saved))
+    assert line == CostModel(0.03, 0.003, steps)
+    assert read.at(2).steps == steps and read.points == curve.points

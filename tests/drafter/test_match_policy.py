@@ -5,6 +5,7 @@ drafter/budgets.py MatchRule, DasPolicy.trim)."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from drafter import DrafterConfig, RolloutHistory
 from drafter.acceptance import DraftCalibrator, match_bin, position_bin, prob_bin, source_bin
-from drafter.budgets import MatchRule, cut_chain, token_floors, trim_draft
+from drafter.budgets import MatchRule, token_floors, trim_draft
 from drafter.cost import CostModel
 from drafter.das import DasConfig, DasPolicy
 from drafter.draft import Draft
@@ -190,6 +191,22 @@ def test_a_trimming_policy_with_nothing_to_learn_keeps_every_paying_token() -> N
     assert draft.score == pytest.approx(1.0 + 0.9 + 0.5)
 
 
+def test_trimming_with_measured_steps_keeps_what_pays_for_a_kernel_change_together() -> None:
+    # Priors of this chain's bins: 1.0, 0.95, 0.525, 0.15, 0.15 (the test above). Worth, alone
+    # in a 1.25 s step: 1.25, 1.19, 0.66, 0.19, 0.19 s.
+    chain = _chain([1.0, 0.9, 0.5, 0.19, 0.1])
+    config = DasConfig(rule="match", calibration_floor=0.0, position_discount=1.0)
+    line = CostModel(1.0, 0.25)  # a token pays while worth >= 0.25 s: 3 of them
+    jump = replace(line, steps=(1.0, 1.1, 1.2, 2.2, 2.3, 2.4))  # the 3rd token costs 1.0 s
+    (kept,) = DasPolicy(line, config).trim([RequestView("g", 0)], [chain])
+    assert len(kept) == 3
+    (kept,) = DasPolicy(jump, config).trim([RequestView("g", 0)], [chain])
+    assert len(kept) == 2  # 1.25 + 1.19 - 0.2 beats 1.25 + 1.19 + 0.66 - 1.2 and the rest
+    cheap = replace(line, steps=(1.0, 1.1, 1.2, 1.3, 1.4, 1.5))  # 0.1 s each: all five pay
+    (kept,) = DasPolicy(cheap, config).trim([RequestView("g", 0)], [chain])
+    assert len(kept) == 5
+
+
 # -- trimming only shortens ----------------------------------------------------------------
 
 
@@ -252,8 +269,6 @@ def test_trim_draft_drops_descendants_of_dropped_nodes() -> None:
     cut = trim_draft(tree, [True, False, True, True])
     assert (cut.token_ids, cut.parents) == ([1, 3], [-1, -1])
     assert trim_draft(tree, [True] * 4) is tree
-    assert cut_chain([0.9, 0.5, 0.3], 0.4) == 2
-    assert cut_chain([], 0.1) == 0
 
 
 def test_token_floors_follow_the_batch_share_and_step_time() -> None:

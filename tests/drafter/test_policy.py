@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import fields
 
@@ -664,3 +665,48 @@ def test_marginal_budgets_reject_bad_arguments(args: tuple[list[float], list[flo
     lengths, rates, cap = args
     with pytest.raises(ValueError):
         marginal_budgets(lengths, rates, COST, cap)
+
+
+def _best_total_by_enumeration(values: list[list[float]], cost: CostModel, live: int) -> float:
+    """The most any budgets (a prefix of each request's tokens) gain over what they cost."""
+    best = 0.0
+    for budgets in itertools.product(*(range(len(row) + 1) for row in values)):
+        gain = sum(sum(row[:n]) for row, n in zip(values, budgets, strict=True))
+        best = max(best, gain - cost.draft_cost(live, sum(budgets)))
+    return best
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.floats(1.0, 500.0), st.floats(0.0, 1.0)), min_size=1, max_size=3),
+    increments=st.lists(st.floats(0.0, 0.02), min_size=1, max_size=8),
+    c_tok=st.floats(1e-4, 0.01),
+    cap=st.integers(0, 4),
+)
+def test_marginal_budgets_with_measured_steps_gain_the_most_any_budgets_can(
+    rows: list[tuple[float, float]], increments: list[float], c_tok: float, cap: int
+) -> None:
+    steps = tuple(itertools.accumulate([0.03 + increments[0], *increments[1:]]))
+    cost = CostModel(0.03, c_tok, steps)
+    lengths, rates = (list(column) for column in zip(*rows, strict=True))
+    budgets = marginal_budgets(lengths, rates, cost, cap)
+    total, step, live = sum(lengths), cost.step_time(len(rows)), len(rows)
+    values = [
+        [rate**n * length / total * step for n in range(1, cap + 1)]
+        for length, rate in zip(lengths, rates, strict=True)
+    ]
+    gain = sum(sum(row[:n]) for row, n in zip(values, budgets, strict=True))
+    achieved = gain - cost.draft_cost(live, sum(budgets))
+    assert achieved == pytest.approx(_best_total_by_enumeration(values, cost, live), abs=1e-9)
+
+
+def test_a_lone_request_stops_short_of_a_kernel_change_its_tokens_cannot_pay_for() -> None:
+    # One request's steps as measured here: 1-3 tokens on one kernel, 4 and more on another.
+    steps = (0.0337, 0.0364, 0.0396, 0.0545, 0.0548, 0.0577, 0.0659, 0.0707, 0.0739)
+    cost = CostModel(0.0305, 0.003, steps)
+    line = CostModel(0.0305, 0.003)
+    # At 45% acceptance the line drafts 3 tokens; the steps stop at 2 (the third costs 15 ms).
+    assert marginal_budgets([300.0], [0.45], line, 16) == [3]
+    assert marginal_budgets([300.0], [0.45], cost, 16) == [2]
+    # Drafts that are nearly always accepted pay for the change together.
+    assert marginal_budgets([300.0], [0.97], cost, 16)[0] > 3

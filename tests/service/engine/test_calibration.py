@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -24,8 +26,11 @@ def test_calibration_times_four_points_and_the_curve(tiny_model: torch.nn.Module
     assert all(seconds > 0 for _, _, seconds in result.points + result.curve_points)
     assert result.source in ("calibrated", "smollm2-cpu (calibration fit unusable)")
     assert result.cost.c_base > 0 and result.cost.c_tok > 0
+    assert len(result.step_points) == 16 and all(s > 0 for s in result.step_points)
+    assert result.cost.steps == tuple(itertools.accumulate(result.step_points, max))
     assert set(result.to_json()) == {
-        *("source", "c_base", "c_tok", "context", "points", "curve", "curve_points")
+        *("source", "c_base", "c_tok", "context", "points", "curve", "curve_points"),
+        *("step_points", "steps"),
     }
 
 
@@ -54,15 +59,45 @@ def test_a_line_of_timings_is_fitted(
     steps = _timed_as(monkeypatch, CostModel(0.02, 0.001))
     result = calibrate_cost(tiny_model, max_batch=4, context=8, repeats=2, fallback=None)
     curve_steps = [(rows, per_row) for rows in (1, 2, 4) for per_row in (1, 3)]
-    assert steps == [(1, 1), (1, 9), (4, 1), (4, 9), *curve_steps]
+    one_request = [(1, tokens) for tokens in range(1, 17)]
+    assert steps == [(1, 1), (1, 9), (4, 1), (4, 9), *curve_steps, *one_request]
     assert result.source == "calibrated" and result.context == 8
     assert result.cost.c_base == pytest.approx(0.02)
     assert result.cost.c_tok == pytest.approx(0.001)
     # Timings on one line give that line at every batch size.
     assert result.curve is not None
+    line = [0.02 + 0.001 * tokens for tokens in range(1, 17)]
+    assert result.cost.steps == pytest.approx(line)
     for rows in (1, 3, 4, 9):
         local = result.curve.at(rows)
         assert (local.c_base, local.c_tok) == pytest.approx((0.02, 0.001))
+        assert local.steps == result.cost.steps
+        assert local.draft_cost(rows, 2) == pytest.approx(0.002)
+
+
+def test_a_jump_in_one_requests_steps_is_kept_and_dips_are_levelled(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As measured here: 1-3 tokens on one matmul kernel, 4 and more on another.
+    def seconds(tokens: int) -> float:
+        return 0.034 + 0.003 * tokens + (0.015 if tokens >= 4 else 0.0)
+
+    dip = {(1, 6): 0.9}  # one noisy timing below its neighbours
+
+    def fake(
+        runner: Runner, rows: int, per_row: int, context: int, repeats: int, _: SamplingParams
+    ) -> list[tuple[float, float]]:
+        total = seconds(rows * per_row) * dip.get((rows, per_row), 1.0)
+        return [(total, 0.0)] * repeats
+
+    monkeypatch.setattr(calibration, "time_verify_step", fake)
+    result = calibrate_cost(tiny_model, max_batch=2, context=8, repeats=1, fallback=None)
+    assert result.step_points[5] == pytest.approx(0.9 * seconds(6))
+    assert result.cost.steps[5] == pytest.approx(seconds(5))  # levelled to the one before
+    assert result.cost.steps[:4] == pytest.approx([seconds(n) for n in range(1, 5)])
+    # A lone request's third draft token crosses the jump: it costs 0.003 + 0.015.
+    assert result.cost.draft_cost(1, 2) == pytest.approx(0.006)
+    assert result.cost.draft_cost(1, 3) == pytest.approx(0.024)
 
 
 @pytest.mark.parametrize(

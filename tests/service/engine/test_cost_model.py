@@ -69,15 +69,16 @@ def test_the_worker_reports_its_cost_model_in_server_info_and_metrics() -> None:
 def test_a_calibrated_curve_reprices_das_and_the_worker_reports_it(
     tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    curve = CostCurve(((1, CostModel(0.03, 0.005)), (2, CostModel(0.04, 0.002))))
+    steps = (0.03, 0.031, 0.05)
+    curve = CostCurve(((1, CostModel(0.03, 0.005)), (2, CostModel(0.04, 0.002))), steps)
 
     def fake(model: torch.nn.Module, max_batch: int, context: int, **kw: Any) -> Calibration:
-        return Calibration(CostModel(0.02, 0.002), "calibrated", curve=curve)
+        return Calibration(CostModel(0.02, 0.002, steps), "calibrated", curve=curve)
 
     monkeypatch.setattr(engine_module, "calibrate_cost", fake)
     timed = engine(tiny_model, speculation="das")
     assert timed.speculator.cost_curve is curve
-    assert timed.cost == CostModel(0.02, 0.002)
+    assert timed.cost == CostModel(0.02, 0.002, steps)
     port = free_port()
     settings = Settings(model="tiny-random", port=port, worker_id="w", max_model_len=128)
     server = start_server(create_app(settings), port)
@@ -88,5 +89,6 @@ def test_a_calibrated_curve_reprices_das_and_the_worker_reports_it(
             {"rows": 1, "c_base": 0.03, "c_tok": 0.005},
             {"rows": 2, "c_base": 0.04, "c_tok": 0.002},
         ]
+        assert info["steps"] == list(steps)
     finally:
         server.stop()
