@@ -38,6 +38,11 @@ class CostModel:
         if any(b < a for a, b in itertools.pairwise(self.steps)):
             raise ValueError("steps must not decrease with tokens")
 
+    def to_json(self) -> dict[str, object]:
+        """{c_base, c_tok}, and steps where measured."""
+        fields: dict[str, object] = {"c_base": self.c_base, "c_tok": self.c_tok}
+        return {**fields, "steps": list(self.steps)} if self.steps else fields
+
     def step_time(self, n_tokens: int) -> float:
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")

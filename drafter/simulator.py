@@ -107,7 +107,7 @@ class SimulationResult:
         data: dict[str, object] = {
             "synthetic": self.synthetic,
             "policy": self.policy,
-            "cost_model": asdict(self.cost),
+            "cost_model": self.cost.to_json(),
             "drafter": asdict(self.config),
             "epochs": [epoch.to_json() for epoch in self.epochs],
             "total": self.total.to_json(),

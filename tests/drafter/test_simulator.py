@@ -182,7 +182,7 @@ def test_result_serialises_every_figure() -> None:
     data = result.to_json()
     assert data["synthetic"] is False
     assert data["policy"] == "fixed:4"
-    assert data["cost_model"] == {"c_base": 1.0, "c_tok": 0.1, "steps": ()}
+    assert data["cost_model"] == {"c_base": 1.0, "c_tok": 0.1}
     assert data["drafter"] == {
         "max_depth": 64,
         "window": 2,

@@ -148,8 +148,10 @@ def test_runner_rejects_bad_batches(tiny_model: torch.nn.Module) -> None:
 @pytest.mark.slow
 def test_runner_matches_hf_on_smollm2(smollm2: tuple[torch.nn.Module, Tokenizer]) -> None:
     model, _ = smollm2
-    check_ragged_steps(model, 1e-4, batched_max_chunk=32)
-    check_ragged_steps(model, 1e-4, batched_max_chunk=0)
+    # SmolLM2's logits reach about 30; the kernels sum in another order than Hugging Face's
+    # MKL (the AVX-512 one was off by up to 1.1e-4 here, 7 of 1.5 million logits over 1e-4).
+    check_ragged_steps(model, 2e-4, batched_max_chunk=32)
+    check_ragged_steps(model, 2e-4, batched_max_chunk=0)
 
 
 def test_copy_prefix_shares_a_prompt(tiny_model: torch.nn.Module) -> None:
