@@ -273,18 +273,7 @@ def main_matmul(args: argparse.Namespace) -> None:
             f"| {rows} | " + " | ".join(f"{medians[k] * 1e3:.1f}" for k in timed) + " |",
             flush=True,
         )
-    out = args.json or MATMUL_JSON
-    payload = {
-        "model": args.model,
-        "runner_native_rows": list(chosen),
-        "context": args.context,
-        "repeats": args.repeats,
-        "machine": machine_info(),
-        "cells": cells,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_cells(args.json or MATMUL_JSON, args, runner, cells)
 
 
 def write_cells(

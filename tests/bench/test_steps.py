@@ -25,7 +25,7 @@ def test_matmul_mode_times_every_kernel_and_both_plans_at_each_row_count(
     args = ["--model", "tiny-random", "--matmul", "--repeats", "1", "--context", "4"]
     main([*args, "--json", str(out)])
     data = json.loads(out.read_text())
-    first, last = data["runner_native_rows"]
+    first, last = data["small_matmul_rows"]
     assert 0 <= first <= last
     assert [cell["token_rows"] for cell in data["cells"]] == list(MATMUL_ROWS)
     for cell in data["cells"]:
