@@ -186,7 +186,7 @@ def main() -> None:
         "max_draft": args.max_draft,
         "context": args.context,
         "live_siblings": args.live_siblings,
-        "cost_model": {"c_base": cost.c_base, "c_tok": cost.c_tok},
+        "cost_model": cost.to_json(),
         "cost_curve": args.cost_curve,
         "epochs": epochs,
         "steps_ratio": steps / longest,

@@ -280,13 +280,10 @@ class EngineWorker:
         cost = engine.cost
         if cost is None:
             return None
-        model: dict[str, Any] = {"c_base": cost.c_base, "c_tok": cost.c_tok}
-        model["source"] = engine.cost_source
+        model: dict[str, Any] = {**cost.to_json(), "source": engine.cost_source}
         curve = engine.speculator.cost_curve
         if curve is not None:
             model["by_batch_size"] = curve.to_json()
-        if cost.steps:
-            model["steps"] = list(cost.steps)
         return model
 
     # -- tokenizer ----------------------------------------------------------------------

@@ -148,8 +148,6 @@ def calibrate_cost(
     points = [fastest(rows, n) for rows in sorted({1, max_batch}) for n in _TOKENS_PER_ROW]
     curve_rows = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
     curve_points = [fastest(rows, n) for rows in curve_rows for n in _CURVE_TOKENS_PER_ROW]
-    step_points = tuple(fastest(1, n)[2] for n in range(1, _STEP_TOKENS + 1))
-    steps = tuple(itertools.accumulate(step_points, max))
     try:
         cost = CostModel.fit([(rows * per_row, seconds) for rows, per_row, seconds in points])
     except ValueError as error:
@@ -158,6 +156,8 @@ def calibrate_cost(
             raise ValueError(f"the calibration fit is unusable ({error}; timed {timed})") from None
         source = f"{cost_model_name(fallback)} (calibration fit unusable)"
         return Calibration(fallback, source, tuple(points), context)
+    step_points = tuple(fastest(1, n)[2] for n in range(1, _STEP_TOKENS + 1))
+    steps = tuple(itertools.accumulate(step_points, max))
     cost = replace(cost, steps=steps)
     try:
         curve: CostCurve | None = replace(CostCurve.fit(curve_points), steps=steps)

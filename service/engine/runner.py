@@ -60,7 +60,7 @@ from torch import Tensor
 from service.engine import _kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_AVX512 = _kernels.available() and _kernels.has_avx512()  # the native matmul's wider kernel
+_AVX512 = _kernels.has_avx512()  # the native matmul's wider kernel
 
 
 @dataclass(slots=True)
@@ -683,10 +683,10 @@ class _SmallMatmul:
         at which this kernel multiplied x by every one of `weights` at least _MARGIN faster
         than torch: each count best of three rounds of the two taken in turns, every weight
         once per round (they stream from memory, as in a forward). (0, 0) where torch won at
-        every count. Measured once per model and thread count (about 1.5 s for SmolLM2), so
-        that every runner of
-        a model takes the same kernels: the last weight, the LM head, is the model's own
-        tensor (the fused ones are each runner's copies) and stands for the model."""
+        every count. Measured once per model and thread count (about 1.8 s for SmolLM2), so
+        that every runner of a model takes the same kernels: the last weight, the LM head, is
+        the model's own tensor (the fused ones are each runner's copies) and stands for the
+        model."""
         key = (threads, weights[-1][0].data_ptr(), *(tuple(w.shape) for w, _ in weights))
         if key not in cls._measured:
             cls._measured[key] = cls._measure(weights, threads)

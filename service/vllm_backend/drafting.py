@@ -299,7 +299,7 @@ class EngineDrafter:
             "history_tokens": self.history.num_tokens(),
             "history_version": self.history.version,
             "policy": self.speculator.policy.name,
-            "cost_model": None if cost is None else {"c_base": cost.c_base, "c_tok": cost.c_tok},
+            "cost_model": None if cost is None else cost.to_json(),
             "cost_source": "calibrating" if self.calibrating else self.cost_source,
             "cost_refits": self.refits,
             "steps": self.steps,

@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <stdexcept>
 
 #include "pool.h"
@@ -75,25 +76,6 @@ DAS_AVX2 void tile(const Problem& p, const float* x, float* y, int64_t n0, int64
   }
 }
 
-// Weight rows [n0, n1) for all of x's rows: blocks of 32 weight rows (at most 32 * K floats,
-// which stay in L2 while every group of 4 rows of x passes over them).
-DAS_AVX2 void run_range(const Problem& p, int64_t n0, int64_t n1) {
-  constexpr int64_t kBlock = 32;
-  for (int64_t nb = n0; nb < n1; nb += kBlock) {
-    const int64_t ne = std::min(nb + kBlock, n1);
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) tile<4>(p, p.x + m * p.K, p.y + m * p.N, nb, ne);
-    const float* x = p.x + m * p.K;
-    float* y = p.y + m * p.N;
-    switch (p.M - m) {
-      case 3: tile<3>(p, x, y, nb, ne); break;
-      case 2: tile<2>(p, x, y, nb, ne); break;
-      case 1: tile<1>(p, x, y, nb, ne); break;
-      default: break;
-    }
-  }
-}
-
 // How far ahead in each weight row the AVX-512 tiles prefetch. Without it SmolLM2's weights
 // times 4 rows took 31.4 ms here; 512 bytes ahead 25.8-27.4, 1024 27.1, 2048 27.1.
 constexpr int64_t kPrefetchBytes = 512;
@@ -132,34 +114,33 @@ DAS_AVX512 void tile_wide(const Problem& p, const float* x, float* y, int64_t n0
   for (; n < n1; ++n) block_wide<MB, 1>(p, x, y, n);
 }
 
-// As run_range, with the AVX-512 tiles, 6 rows of x at a time (24 accumulators). The first
-// version, 4 rows at a time without the prefetch, took 37.1 ms at 6 rows and 45.7 at 12 where
-// this one takes 28.5 and 38.7.
-DAS_AVX512 void run_range_wide(const Problem& p, int64_t n0, int64_t n1) {
+// A tile: rows [0, MB) of x against weight rows [n0, n1).
+using Tile = void (*)(const Problem&, const float*, float*, int64_t, int64_t);
+// Each kernel's tiles by rows of x (index 0 unused), the last its group size: AVX2 4 rows at a
+// time; AVX-512 6 (24 accumulators; its first version, 4 rows at a time without the prefetch,
+// took 37.1 ms at 6 rows and 45.7 at 12 where this one takes 28.5 and 38.7).
+constexpr Tile kTiles[] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>};
+constexpr Tile kWideTiles[] = {nullptr,       tile_wide<1>, tile_wide<2>, tile_wide<3>,
+                               tile_wide<4>, tile_wide<5>, tile_wide<6>};
+
+// Weight rows [n0, n1) for all of x's rows: blocks of 32 weight rows (at most 32 * K floats,
+// which stay in L2 while every group of rows of x passes over them).
+void run_range(const Problem& p, int64_t n0, int64_t n1, bool wide) {
   constexpr int64_t kBlock = 32;
-  constexpr int MB = 6;
+  const Tile* tiles = wide ? kWideTiles : kTiles;
+  const int64_t group = wide ? std::size(kWideTiles) - 1 : std::size(kTiles) - 1;
   for (int64_t nb = n0; nb < n1; nb += kBlock) {
     const int64_t ne = std::min(nb + kBlock, n1);
     int64_t m = 0;
-    for (; m + MB <= p.M; m += MB) tile_wide<MB>(p, p.x + m * p.K, p.y + m * p.N, nb, ne);
-    const float* x = p.x + m * p.K;
-    float* y = p.y + m * p.N;
-    switch (p.M - m) {
-      case 5: tile_wide<5>(p, x, y, nb, ne); break;
-      case 4: tile_wide<4>(p, x, y, nb, ne); break;
-      case 3: tile_wide<3>(p, x, y, nb, ne); break;
-      case 2: tile_wide<2>(p, x, y, nb, ne); break;
-      case 1: tile_wide<1>(p, x, y, nb, ne); break;
-      default: break;
-    }
+    for (; m + group <= p.M; m += group) tiles[group](p, p.x + m * p.K, p.y + m * p.N, nb, ne);
+    if (m < p.M) tiles[p.M - m](p, p.x + m * p.K, p.y + m * p.N, nb, ne);
   }
 }
 
 bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 bool cpu_has_avx512() { return cpu_supported() && __builtin_cpu_supports("avx512f"); }
 #else
-void run_range(const Problem&, int64_t, int64_t) { throw std::runtime_error("needs x86-64"); }
-void run_range_wide(const Problem&, int64_t, int64_t) { throw std::runtime_error("needs x86-64"); }
+void run_range(const Problem&, int64_t, int64_t, bool) { throw std::runtime_error("needs x86-64"); }
 bool cpu_supported() { return false; }
 bool cpu_has_avx512() { return false; }
 #endif
@@ -174,8 +155,7 @@ void small_gemm(const float* x, const float* w, float* y, int64_t M, int64_t K, 
   // any output's arithmetic.
   const int64_t step = wide ? 4 : 2, groups = (N + step - 1) / step;
   auto bound = [&](int i) { return std::min(N, step * (groups * i / parts)); };
-  const auto run = wide ? run_range_wide : run_range;
-  pool().run(parts, [&](int part) { run(p, bound(part), bound(part + 1)); });
+  pool().run(parts, [&](int part) { run_range(p, bound(part), bound(part + 1), wide); });
 }
 
 }  // namespace das
