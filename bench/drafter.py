@@ -26,7 +26,11 @@ redrawn, so drafts are long), each request 64 prompt tokens and 100-900 tokens o
 so far. Per row, microseconds per step of: RolloutHistory.speculate called in a Python loop,
 RolloutHistory.speculate_batch (one native call), the speculation core's drafts() (budgets from
 fixed:16, then the batched call), and the same loop and batch on suffix decoding's cache (the
-suffix policy: global cache, per-request trees, capped drafts). Medians over repeated steps.
+suffix policy: global cache, per-request trees, capped drafts); drafts() under das (priced for a
+7B on an H100: its budgets, then the batched call); and recording what a verify step appended
+(2 tokens a row into the request's own tree and, with live siblings, its group's two trees):
+Speculator.extend per row, and Speculator.extend_batch (one native call for every row's trees).
+Medians over repeated steps.
 No timing is asserted: this prints tables and writes JSON.
 """
 
@@ -45,6 +49,8 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from drafter.config import DrafterConfig
+from drafter.cost import H100_7B
+from drafter.das import DasPolicy
 from drafter.history import RolloutHistory
 from drafter.policy import FixedPolicy
 from drafter.reference import ReferenceSuffixTree
@@ -267,6 +273,9 @@ class BatchRow:
     speculator_us_per_row: float  # Speculator.drafts (fixed:16 budgets + the batched call)
     suffix_loop_us_per_row: float  # SuffixDecodingCache.speculate per row
     suffix_batch_us_per_row: float  # SuffixDecodingCache.speculate_batch
+    das_drafts_us_per_row: float  # Speculator.drafts under das (h100-7b prices), batched call
+    extend_loop_us_per_row: float  # Speculator.extend per row (2 tokens each)
+    extend_batch_us_per_row: float  # Speculator.extend_batch (one native call for the trees)
     mean_draft_len: float
     steps_timed: int
 
@@ -330,6 +339,21 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
     drafts = history.speculate_batch(keys, budgets)
     if drafts != [history.speculate(k, MAX_TOKENS) for k in keys]:
         raise RuntimeError("the batched drafts differ from the per-row ones")
+    das = Speculator(history, DasPolicy(H100_7B), max_draft=MAX_TOKENS)
+    das_drafts = _median_us_per_row(lambda: das.drafts(handles, caps), rows, steps)
+    # What a verify step appends: two tokens a row (one accepted draft token and the
+    # target's own), recorded per row or in one call. Timed last: the requests grow.
+    appended = [list(draft.token_ids[:2]) if len(draft) >= 2 else [0, 0] for draft in drafts]
+    drafted, accepted = [2] * rows, [1] * rows
+
+    def extend_loop() -> None:
+        for handle, tokens in zip(handles, appended, strict=True):
+            speculator.extend(handle, tokens, 2, 1)
+
+    extend_loop_us = _median_us_per_row(extend_loop, rows, steps)
+    extend_batch_us = _median_us_per_row(
+        lambda: speculator.extend_batch(handles, appended, drafted, accepted), rows, steps
+    )
     return BatchRow(
         rows=rows,
         loop_us_per_row=_median_us_per_row(
@@ -347,6 +371,9 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
         suffix_batch_us_per_row=_median_us_per_row(
             lambda: cache.speculate_batch(keys, budgets), rows, steps
         ),
+        das_drafts_us_per_row=das_drafts,
+        extend_loop_us_per_row=extend_loop_us,
+        extend_batch_us_per_row=extend_batch_us,
         mean_draft_len=float(np.mean([len(d) for d in drafts])),
         steps_timed=steps,
     )
@@ -355,7 +382,8 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
 def print_batch_table(rows: list[BatchRow]) -> None:
     header = (
         f"{'rows':>5} {'loop':>8} {'batch':>8} {'drafts()':>9} {'speedup':>8} "
-        f"{'sfx loop':>9} {'sfx batch':>9} {'draft len':>9}"
+        f"{'sfx loop':>9} {'sfx batch':>9} {'das':>7} {'ext loop':>8} {'ext batch':>9} "
+        f"{'draft len':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -364,12 +392,15 @@ def print_batch_table(rows: list[BatchRow]) -> None:
             f"{r.rows:>5} {r.loop_us_per_row:>8.2f} {r.batch_us_per_row:>8.2f} "
             f"{r.speculator_us_per_row:>9.2f} {r.loop_us_per_row / r.batch_us_per_row:>7.1f}x "
             f"{r.suffix_loop_us_per_row:>9.2f} {r.suffix_batch_us_per_row:>9.2f} "
-            f"{r.mean_draft_len:>9.1f}"
+            f"{r.das_drafts_us_per_row:>7.2f} {r.extend_loop_us_per_row:>8.2f} "
+            f"{r.extend_batch_us_per_row:>9.2f} {r.mean_draft_len:>9.1f}"
         )
     print(
         "microseconds per row per step (medians): loop = RolloutHistory.speculate per row, "
         "batch = speculate_batch, drafts() = the speculation core's whole call; sfx = the "
-        "suffix policy's cache."
+        "suffix policy's cache; das = drafts() under das (its budgets priced for a 7B on an "
+        "H100); ext = recording a step's 2 tokens a row: Speculator.extend per row (loop) or "
+        "extend_batch (one native call)."
     )
 
 

@@ -42,3 +42,6 @@ def speculate_batch(
     draft_type: type[Draft],
     source_names: tuple[str, str, str, str],
 ) -> list[Draft]: ...
+def extend_batch(
+    rows: Sequence[tuple[SuffixTreeCore | int, ...]], tokens: Sequence[Sequence[int]]
+) -> None: ...

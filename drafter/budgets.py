@@ -65,6 +65,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from drafter.acceptance import (
     Acceptance,
@@ -77,6 +78,8 @@ from drafter.acceptance import (
 from drafter.cost import CostModel
 from drafter.draft import Draft
 from drafter.lengths import LengthClass
+
+FloatArray = npt.NDArray[np.float64]
 
 # -- the closed form (das-eq7) -------------------------------------------------------------
 
@@ -203,23 +206,28 @@ def _check_batch(lengths: Sequence[float], acceptance: Sequence[Acceptance]) -> 
 # -- the per-step rule (das) ---------------------------------------------------------------
 
 
-def paying_count(values: Sequence[float], live_tokens: int, cost: CostModel) -> int:
+def paying_count(values: Sequence[float] | FloatArray, live_tokens: int, cost: CostModel) -> int:
     """How many of the draft tokens with these values (the seconds of the batch's time each is
     expected to save, best first) to verify in a forward of `live_tokens` tokens: the count
-    whose values most exceed what they add to it, cost.draft_cost(live_tokens, count). With a
-    linear cost that is every token worth at least c_tok; where a measured step jumps (a CPU's
-    matmul changing kernels), the tokens past the jump must pay for it together."""
-    best_count, best_gain, gain = 0, 0.0, 0.0
+    whose values most exceed what they add to it, cost.draft_cost(live_tokens, count) (the
+    largest such count, within 1e-9 c_tok). With a linear cost that is every token worth at
+    least c_tok; where a measured step jumps (a CPU's matmul changing kernels), the tokens past
+    the jump must pay for it together. Past the measured steps no token worth less than c_tok
+    is taken, nor any after it."""
+    value = np.asarray(values, dtype=np.float64)
     slack = 1e-9 * cost.c_tok  # a value exactly at the price is drafted
     past_steps = max(len(cost.steps) - live_tokens, 0)  # beyond: c_tok a token
-    for count, value in enumerate(values, 1):
-        if count > past_steps and value < cost.c_tok - slack:
-            break  # every later token is worth less than it costs
-        gain += value
-        net = gain - cost.draft_cost(live_tokens, count)
-        if net >= best_gain - slack:
-            best_count, best_gain = count, max(net, best_gain)
-    return best_count
+    cheap = np.flatnonzero(value[past_steps:] < cost.c_tok - slack)
+    value = value[: past_steps + int(cheap[0])] if cheap.size else value
+    if not value.size:
+        return 0
+    counts = np.arange(1, value.size + 1)
+    net = np.cumsum(value) - cost.draft_costs(live_tokens, counts)
+    # A count is taken if its net is at least the best of every smaller count's (0: none).
+    best_before = np.maximum.accumulate(np.concatenate(([0.0], net[:-1])))
+    best_before = np.maximum(best_before, 0.0)
+    taken = np.flatnonzero(net >= best_before - slack)
+    return int(taken[-1]) + 1 if taken.size else 0
 
 
 def marginal_budgets(
@@ -240,29 +248,28 @@ def marginal_budgets(
     requests, w_i goes to 1 and their drafts grow. Short requests are not excluded, unlike in
     the closed form: a small w already keeps their drafts short, and where drafts are nearly
     always accepted (greedy decoding of a prompt seen before) a long request can finish sooner
-    than an undrafted short one, which would then decide the makespan."""
+    than an undrafted short one, which would then decide the makespan. Vectorised: the whole
+    batch's candidate tokens in one array (hundreds of rows a step)."""
     if len(remaining) != len(rates):
         raise ValueError("need one remaining length and rate per request")
     if max_budget < 0:
         raise ValueError(f"max_budget must be >= 0, got {max_budget}")
-    if any(length <= 0 for length in remaining):
+    length = np.asarray(remaining, dtype=np.float64)
+    rate = np.asarray(rates, dtype=np.float64)
+    if length.size and length.min() <= 0:
         raise ValueError("remaining lengths must be > 0")
-    if any(not 0.0 <= rate <= 1.0 for rate in rates):
+    if rate.size and not (rate.min() >= 0.0 and rate.max() <= 1.0):
         raise ValueError("rates must be in [0, 1]")
-    total = sum(remaining)
-    step = cost.step_time(len(remaining))
-    tokens: list[tuple[float, int]] = []  # (value, request) of every candidate draft token
-    for i, (length, rate) in enumerate(zip(remaining, rates, strict=True)):
-        worth = length / total * step
-        for n in range(1, max_budget + 1):
-            value = worth * rate**n
-            if value < cost.c_tok * 1e-3:  # past anything a token could pay for
-                break
-            tokens.append((value, i))
-    tokens.sort(key=lambda token: -token[0])  # stable: a request's tokens stay in order
-    budgets = [0] * len(remaining)
-    for _, i in tokens[: paying_count([value for value, _ in tokens], len(remaining), cost)]:
-        budgets[i] += 1
+    if not length.size or max_budget == 0:
+        return [0] * length.size
+    worth = length / length.sum() * cost.step_time(length.size)
+    # value[i, n - 1]: request i's n-th draft token; each row falls with n (rate <= 1).
+    value = worth[:, None] * rate[:, None] ** np.arange(1, max_budget + 1)
+    row, _ = np.nonzero(value >= cost.c_tok * 1e-3)  # past anything a token could pay for
+    candidates = value[value >= cost.c_tok * 1e-3]  # row-major: a request's tokens in order
+    order = np.argsort(-candidates, kind="stable")
+    paying = paying_count(candidates[order], length.size, cost)
+    budgets: list[int] = np.bincount(row[order[:paying]], minlength=length.size).tolist()
     return budgets
 
 
@@ -322,7 +329,11 @@ class MarginalRule:
         max_budget: int,
     ) -> list[int]:
         self._step += 1
-        rates = [self.rate(group) for group in groups]
+        by_group: dict[str, float] = {}  # a group's rows share its rate
+        rates = [
+            by_group[group] if group in by_group else by_group.setdefault(group, self.rate(group))
+            for group in groups
+        ]
         return marginal_budgets(remaining, rates, cost, max_budget)
 
 

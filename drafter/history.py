@@ -34,7 +34,15 @@ import numpy as np
 
 from drafter.config import DrafterConfig
 from drafter.draft import CONTEXT, HISTORY, SIBLINGS, Draft, Tokens, as_token_array
-from drafter.suffix_tree import BatchRow, SuffixTree, batch_row, speculate_batch
+from drafter.suffix_tree import (
+    BatchRow,
+    ExtendRow,
+    SuffixTree,
+    batch_row,
+    extend_batch,
+    extend_row,
+    speculate_batch,
+)
 
 
 class TokenTree(Protocol):
@@ -104,6 +112,15 @@ class _Request:
     context: list[int]  # its latest tokens; at most 2 * max_depth are kept
     live_seq: int = -1  # its output so far in the group's trees (-1: live_siblings off)
     batch_row: BatchRow | None = None  # native trees: its row of speculate_batch
+    extend_row: ExtendRow | None = None  # native trees: its row of extend_batch
+
+
+def grow_context(context: list[int], tokens: list[int], max_depth: int) -> None:
+    """A request's latest tokens grow by `tokens`; past 2 * max_depth only the last max_depth
+    stay (a draft reads at most max_depth)."""
+    context += tokens
+    if len(context) > 2 * max_depth:
+        del context[:-max_depth]
 
 
 def source_of(
@@ -220,6 +237,11 @@ class RolloutHistory:
                 cast(SuffixTree | None, state.siblings),
                 request.live_seq,
             )
+            targets = [(cast(SuffixTree, tree), 0)]
+            if state.siblings is not None:
+                targets.append((cast(SuffixTree, state.tree), request.live_seq))
+                targets.append((cast(SuffixTree, state.siblings), request.live_seq))
+            request.extend_row = extend_row(*targets)
         state.live += 1
         self._requests[request_id] = request
 
@@ -231,9 +253,22 @@ class RolloutHistory:
             state = self._groups[request.group]
             state.tree.extend(request.live_seq, array)
             cast(TokenTree, state.siblings).extend(request.live_seq, array)
-        request.context.extend(array.tolist())
-        if len(request.context) > 2 * self.config.max_depth:
-            del request.context[: -self.config.max_depth]
+        grow_context(request.context, array.tolist(), self.config.max_depth)
+
+    def extend_batch(self, request_ids: Sequence[Hashable], tokens: Sequence[list[int]]) -> None:
+        """extend_request for every row (tokens[i]: a list of ints), the native trees of all
+        rows grown in one call (suffix_tree.extend_batch)."""
+        if len(request_ids) != len(tokens):
+            raise ValueError("need one list of tokens per request")
+        if self._new_tree is not SuffixTree:
+            for request_id, row in zip(request_ids, tokens, strict=True):
+                self.extend_request(request_id, row)
+            return
+        requests = [self._requests[request_id] for request_id in request_ids]
+        extend_batch([cast(ExtendRow, request.extend_row) for request in requests], tokens)
+        max_depth = self.config.max_depth
+        for request, row in zip(requests, tokens, strict=True):
+            grow_context(request.context, row, max_depth)
 
     def stop_request(self, request_id: Hashable) -> None:
         """The request left: its output so far leaves its group's trees too (a finished one

@@ -279,7 +279,7 @@ def _run_batch(
         if trimming is not None:  # the policy cuts what it sized, as the speculation core does
             drafts = trimming.trim(views, drafts)
         step_tokens = 0
-        still_live = []
+        emitted_rows = []
         for entry, draft in zip(live, drafts, strict=True):
             output = entry.record.output
             position = entry.view.generated
@@ -287,6 +287,7 @@ def _run_batch(
             matched = accepted_tokens(draft, target)
             # The verify pass also yields the target's own next token, if the rollout has one.
             emitted = matched if len(matched) == len(target) else [*matched, target[len(matched)]]
+            emitted_rows.append(emitted)
             step_tokens += 1 + len(draft)
             entry.forwards += 1
             counts.drafted += len(draft)
@@ -295,10 +296,14 @@ def _run_batch(
                 policy.observe_step(entry.record.group, len(draft), len(matched))
                 if trimming is not None:
                     trimming.observe_draft(entry.view, len(draft), len(matched), matched)
-            source.extend_request(entry.index, emitted)
             if entry.emitted is not None:
                 entry.emitted.extend(emitted)
             entry.view = entry.view.advanced(len(emitted))
+        # Every row's trees grow in one call, then the finished rows leave (the engine's order).
+        source.extend_batch([entry.index for entry in live], emitted_rows)
+        still_live = []
+        for entry in live:
+            output = entry.record.output
             if entry.view.generated < len(output):
                 still_live.append(entry)
                 continue

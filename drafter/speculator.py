@@ -59,6 +59,9 @@ class DraftSource(Protocol):
 
     def start_request(self, request_id: Hashable, group: str, prompt: Tokens) -> None: ...
     def extend_request(self, request_id: Hashable, tokens: Tokens) -> None: ...
+    def extend_batch(
+        self, request_ids: Sequence[Hashable], tokens: Sequence[list[int]]
+    ) -> None: ...
     def stop_request(self, request_id: Hashable) -> None: ...
     def speculate(self, request_id: Hashable, max_tokens: int) -> Draft: ...
     def speculate_batch(
@@ -170,30 +173,50 @@ class Speculator:
         """A verify step's outcome: it drafted `drafted` tokens, the target accepted the first
         `accepted`, and the request appended `tokens` (the accepted ones and the target's next
         token, cut where the request stopped)."""
-        if request.finished:
-            raise ValueError(f"request {request.key!r} has finished")
-        if not 0 <= accepted <= drafted:
-            raise ValueError(f"need 0 <= accepted <= drafted, got {accepted}, {drafted}")
-        # The policy learns what verification accepted; the counters count what was kept.
-        self.policy.observe_step(request.group, drafted, accepted)
-        if self._trimmer is not None and drafted:
-            self._trimmer.observe_draft(request.view, drafted, accepted, tokens)
-        appended = list(tokens)
-        request.output += appended
-        request.view = request.view.advanced(len(appended))
-        counters = request.counters
-        counters.forward_passes += 1
-        counters.drafted += drafted
-        kept = min(accepted, len(appended))
-        counters.accepted += kept
-        source, request.draft_source = request.draft_source, ""
-        if drafted and source:
-            by_source = counters.drafted_by_source
-            by_source[source] = by_source.get(source, 0) + drafted
-            by_source = counters.accepted_by_source
-            by_source[source] = by_source.get(source, 0) + kept
-        if self.drafting and appended:
-            self.source.extend_request(request.key, appended)
+        self.extend_batch([request], [tokens], [drafted], [accepted])
+
+    def extend_batch(
+        self,
+        requests: Sequence[SpecRequest],
+        tokens: Sequence[Sequence[int]],
+        drafted: Sequence[int],
+        accepted: Sequence[int],
+    ) -> None:
+        """extend() for every row of a verify step, the draft source's trees grown in one
+        call (the step's rows each once). Every row is checked before any changes."""
+        if not len(requests) == len(tokens) == len(drafted) == len(accepted):
+            raise ValueError("need tokens, drafted and accepted per request")
+        for request, n_drafted, n_accepted in zip(requests, drafted, accepted, strict=True):
+            if request.finished:
+                raise ValueError(f"request {request.key!r} has finished")
+            if not 0 <= n_accepted <= n_drafted:
+                raise ValueError(f"need 0 <= accepted <= drafted, got {n_accepted}, {n_drafted}")
+        policy, trimmer = self.policy, self._trimmer
+        appended_rows = []
+        for request, row, n_drafted, n_accepted in zip(
+            requests, tokens, drafted, accepted, strict=True
+        ):
+            # The policy learns what verification accepted; the counters count what was kept.
+            policy.observe_step(request.group, n_drafted, n_accepted)
+            if trimmer is not None and n_drafted:
+                trimmer.observe_draft(request.view, n_drafted, n_accepted, row)
+            appended = list(row)
+            appended_rows.append(appended)
+            request.output += appended
+            request.view = request.view.advanced(len(appended))
+            counters = request.counters
+            counters.forward_passes += 1
+            counters.drafted += n_drafted
+            kept = min(n_accepted, len(appended))
+            counters.accepted += kept
+            source, request.draft_source = request.draft_source, ""
+            if n_drafted and source:
+                by_source = counters.drafted_by_source
+                by_source[source] = by_source.get(source, 0) + n_drafted
+                by_source = counters.accepted_by_source
+                by_source[source] = by_source.get(source, 0) + kept
+        if self.drafting:
+            self.source.extend_batch(list(map(_KEY, requests)), appended_rows)
 
     def finish(self, request: SpecRequest, natural: bool) -> Rollout | None:
         """The request ended: by itself (natural: a stop or its length limit), or aborted.

@@ -28,10 +28,18 @@ from typing import Protocol, cast
 from drafter.acceptance import check_step
 from drafter.cost import CostModel
 from drafter.draft import CONTEXT, HISTORY, Draft, Tokens, as_token_array, check_max_depth
-from drafter.history import TokenTree
+from drafter.history import TokenTree, grow_context
 from drafter.lengths import check_length
 from drafter.policy import RequestView
-from drafter.suffix_tree import BatchRow, SuffixTree, batch_row, speculate_batch
+from drafter.suffix_tree import (
+    BatchRow,
+    ExtendRow,
+    SuffixTree,
+    batch_row,
+    extend_batch,
+    extend_row,
+    speculate_batch,
+)
 
 
 class CappedTree(TokenTree, Protocol):
@@ -78,6 +86,7 @@ class _Request:
     tree: CappedTree  # its prompt and output, as sequence 0
     context: list[int]  # its latest tokens; at most 2 * max_depth are kept
     batch_row: BatchRow | None = None  # native trees: its row of speculate_batch
+    extend_row: ExtendRow | None = None  # native trees: its row of extend_batch (own, global)
 
 
 class SuffixDecodingCache:
@@ -108,6 +117,9 @@ class SuffixDecodingCache:
         request = _Request(tree, tokens[-2 * self.config.max_depth :].tolist())
         if self._new_tree is SuffixTree:
             request.batch_row = batch_row(cast(SuffixTree, tree), cast(SuffixTree, self._global))
+            request.extend_row = extend_row(
+                (cast(SuffixTree, tree), 0), (cast(SuffixTree, self._global), self._next_seq_id)
+            )
         self._requests[request_id] = request
         old = self._responses.pop(request_id, None)
         if old is not None and old in self._global:  # one with no token was never stored
@@ -126,9 +138,30 @@ class SuffixDecodingCache:
         seq_id = self._responses.get(request_id)
         if seq_id is not None and array.size:  # it may have been evicted while running
             self._global.extend(seq_id, array)
-        request.context.extend(array.tolist())
-        if len(request.context) > 2 * self.config.max_depth:
-            del request.context[: -self.config.max_depth]
+        grow_context(request.context, array.tolist(), self.config.max_depth)
+
+    def extend_batch(self, request_ids: Sequence[Hashable], tokens: Sequence[list[int]]) -> None:
+        """extend_request for every row (tokens[i]: a list of ints), the native trees of all
+        rows grown in one call (suffix_tree.extend_batch)."""
+        if len(request_ids) != len(tokens):
+            raise ValueError("need one list of tokens per request")
+        if self._new_tree is not SuffixTree:
+            for request_id, row in zip(request_ids, tokens, strict=True):
+                self.extend_request(request_id, row)
+            return
+        requests = [self._requests[request_id] for request_id in request_ids]
+        responses = self._responses
+        rows = [
+            # Without its response (evicted while it runs) only its own tree grows.
+            row if request_id in responses else row[:2]
+            for request_id, row in zip(
+                request_ids, (cast(ExtendRow, r.extend_row) for r in requests), strict=True
+            )
+        ]
+        extend_batch(rows, tokens)
+        max_depth = self.config.max_depth
+        for request, row_tokens in zip(requests, tokens, strict=True):
+            grow_context(request.context, row_tokens, max_depth)
 
     def stop_request(self, request_id: Hashable) -> None:
         """The request left; its response stays cached."""

@@ -159,3 +159,23 @@ def speculate_batch(
         Draft,
         _SOURCE_NAMES,
     )
+
+
+# One row of extend_batch: (tree, seq_id, tree, seq_id, ...), the sequences that grow by the
+# same tokens (a request's own tree and, with live siblings, its group's trees).
+ExtendRow = tuple[_Core | int, ...]
+
+
+def extend_row(*targets: tuple[SuffixTree, int]) -> ExtendRow:
+    """A row of extend_batch: the (tree, seq_id) pairs that grow by the row's tokens."""
+    if not targets or any(seq_id < 0 for _, seq_id in targets):
+        raise ValueError("need at least one (tree, seq_id) with seq_id >= 0")
+    return tuple(item for tree, seq_id in targets for item in (tree._core, seq_id))
+
+
+def extend_batch(rows: Sequence[ExtendRow], tokens: Sequence[Sequence[int]]) -> None:
+    """Row i's tokens appended to each of its sequences (extend_row), for every row in one
+    native call, the trees growing with the GIL released; equal to the extend() calls one by
+    one. An empty row of tokens changes nothing (no sequence is created). ValueError, before
+    any tree changes, for a token that is not an int32 integer."""
+    _core.extend_batch(rows, tokens)

@@ -1,6 +1,7 @@
 // Python bindings of SuffixTreeCore (drafter._core). Argument checks and int32 conversion
 // happen in drafter/suffix_tree.py; the core assumes valid input.
 #include <algorithm>
+#include <cstdint>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -196,6 +197,60 @@ nb::list speculate_batch(nb::sequence rows_in, const std::vector<int64_t>& max_t
   return out;
 }
 
+// Appends row i's tokens to every sequence of row i, in one call: rows[i] is a tuple
+// (core, seq_id, core, seq_id, ...) naming the trees and sequences that grow together (a
+// request's own tree and its group's), tokens[i] a sequence of ints in int32 (checked, with the
+// rows, before any tree changes). The trees grow with the GIL released; a row's trees are
+// extended in its order, rows in theirs, so the result equals extending one at a time.
+void extend_batch(nb::sequence rows_in, nb::sequence tokens_in) {
+  const size_t n = nb::len(rows_in);
+  if (nb::len(tokens_in) != n) throw nb::value_error("rows and tokens differ in length");
+  struct Target {
+    SuffixTreeCore* tree;
+    int64_t seq_id;
+    size_t row;
+  };
+  std::vector<Target> targets;
+  std::vector<int32_t> flat;
+  std::vector<size_t> offsets(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) {
+    nb::handle row = rows_in[i];
+    const Py_ssize_t size = PyTuple_Check(row.ptr()) ? PyTuple_GET_SIZE(row.ptr()) : -1;
+    if (size < 2 || size % 2 != 0)
+      throw nb::value_error("a row is a tuple (core, seq_id, core, seq_id, ...)");
+    for (Py_ssize_t k = 0; k < size; k += 2) {
+      auto* tree = nb::cast<SuffixTreeCore*>(nb::handle(PyTuple_GET_ITEM(row.ptr(), k)));
+      const auto seq_id = nb::cast<int64_t>(nb::handle(PyTuple_GET_ITEM(row.ptr(), k + 1)));
+      if (tree == nullptr || seq_id < 0) throw nb::value_error("need a tree and a seq_id >= 0");
+      targets.push_back({tree, seq_id, i});
+    }
+    nb::object fast = nb::steal(PySequence_Fast(nb::object(tokens_in[i]).ptr(),
+                                                "each row's tokens must be a sequence"));
+    if (!fast.is_valid()) throw nb::python_error();
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(fast.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
+    for (Py_ssize_t k = 0; k < count; ++k) {
+      // Python ints and numpy's integers (through __index__); not bools, floats or others.
+      if (PyBool_Check(items[k])) throw nb::value_error("tokens must be integers");
+      int overflow = 0;
+      const long long value = PyLong_AsLongLongAndOverflow(items[k], &overflow);
+      if (value == -1 && PyErr_Occurred()) {  // not an integer: a float, a string, ...
+        PyErr_Clear();
+        throw nb::value_error("tokens must be integers");
+      }
+      if (overflow != 0 || value < INT32_MIN || value > INT32_MAX)
+        throw nb::value_error("token ids must fit in int32");
+      flat.push_back(int32_t(value));
+    }
+    offsets[i + 1] = flat.size();
+  }
+  nb::gil_scoped_release release;
+  for (const Target& target : targets) {
+    const size_t begin = offsets[target.row], count = offsets[target.row + 1] - begin;
+    if (count != 0) target.tree->extend(target.seq_id, flat.data() + begin, count);
+  }
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -233,4 +288,5 @@ NB_MODULE(_core, m) {
   m.def("speculate_batch", &speculate_batch, "rows"_a, "max_tokens"_a,
         "context_len"_a, "min_prob"_a, "tree"_a, "spec_factor"_a, "spec_offset"_a,
         "own_wins_ties"_a, "draft_type"_a, "source_names"_a);
+  m.def("extend_batch", &extend_batch, "rows"_a, "tokens"_a);
 }

@@ -384,8 +384,16 @@ class Engine:
         start = _lap(seconds, "sample", start)
         # Recorded after every row is sampled: sampling a row streams a few vocabulary-sized
         # buffers through the caches, and the drafter's trees are cold after each.
-        for sequence, draft, (sampled, accepted) in zip(batch, drafts, outcomes, strict=True):
+        appended = [
             self._record(sequence, draft, sampled, accepted)
+            for sequence, draft, (sampled, accepted) in zip(batch, drafts, outcomes, strict=True)
+        ]
+        self.speculator.extend_batch(
+            [_handle(sequence) for sequence in batch],
+            [sampled.token_ids[:n] for (sampled, _), n in zip(outcomes, appended, strict=True)],
+            [len(draft) for draft in drafts],
+            [accepted for _, accepted in outcomes],
+        )
         finished = self._collect_finished()
         _lap(seconds, "record", start)
         return finished
@@ -517,7 +525,8 @@ class Engine:
         sequence.computed = base + len(path)
         return sampled, len(path)
 
-    def _record(self, sequence: _Sequence, draft: Draft, sampled: Sampled, accepted: int) -> None:
+    def _record(self, sequence: _Sequence, draft: Draft, sampled: Sampled, accepted: int) -> int:
+        """Append the step's tokens to the sequence up to where it stops; how many."""
         params = sequence.request.params
         appended = 0
         for i, token in enumerate(sampled.token_ids):
@@ -528,12 +537,10 @@ class Engine:
             appended += 1
             if self._finished_by(sequence, token, params):
                 break
-        self.speculator.extend(
-            _handle(sequence), sampled.token_ids[:appended], len(draft), accepted
-        )
         self.stats.generated_tokens += appended
         self.stats.drafted_tokens += len(draft)
         self.stats.accepted_tokens += min(accepted, appended)
+        return appended
 
     def _finished_by(self, sequence: _Sequence, token: int, params: SamplingParams) -> bool:
         """Set the finish reason if `token`, just appended, ends the sequence. Stop tokens come

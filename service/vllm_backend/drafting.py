@@ -191,20 +191,30 @@ class EngineDrafter:
         drafting: list[_Tracked] = []
         caps: list[int] = []
         order: list[int] = []
+        gained: list[_Tracked] = []
+        sampled: list[list[int]] = []
         for i, row in enumerate(rows):
             if not row.sampled or row.req_id in self._gone:  # prefilling, or settled
                 continue
             tracked = self._live.get(row.req_id)
             if tracked is None:
                 tracked = self._start(row)
-            drafted = tracked.drafted
-            accepted = min(max(len(row.sampled) - 1, 0), drafted)
-            speculator.extend(tracked.spec, row.sampled, drafted, accepted)
-            tracked.drafted = 0
+            gained.append(tracked)
+            sampled.append(row.sampled)
             if row.cap > 0:
                 drafting.append(tracked)
                 caps.append(row.cap)
                 order.append(i)
+        drafted = [tracked.drafted for tracked in gained]
+        # Every row's gain recorded in one call (the drafter's trees grow together).
+        speculator.extend_batch(
+            [tracked.spec for tracked in gained],
+            sampled,
+            drafted,
+            [min(max(len(s) - 1, 0), d) for s, d in zip(sampled, drafted, strict=True)],
+        )
+        for tracked in gained:
+            tracked.drafted = 0
         out: list[list[int]] = [[] for _ in rows]
         if drafting and not self.calibrating:
             drafts = speculator.drafts([t.spec for t in drafting], caps)

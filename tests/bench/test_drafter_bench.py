@@ -21,5 +21,8 @@ def test_batch_case_reports_every_figure() -> None:
         row.speculator_us_per_row,
         row.suffix_loop_us_per_row,
         row.suffix_batch_us_per_row,
+        row.das_drafts_us_per_row,
+        row.extend_loop_us_per_row,
+        row.extend_batch_us_per_row,
     )
     assert all(figure > 0 for figure in figures)
