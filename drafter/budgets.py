@@ -265,8 +265,10 @@ def marginal_budgets(
     worth = length / length.sum() * cost.step_time(length.size)
     # value[i, n - 1]: request i's n-th draft token; each row falls with n (rate <= 1).
     value = worth[:, None] * rate[:, None] ** np.arange(1, max_budget + 1)
-    row, _ = np.nonzero(value >= cost.c_tok * 1e-3)  # past anything a token could pay for
-    candidates = value[value >= cost.c_tok * 1e-3]  # row-major: a request's tokens in order
+    # Every token worth anything is a candidate (where a measured step is flat, even a tiny
+    # value pays), in row-major order: a request's tokens in order.
+    row, _ = np.nonzero(value > 0.0)
+    candidates = value[value > 0.0]
     order = np.argsort(-candidates, kind="stable")
     paying = paying_count(candidates[order], length.size, cost)
     budgets: list[int] = np.bincount(row[order[:paying]], minlength=length.size).tolist()

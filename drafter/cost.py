@@ -57,18 +57,19 @@ class CostModel:
         return self._measured(n_tokens + drafted) - self._measured(n_tokens)
 
     def draft_costs(self, n_tokens: int, drafted: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-        """draft_cost(n_tokens, d) for every d in `drafted` (each >= 0), in one array."""
+        """draft_cost(n_tokens, d) for every d in `drafted` (each >= 0), in one array, computed
+        as draft_cost computes it (the same floats)."""
         if n_tokens < 0 or (drafted.size and drafted.min() < 0):
             raise ValueError("n_tokens and drafted must be >= 0")
         steps = self.steps
-        if not steps:
-            return self.c_tok * drafted.astype(np.float64)
-        # The measured time of i tokens is measured[i] up to len(steps), a line beyond.
         total = n_tokens + drafted
-        measured = np.concatenate(([0.0], steps))
-        within = measured[np.minimum(total, len(steps))]
-        beyond = self.c_tok * np.maximum(total - len(steps), 0)
-        costs: npt.NDArray[np.float64] = within + beyond - self._measured(n_tokens)
+        if steps:  # steps[i - 1] up to len(steps) tokens (0 at none), a line beyond
+            within = np.concatenate(([0.0], steps))[np.minimum(total, len(steps))]
+            beyond = steps[-1] + self.c_tok * (total - len(steps))
+            measured = np.where(total <= len(steps), within, beyond)
+        else:
+            measured = self.c_tok * total
+        costs: npt.NDArray[np.float64] = measured - self._measured(n_tokens)
         return costs
 
     def _measured(self, n_tokens: int) -> float:
