@@ -8,7 +8,8 @@ Redis layout (prefix "das" by default), one stream per prompt group:
                                   tokens; tokens as packed little-endian int32 bytes.
                                   Capped at max_rollouts_per_group entries (exact MAXLEN).
     {prefix}:groups             set of every group that has a stream (for trimming)
-    {prefix}:stats:{group}      hash: rollouts, tokens (running totals)
+    {prefix}:stats:{group}      hash: rollouts, tokens (running totals since the group was
+                                  last forgotten, below)
     {prefix}:lengths:{group}    list of the newest output lengths (newest first, capped)
     {prefix}:version_starts     hash: policy version -> first stream id seen under it
 
@@ -16,7 +17,10 @@ Per-group streams make "rebuild a group when this worker takes it over" one XRAN
 of a short stream, and incremental sync one XREAD over the groups this worker holds, each from
 its last id. A weight update trims every group stream to the window of policy versions
 (XTRIM MINID at the start of the oldest kept version); readers also drop entries older than
-the window, so late writes of old versions never enter a tree.
+the window, so late writes of old versions never enter a tree. A group left with no rollout in
+the window is forgotten then (its stream, stats and lengths deleted, its name taken out of the
+groups set; atomically, so a rollout written meanwhile stays): an RL run sees new prompts every
+step, and Redis holds only the groups of the last `window` versions.
 
 Redis being down never fails a completion: rollouts always go into the local history at once
 and into a bounded buffer for Redis; a background task flushes the buffer when Redis is back
@@ -39,6 +43,7 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from drafter import DrafterConfig, GroupStats, RolloutHistory
@@ -51,6 +56,18 @@ log = logging.getLogger(__name__)
 _READ_BATCH = 256  # streams per XREAD call
 _FLUSH_BATCH = 256  # rollouts per pipeline
 _READ_COUNT = 1000  # entries per stream per XREAD call
+
+# A weight update's trim of one group, atomic (no rollout written meanwhile is lost): its stream
+# trimmed to the window's first id (ARGV[1]); if that leaves it empty, the group is forgotten:
+# its stream, stats and lengths deleted and its name (ARGV[2]) removed from the groups set.
+# KEYS: rollouts, stats, lengths, groups. Returns 1 if forgotten, else 0.
+_TRIM_GROUP = """
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[2])
+return 1
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +181,7 @@ class HistoryStore:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False  # the sync loop's stop signal (see close)
+        self._trim_script: AsyncScript | None = None
         self.redis_up = redis is not None
         labels = {"worker": worker}
         # Read through self.history, so they follow use_history.
@@ -377,11 +395,15 @@ class HistoryStore:
         minid = await self.redis.hget(starts, str(oldest))
         if minid is None:
             return
+        groups = self._key("groups")
         pipe = self.redis.pipeline(transaction=False)
-        async for group in self.redis.sscan_iter(self._key("groups")):
+        async for group in self.redis.sscan_iter(groups):
             name = group.decode() if isinstance(group, bytes) else group
-            pipe.xtrim(self._key("rollouts", name), minid=minid, approximate=False)
-        await pipe.execute()
+            keys = [self._key(kind, name) for kind in ("rollouts", "stats", "lengths")]
+            await self._trim_group(keys=[*keys, groups], args=[minid, name], client=pipe)
+        forgotten = sum(await pipe.execute())
+        if forgotten:
+            log.info("version %d: %d groups with no rollout left forgotten", version, forgotten)
 
     async def _sync_loop(self) -> None:
         while not self._closing:
@@ -417,6 +439,13 @@ class HistoryStore:
         if self.redis_up:
             log.warning("redis unreachable; buffering rollouts (%d pending)", len(self._pending))
         self.redis_up = False
+
+    @property
+    def _trim_group(self) -> AsyncScript:
+        assert self.redis is not None
+        if self._trim_script is None:
+            self._trim_script = self.redis.register_script(_TRIM_GROUP)
+        return self._trim_script
 
     def _key(self, *parts: str) -> str:
         return ":".join((self._prefix, *parts))

@@ -131,10 +131,20 @@ async def get_weight_version(generation: GenerationDep) -> Response:
     return json_response(WeightVersionResponse(weight_version=version))
 
 
-@router.api_route("/flush_cache", methods=["GET", "POST"])
 async def flush_cache(generation: GenerationDep) -> Response:
     await generation.worker.flush_cache()  # KV caches only: the rollout history is kept
     return json_response(ControlResponse(message="KV cache flushed (rollout history kept)"))
+
+
+# GET and POST, as SGLang serves it; one route per method, so that each has its own OpenAPI
+# operation id (one route of both methods gives both the same one).
+for _method in ("GET", "POST"):
+    router.add_api_route(
+        "/flush_cache",
+        flush_cache,
+        methods=[_method],
+        operation_id=f"flush_cache_{_method.lower()}",
+    )
 
 
 @router.get("/health_generate")

@@ -200,6 +200,10 @@ def test_openapi_documents_400_and_the_value_limits(servers: dict[str, Server]) 
     assert n["minimum"] == 1 and n["maximum"] == 128
     ids = schemas["VLLMGenerateRequest"]["properties"]["token_ids"]
     assert ids["minItems"] == 1 and ids["items"]["maximum"] == 2**31 - 1
+    # Every operation has its own id (a client generator keys its methods by them).
+    operations = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(operations) == len(set(operations))
+    assert {"get", "post"} <= set(spec["paths"]["/flush_cache"])
 
 
 # -- property: any JSON value in any field never yields a 5xx --------------------------------

@@ -150,8 +150,44 @@ def test_versions_window_trims_streams_and_readers(redis_server: RedisServer) ->
         await reader.ensure_group("g")
         assert reader.history.recent_lengths("g") == [2]
         stats = await reader.group_stats("g")
-        assert stats["rollouts"] == 2 and stats["recent_lengths"] == [2, 3]
+        # "g" had no rollout in the window at the trim, so it was forgotten and began again.
+        assert stats["rollouts"] == 1 and stats["recent_lengths"] == [2]
         assert await writer.redis.xlen("das:rollouts:g") == 1  # type: ignore[union-attr]
+        await writer.close()
+        await reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_group_with_no_rollout_left_in_the_window_is_forgotten(
+    redis_server: RedisServer,
+) -> None:
+    async def scenario() -> None:
+        config = DrafterConfig(window=2)
+        writer = HistoryStore(config, Metrics(), "a", connect_redis(redis_server.url, 1.0))
+        redis_client = writer.redis
+        assert redis_client is not None
+        writer.record("old", [1, 2], [5, 6, 7], version=0)
+        writer.record("kept", [1, 2], [5, 6], version=0)
+        await writer.flush()
+        await asyncio.sleep(0.01)
+        await writer.set_version(1)
+        writer.record("kept", [1, 2], [8, 9], version=1)  # "kept" has a rollout in the window
+        await writer.flush()
+        await asyncio.sleep(0.01)
+        await writer.set_version(2)  # window 2: versions 1 and 2; "old" has nothing left
+        keys = {key.decode() for key in await redis_client.keys("das:*")}
+        assert not {"das:rollouts:old", "das:stats:old", "das:lengths:old"} & keys
+        assert {"das:rollouts:kept", "das:stats:kept", "das:lengths:kept"} <= keys
+        assert await redis_client.smembers("das:groups") == {b"kept"}
+        # A forgotten group written again is a new group that readers find as before.
+        writer.record("old", [1, 2], [4, 4], version=2)
+        await writer.flush()
+        reader = HistoryStore(config, Metrics(), "b", connect_redis(redis_server.url, 1.0))
+        await reader.set_version(2)
+        await reader.ensure_group("old")
+        assert reader.history.recent_lengths("old") == [2]
+        assert (await reader.group_stats("old"))["rollouts"] == 1
         await writer.close()
         await reader.close()
 
