@@ -123,6 +123,21 @@ def grow_context(context: list[int], tokens: list[int], max_depth: int) -> None:
         del context[:-max_depth]
 
 
+def extend_rows(
+    rows: Sequence[ExtendRow],
+    contexts: Sequence[list[int]],
+    tokens: Sequence[list[int]],
+    max_depth: int,
+) -> None:
+    """A step's tokens into every row's native trees in one call (suffix_tree.extend_batch),
+    then into each row's context (grow_context)."""
+    if not len(rows) == len(contexts) == len(tokens):
+        raise ValueError("need one list of tokens per request")
+    extend_batch(rows, tokens)
+    for context, row_tokens in zip(contexts, tokens, strict=True):
+        grow_context(context, row_tokens, max_depth)
+
+
 def source_of(
     draft: Draft,
     context: Sequence[int],
@@ -257,18 +272,15 @@ class RolloutHistory:
 
     def extend_batch(self, request_ids: Sequence[Hashable], tokens: Sequence[list[int]]) -> None:
         """extend_request for every row (tokens[i]: a list of ints), the native trees of all
-        rows grown in one call (suffix_tree.extend_batch)."""
-        if len(request_ids) != len(tokens):
-            raise ValueError("need one list of tokens per request")
+        rows grown in one call (extend_rows); one by one with other trees."""
         if self._new_tree is not SuffixTree:
             for request_id, row in zip(request_ids, tokens, strict=True):
                 self.extend_request(request_id, row)
             return
         requests = [self._requests[request_id] for request_id in request_ids]
-        extend_batch([cast(ExtendRow, request.extend_row) for request in requests], tokens)
-        max_depth = self.config.max_depth
-        for request, row in zip(requests, tokens, strict=True):
-            grow_context(request.context, row, max_depth)
+        rows = [cast(ExtendRow, request.extend_row) for request in requests]
+        contexts = [request.context for request in requests]
+        extend_rows(rows, contexts, tokens, self.config.max_depth)
 
     def stop_request(self, request_id: Hashable) -> None:
         """The request left: its output so far leaves its group's trees too (a finished one

@@ -28,7 +28,7 @@ from typing import Protocol, cast
 from drafter.acceptance import check_step
 from drafter.cost import CostModel
 from drafter.draft import CONTEXT, HISTORY, Draft, Tokens, as_token_array, check_max_depth
-from drafter.history import TokenTree, grow_context
+from drafter.history import TokenTree, extend_rows, grow_context
 from drafter.lengths import check_length
 from drafter.policy import RequestView
 from drafter.suffix_tree import (
@@ -36,7 +36,6 @@ from drafter.suffix_tree import (
     ExtendRow,
     SuffixTree,
     batch_row,
-    extend_batch,
     extend_row,
     speculate_batch,
 )
@@ -142,26 +141,19 @@ class SuffixDecodingCache:
 
     def extend_batch(self, request_ids: Sequence[Hashable], tokens: Sequence[list[int]]) -> None:
         """extend_request for every row (tokens[i]: a list of ints), the native trees of all
-        rows grown in one call (suffix_tree.extend_batch)."""
-        if len(request_ids) != len(tokens):
-            raise ValueError("need one list of tokens per request")
+        rows grown in one call (extend_rows); one by one with other trees."""
         if self._new_tree is not SuffixTree:
             for request_id, row in zip(request_ids, tokens, strict=True):
                 self.extend_request(request_id, row)
             return
         requests = [self._requests[request_id] for request_id in request_ids]
-        responses = self._responses
+        # Without its response (evicted while it runs) only its own tree grows.
         rows = [
-            # Without its response (evicted while it runs) only its own tree grows.
-            row if request_id in responses else row[:2]
-            for request_id, row in zip(
-                request_ids, (cast(ExtendRow, r.extend_row) for r in requests), strict=True
-            )
+            cast(ExtendRow, request.extend_row)[: 4 if request_id in self._responses else 2]
+            for request_id, request in zip(request_ids, requests, strict=True)
         ]
-        extend_batch(rows, tokens)
-        max_depth = self.config.max_depth
-        for request, row_tokens in zip(requests, tokens, strict=True):
-            grow_context(request.context, row_tokens, max_depth)
+        contexts = [request.context for request in requests]
+        extend_rows(rows, contexts, tokens, self.config.max_depth)
 
     def stop_request(self, request_id: Hashable) -> None:
         """The request left; its response stays cached."""
