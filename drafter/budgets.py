@@ -225,7 +225,6 @@ def paying_count(values: Sequence[float] | FloatArray, live_tokens: int, cost: C
     net = np.cumsum(value) - cost.draft_costs(live_tokens, counts)
     # A count is taken if its net is at least the best of every smaller count's (0: none).
     best_before = np.maximum.accumulate(np.concatenate(([0.0], net[:-1])))
-    best_before = np.maximum(best_before, 0.0)
     taken = np.flatnonzero(net >= best_before - slack)
     return int(taken[-1]) + 1 if taken.size else 0
 
@@ -267,8 +266,9 @@ def marginal_budgets(
     value = worth[:, None] * rate[:, None] ** np.arange(1, max_budget + 1)
     # Every token worth anything is a candidate (where a measured step is flat, even a tiny
     # value pays), in row-major order: a request's tokens in order.
-    row, _ = np.nonzero(value > 0.0)
-    candidates = value[value > 0.0]
+    worth_anything = value > 0.0
+    row, _ = np.nonzero(worth_anything)
+    candidates = value[worth_anything]
     order = np.argsort(-candidates, kind="stable")
     paying = paying_count(candidates[order], length.size, cost)
     budgets: list[int] = np.bincount(row[order[:paying]], minlength=length.size).tolist()
@@ -331,12 +331,8 @@ class MarginalRule:
         max_budget: int,
     ) -> list[int]:
         self._step += 1
-        by_group: dict[str, float] = {}  # a group's rows share its rate
-        rates = [
-            by_group[group] if group in by_group else by_group.setdefault(group, self.rate(group))
-            for group in groups
-        ]
-        return marginal_budgets(remaining, rates, cost, max_budget)
+        by_group = {group: self.rate(group) for group in set(groups)}  # its rows share it
+        return marginal_budgets(remaining, [by_group[g] for g in groups], cost, max_budget)
 
 
 @dataclass(slots=True)

@@ -181,7 +181,9 @@ class HistoryStore:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False  # the sync loop's stop signal (see close)
-        self._trim_script: AsyncScript | None = None
+        self._trim_group: AsyncScript | None = (
+            None if redis is None else redis.register_script(_TRIM_GROUP)
+        )
         self.redis_up = redis is not None
         labels = {"worker": worker}
         # Read through self.history, so they follow use_history.
@@ -396,11 +398,13 @@ class HistoryStore:
         if minid is None:
             return
         groups = self._key("groups")
+        trim_group = self._trim_group
+        assert trim_group is not None  # registered with the client
         pipe = self.redis.pipeline(transaction=False)
         async for group in self.redis.sscan_iter(groups):
             name = group.decode() if isinstance(group, bytes) else group
             keys = [self._key(kind, name) for kind in ("rollouts", "stats", "lengths")]
-            await self._trim_group(keys=[*keys, groups], args=[minid, name], client=pipe)
+            await trim_group(keys=[*keys, groups], args=[minid, name], client=pipe)
         forgotten = sum(await pipe.execute())
         if forgotten:
             log.info("version %d: %d groups with no rollout left forgotten", version, forgotten)
@@ -439,13 +443,6 @@ class HistoryStore:
         if self.redis_up:
             log.warning("redis unreachable; buffering rollouts (%d pending)", len(self._pending))
         self.redis_up = False
-
-    @property
-    def _trim_group(self) -> AsyncScript:
-        assert self.redis is not None
-        if self._trim_script is None:
-            self._trim_script = self.redis.register_script(_TRIM_GROUP)
-        return self._trim_script
 
     def _key(self, *parts: str) -> str:
         return ":".join((self._prefix, *parts))
