@@ -3,7 +3,7 @@
 Two estimates, one per budget rule (drafter/budgets.py):
 - the saturating model A(p) = k * l * (1 - exp(-alpha * p / l)) of DESIGN.md, fitted per group
   from (drafted, accepted) counts of verify steps pooled by draft length (the closed form);
-- the per-token continuation rate of chain drafts (the marginal rule): the chance that a draft
+- the per-token continuation rate of chain drafts (das-rate's rule): the chance that a draft
   token is accepted given that the one before it was.
 Both decay old evidence per verify step and start from a prior worth a few steps.
 """
@@ -179,7 +179,7 @@ def check_step(drafted: int, accepted: int) -> None:
         raise ValueError(f"need 0 <= accepted <= drafted, got {accepted}, {drafted}")
 
 
-# -- per-token acceptance from a draft's own evidence (das-match) --------------------------
+# -- per-token acceptance from a draft's own evidence (das) -------------------------------
 
 # A draft token's evidence, binned. Its path probability (the tree's product of child /
 # parent counts from the context to it) falls in bin b when it is >= _PROB_EDGES[b] (and below

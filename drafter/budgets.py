@@ -203,7 +203,7 @@ def _check_batch(lengths: Sequence[float], acceptance: Sequence[Acceptance]) -> 
         )
 
 
-# -- the per-step rule (das) ---------------------------------------------------------------
+# -- the per-step rule (das-rate) ----------------------------------------------------------
 
 
 def paying_count(values: Sequence[float] | FloatArray, live_tokens: int, cost: CostModel) -> int:
@@ -295,7 +295,7 @@ class BudgetRule(Protocol):
 
 
 class MarginalRule:
-    """das: marginal_budgets over each group's continuation rate (prior: all groups' rate).
+    """das-rate: marginal_budgets over each group's continuation rate (prior: all groups' rate).
     Its clock is the verify step: one per budgets() call, by which the evidence decays."""
 
     def __init__(self, decay: float, prior_rate: float, prior_weight: float) -> None:
@@ -395,7 +395,7 @@ class ClosedFormRule:
         return fitted.model
 
 
-# -- the per-token rule (das-match) ---------------------------------------------------------
+# -- the per-token rule (das) --------------------------------------------------------------
 
 
 def token_floors(remaining: Sequence[float], cost: CostModel) -> list[float]:
@@ -432,7 +432,7 @@ def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
 
 
 class MatchRule:
-    """das-match: every request drafts at the largest size (max_budget, 0 where not even a
+    """das: every request drafts at the largest size (max_budget, 0 where not even a
     certain token would pay at c_tok), then trim() keeps of all drafts together the tokens
     that pay for what they add to the step (paying_count), each worth p_hat * w_i * t_step:
     the marginal rule's value with p_hat, the token's calibrated chance of acceptance

@@ -4,14 +4,16 @@ Per group it keeps recent rollout lengths (length classes and predicted remainin
 drafter/lengths.py); per step it hands the live batch's groups, predicted remaining lengths and
 classes to its budget rule (drafter/budgets.py), which prices draft tokens with its own online
 acceptance evidence and the worker's cost model:
-- "das" (MarginalRule, the default): each request drafts the tokens that pay for themselves;
-- "das-eq7" (ClosedFormRule): the closed form of DESIGN.md;
-- "das-match" (MatchRule): drafts at the largest size, then trim() cuts each draft where its
-  own tokens' calibrated acceptance (from the draft's path probabilities, match length and
-  source) stops paying.
-Replaying real SmolLM2 traces (das simulate) the marginal rule beat the closed form by 3-6% of
-makespan on this CPU's cost model and 19% on the 7B-on-H100 one; in measured engine runs on a
-2-core CPU the two were within that machine's noise of each other (README).
+- "das" (MatchRule, the default): drafts at the largest size, then trim() cuts each draft
+  where its own tokens' calibrated acceptance (from the draft's path probabilities, match
+  length and source) stops paying;
+- "das-rate" (MarginalRule): each request drafts the tokens that pay for themselves, priced
+  with one acceptance rate per group;
+- "das-eq7" (ClosedFormRule): the closed form of DESIGN.md.
+Replaying real SmolLM2 traces (das simulate) das-rate beat the closed form by 3-6% of makespan
+on this CPU's cost model and 19% on the 7B-on-H100 one. das (named das-match until 2026-12-06)
+was ahead of das-rate in every measured engine run on a 2-core CPU, at T = 0, 0.7 and 1.0
+(README), and level with it on the 7B-on-H100 model.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ from drafter.lengths import (
 )
 from drafter.policy import RequestView
 
-DAS_RULES = ("marginal", "eq7", "match")  # the keys of RULES
+DAS_RULES = ("match", "rate", "eq7")  # the keys of RULES
 
 
 @dataclass(frozen=True, slots=True)
 class DasConfig:
-    # "marginal" (marginal_budgets), "eq7" (the closed form, step_budgets) or "match"
-    # (MatchRule: per-token acceptance calibrated from each draft's evidence)
-    rule: str = "marginal"
+    # "match" (MatchRule: per-token acceptance calibrated from each draft's evidence), "rate"
+    # (marginal_budgets over one rate per group) or "eq7" (the closed form, step_budgets)
+    rule: str = "match"
     max_budget: int = 16  # most draft tokens one request gets in one verify step
     length_quantile: float = 0.9  # predicted length: this quantile of the group's lengths
     short_quantile: float = 1 / 3  # Short: at most this quantile of all recent lengths
@@ -51,7 +53,7 @@ class DasConfig:
     prior_length: int = 256  # predicted length of a group with no finished rollout yet
     tail_growth: float = 0.5  # past all its group's rollouts: expect this share more
     history: int = 64  # recent lengths kept per group
-    prior_rate: float = 0.5  # per-token acceptance (marginal) before any evidence...
+    prior_rate: float = 0.5  # per-token acceptance (rate) before any evidence...
     prior_k: float = 0.5  # acceptance model (eq7) before any evidence...
     prior_alpha: float = 1.0
     prior_weight: float = 16.0  # ...worth this many verify steps (tried positions) of evidence
@@ -104,7 +106,7 @@ class DasConfig:
 
 # Each DasConfig.rule's budget rule, built from the config.
 RULES: dict[str, Callable[[DasConfig], BudgetRule]] = {
-    "marginal": lambda c: MarginalRule(c.decay, c.prior_rate, c.prior_weight),
+    "rate": lambda c: MarginalRule(c.decay, c.prior_rate, c.prior_weight),
     "eq7": lambda c: ClosedFormRule(
         c.decay, Acceptance(c.prior_k, c.prior_alpha), c.prior_weight, c.refit_every
     ),
@@ -139,7 +141,7 @@ class DasPolicy:
 
     @property
     def name(self) -> str:
-        return "das" if self.config.rule == "marginal" else f"das-{self.config.rule}"
+        return "das" if self.config.rule == "match" else f"das-{self.config.rule}"
 
     @property
     def trims(self) -> bool:

@@ -2,13 +2,13 @@
 
 A policy is one object per engine (or simulation) behind the Policy protocol below. The rules:
 - "none" and "fixed:K" (FixedPolicy): the same budget for every request at every step;
-- "das", "das-eq7" and "das-match" (drafter/das.py): DAS's length-aware budgets (Shao et al.,
+- "das", "das-rate" and "das-eq7" (drafter/das.py): DAS's length-aware budgets (Shao et al.,
   "Beat the long tail", arXiv 2511.13841), from per-group length predictions
   (drafter/lengths.py), online acceptance estimates (drafter/acceptance.py), the worker's cost
   model (drafter/cost.py) and the live batch; the budget functions themselves are in
   drafter/budgets.py.
 drafter/policy_spec.py turns a name into a fresh policy object. A policy may also cut the
-drafts it sized once they are drafted (the Trimming protocol, das-match).
+drafts it sized once they are drafted (the Trimming protocol, das).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Policy names, as flags and settings spell them: none, fixed:K, das, das-eq7, das-match,
+"""Policy names, as flags and settings spell them: none, fixed:K, das, das-rate, das-eq7,
 suffix."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from drafter.policy import FixedPolicy, Policy
 from drafter.suffix_decoding import SuffixPolicy
 
 _MAX_FIXED = 1024
-_DAS_NAMES = {"das": "marginal", "das-eq7": "eq7", "das-match": "match"}  # name: DasConfig.rule
+_DAS_NAMES = {"das": "match", "das-rate": "rate", "das-eq7": "eq7"}  # name: DasConfig.rule
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
-    """A parsed policy name: "none", "fixed:K" (1 <= K <= 1024), "das", "das-eq7",
-    "das-match" or "suffix" (suffix decoding as vLLM configures it,
+    """A parsed policy name: "none", "fixed:K" (1 <= K <= 1024), "das", "das-rate",
+    "das-eq7" or "suffix" (suffix decoding as vLLM configures it,
     drafter/suffix_decoding.py)."""
 
-    kind: str  # "none", "fixed", "das", "das-eq7", "das-match" or "suffix"
+    kind: str  # "none", "fixed", "das", "das-rate", "das-eq7" or "suffix"
     budget: int = 0  # K of fixed:K
 
     def __str__(self) -> str:
@@ -40,17 +40,17 @@ def parse_policy_spec(spec: str) -> PolicySpec:
             raise ValueError(f"fixed:K needs 1 <= K <= {_MAX_FIXED} (none for 0), got {spec!r}")
         return PolicySpec("fixed", budget)
     raise ValueError(
-        f"unknown policy {spec!r}: expected none, fixed:K, das, das-eq7, das-match or suffix"
+        f"unknown policy {spec!r}: expected none, fixed:K, das, das-rate, das-eq7 or suffix"
     )
 
 
 def parse_policy(
     spec: str, cost: CostModel = SMOLLM2_CPU, config: DasConfig | None = None
 ) -> Policy:
-    """A fresh policy object from its name: "none", "fixed:K", "das", "das-eq7" (das with the
-    closed-form rule), "das-match" (das with per-draft calibrated acceptance; `config`'s rule
-    is overridden by the name) or "suffix" (with its own fresh response cache; it prices
-    nothing, so `cost` is unused)."""
+    """A fresh policy object from its name: "none", "fixed:K", "das" (each draft token priced
+    by its calibrated acceptance), "das-rate" (one acceptance rate per group), "das-eq7" (the
+    closed-form rule; for the three, `config`'s rule is overridden by the name) or "suffix"
+    (with its own fresh response cache; it prices nothing, so `cost` is unused)."""
     parsed = parse_policy_spec(spec)
     if parsed.kind == "suffix":
         return SuffixPolicy()

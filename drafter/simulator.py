@@ -5,7 +5,7 @@ finish. At every step each live rollout gets a budget from the policy (the live 
 unfinished rollout) and drafts that many tokens from the RolloutHistory (earlier epochs'
 rollouts of its group, plus its own prompt and output so far; under the suffix policy from
 suffix decoding's global cache instead, drafter/suffix_decoding.py), all rows in one call
-before any is verified, as in the engine (a Trimming policy, das-match, then cuts the drafts,
+before any is verified, as in the engine (a Trimming policy, das, then cuts the drafts,
 again as the speculation core does); then the target "verifies" each draft against the recorded
 output: the longest draft path that matches it is accepted and the target adds its own next
 token, so a step emits accepted + 1 tokens (never past the recorded end). A step costs

@@ -121,7 +121,7 @@ class Speculator:
         self._publish = publish
         # Without drafting the per-request suffix trees are not worth maintaining.
         self.drafting = max_draft > 0 and policy.drafts
-        self._trimmer = trimmer(policy)  # das-match cuts each drafted step (policy.Trimming)
+        self._trimmer = trimmer(policy)  # das cuts each drafted step (policy.Trimming)
         self.cost_curve = cost_curve if policy.cost is not None else None
         self._priced_rows = 0  # the batch size the policy was last repriced for
 

@@ -78,7 +78,7 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "--policy",
         default=("das",),
         type=policy_specs,
-        help="das, das-eq7, das-match, fixed:K, suffix or none, or several comma-separated "
+        help="das, das-rate, das-eq7, fixed:K, suffix or none, or several comma-separated "
         "(replayed one after another, then a side-by-side table; the JSON then holds a list of "
         "runs); with --cost-curve, das/line (any das policy) plans with the line instead of "
         "the curve (default: das)",

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     )
     spec_policy: Annotated[str, Flag("worker", metavar="POLICY")] = Field(
         "das",
-        description="the speculation budget policy: das, das-eq7, das-match, fixed:K, suffix "
+        description="the speculation budget policy: das, das-rate, das-eq7, fixed:K, suffix "
         "or none",
     )
     cost_model: Annotated[str, Flag("worker", metavar="COST_MODEL")] = Field(

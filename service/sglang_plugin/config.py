@@ -23,9 +23,11 @@ from service.settings import Settings
 # SGLang's --speculative-num-draft-tokens D: the root and up to D - 1 draft tokens per request
 # per step. Every request verifies D tokens at every step whatever its budget (padding), so D
 # should be the budget the policy gives where a rollout spends its steps, not its largest one.
-# The das policy on the h100-7b cost model budgets 1 (batch 128) to 8 (batch 1) tokens at a
-# per-token acceptance of 0.5, 3 to 15 at 0.7 (6 at batch 32): D = 8 (7 draft tokens) leaves
-# every batch of 4 or more (0.5), of 32 or more (0.7), uncapped and caps the drained tail.
+# DAS's makespan pricing on the h100-7b cost model keeps 1 (batch 128) to 8 (batch 1) tokens
+# of a chain whose n-th token is accepted with chance 0.5 ** n, 3 to 15 at 0.7 ** n (6 at
+# batch 32): D = 8 (7 draft tokens) leaves every batch of 4 or more (0.5), of 32 or more (0.7),
+# uncapped and caps the drained tail. (das-rate budgets exactly that with a rate of 0.5 or 0.7;
+# das cuts its drafts by the same test with each token's calibrated chance.)
 # tests/sglang/test_launch.py recomputes this; the README's SGLang section has the table.
 DEFAULT_DRAFT_WIDTH = 8
 

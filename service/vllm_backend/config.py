@@ -18,7 +18,7 @@ ENABLE_ENV = "DAS_VLLM"
 
 @dataclass(frozen=True, slots=True)
 class DasVllmOptions:
-    # das, das-eq7, das-match, fixed:K (none: the worker runs vLLM without drafts)
+    # das, das-rate, das-eq7, fixed:K (none: the worker runs vLLM without drafts)
     policy: str = "das"
     # A preset name or "C_BASE,C_TOK"; "calibrate": fit the cost model to vLLM's own step
     # times, drafting nothing until then (a GPU worker must never plan with CPU constants).

@@ -133,8 +133,8 @@ def test_none_runs_first_as_the_reference() -> None:
     config = RolloutConfig(modes=("das", "fixed:4", "none"))
     assert config.ordered_modes == ("none", "das", "fixed:4")
     assert RolloutConfig(modes=("das",)).ordered_modes == ("das",)
-    assert RolloutConfig(modes=("das-match/line", "das")).ordered_modes == (
-        "das-match/line",
+    assert RolloutConfig(modes=("das-rate/line", "das")).ordered_modes == (
+        "das-rate/line",
         "das",
     )
 

@@ -1,4 +1,4 @@
-"""das-match: per-token acceptance calibrated from each draft's evidence, and the trim that
+"""das: per-token acceptance calibrated from each draft's evidence, and the trim that
 cuts drafts where their tokens stop paying (drafter/acceptance.py DraftCalibrator,
 drafter/budgets.py MatchRule, DasPolicy.trim)."""
 
@@ -286,17 +286,21 @@ def test_token_floors_follow_the_batch_share_and_step_time() -> None:
 # -- wiring: names, the speculation core and the simulator ---------------------------------
 
 
-def test_das_match_is_a_policy_name_and_only_it_trims() -> None:
-    assert str(parse_policy_spec("das-match")) == "das-match"
-    policy = parse_policy("das-match", LONE)
-    assert policy.name == "das-match"
+def test_das_is_the_match_rule_and_only_it_trims() -> None:
+    assert str(parse_policy_spec("das")) == "das"
+    policy = parse_policy("das", LONE)
+    assert policy.name == "das" and isinstance(policy.rule, MatchRule)
+    assert DasPolicy(LONE).name == "das"  # the default rule
     assert trimmer(policy) is policy
-    assert trimmer(parse_policy("das", LONE)) is None
+    by_rate = parse_policy("das-rate", LONE)
+    assert by_rate.name == "das-rate" and trimmer(by_rate) is None
+    assert trimmer(parse_policy("das-eq7", LONE)) is None
     assert trimmer(parse_policy("suffix", LONE)) is None
     assert trimmer(FixedPolicy(4)) is None
-    marginal = DasPolicy(LONE)
+    with pytest.raises(ValueError, match="das-rate"):
+        parse_policy_spec("das-match")  # its name until das took it
     drafts = [_chain([0.9, 0.1])]
-    assert marginal.trim([RequestView("g")], drafts) == drafts
+    assert by_rate.trim([RequestView("g")], drafts) == drafts
 
 
 def test_the_speculation_core_trims_and_feeds_back_what_was_accepted() -> None:
@@ -320,10 +324,10 @@ def test_the_speculation_core_trims_and_feeds_back_what_was_accepted() -> None:
     [DrafterConfig(), DrafterConfig(tree_drafts=True, max_depth=24, min_prob=0.05)],
     ids=["chains", "trees"],
 )
-def test_the_simulator_stays_lossless_under_das_match(config: DrafterConfig) -> None:
+def test_the_simulator_stays_lossless_under_das(config: DrafterConfig) -> None:
     trace = synthetic_trace(groups=2, samples=4, epochs=3, seed=4)
-    result = simulate(trace, "das-match", CostModel(0.06, 0.002), config, record_outputs=True)
-    assert result.policy == "das-match"
+    result = simulate(trace, "das", CostModel(0.06, 0.002), config, record_outputs=True)
+    assert result.policy == "das"
     assert result.outputs is not None
     assert list(result.outputs) == [record.output for record in trace]
     assert result.total.accepted > 0

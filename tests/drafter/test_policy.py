@@ -382,8 +382,11 @@ def test_parse_policy_builds_fresh_policies() -> None:
     assert isinstance(das, DasPolicy)
     assert das.name == "das"
     assert das.cost == SMOLLM2_CPU
-    assert das.config == DasConfig()
+    assert das.config == DasConfig(rule="match")  # the default rule
     assert parse_policy("das") is not das
+    by_rate = parse_policy("das-rate", COST)
+    assert by_rate.name == "das-rate"
+    assert by_rate.config == DasConfig(rule="rate")
     eq7 = parse_policy("das-eq7", COST, DasConfig(max_budget=4))
     assert isinstance(eq7, DasPolicy)
     assert eq7.name == "das-eq7"
@@ -411,7 +414,7 @@ def test_request_view_advances_and_checks_itself() -> None:
         RequestView("g", -1)
 
 
-RULES = pytest.mark.parametrize("rule", ["marginal", "eq7"])
+RULES = pytest.mark.parametrize("rule", ["rate", "eq7"])
 
 
 def _trained_das(config: DasConfig | None = None) -> DasPolicy:
@@ -461,8 +464,8 @@ def test_das_eq7_upgrades_a_short_request_that_keeps_going() -> None:
     assert policy.budgets([grown])[0] > 0
 
 
-def test_das_learns_the_per_token_rate_per_group() -> None:
-    policy = DasPolicy(COST, DasConfig(prior_rate=0.5, prior_weight=16))
+def test_das_rate_learns_the_per_token_rate_per_group() -> None:
+    policy = DasPolicy(COST, DasConfig(rule="rate", prior_rate=0.5, prior_weight=16))
     assert policy.rule.rate("g") == 0.5
     for _ in range(200):
         policy.observe_step("good", 8, 7)  # 8 positions tried, 7 accepted
@@ -571,14 +574,14 @@ def test_continuation_rate_decays_per_step_drafted_or_not() -> None:
     assert rate.rate(0.2, 1.0, 60) == pytest.approx(0.2)  # all but the prior gone
 
 
-def test_das_drafts_again_after_its_drafts_stopped_paying() -> None:
+def test_das_rate_drafts_again_after_its_drafts_stopped_paying() -> None:
     # A lone request whose every draft is rejected: the rate falls until a token no longer
     # pays (the floor, c_tok / t_step), then drafting stops; with nothing drafted the evidence
     # decays back toward the prior, and the request drafts again within the steps that decay
     # takes to lift the rate over the floor.
     cost = CostModel(0.040, 0.004)  # a lone request's token costs a tenth of its step
     decay = 0.99
-    policy = DasPolicy(cost, DasConfig(prior_rate=0.5, prior_weight=16, decay=decay))
+    policy = DasPolicy(cost, DasConfig(rule="rate", prior_rate=0.5, prior_weight=16, decay=decay))
     view = RequestView("g", 0)
     rejected_steps = 0
     while (budget := policy.budgets([view])[0]) > 0:

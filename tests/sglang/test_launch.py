@@ -132,12 +132,13 @@ def test_bad_launches_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_the_default_width_covers_the_das_budgets_of_a_large_batch() -> None:
-    """config.DEFAULT_DRAFT_WIDTH's derivation: the das budgets on the h100-7b cost model."""
+    """config.DEFAULT_DRAFT_WIDTH's derivation: the das-rate budgets on the h100-7b cost model
+    (das's cut prices a token of chance rate ** n the same way)."""
 
     def budgets(batch: int, rate: float) -> list[int]:
         from drafter.das import DasConfig
 
-        policy = DasPolicy(H100_7B, DasConfig(prior_rate=rate))
+        policy = DasPolicy(H100_7B, DasConfig(rule="rate", prior_rate=rate))
         return policy.budgets([RequestView(f"g{i % 8}") for i in range(batch)])
 
     cap = DEFAULT_DRAFT_WIDTH - 1
