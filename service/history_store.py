@@ -12,6 +12,9 @@ Redis layout (prefix "das" by default), one stream per prompt group:
                                   last forgotten, below)
     {prefix}:lengths:{group}    list of the newest output lengths (newest first, capped)
     {prefix}:version_starts     hash: policy version -> first stream id seen under it
+    {prefix}:written            hash: writer instance -> sequence number of its last rollout
+                                  written (makes a write sent again a no-op; one field per
+                                  worker process)
 
 Per-group streams make "rebuild a group when this worker takes it over" one XRANGE-like read
 of a short stream, and incremental sync one XREAD over the groups this worker holds, each from
@@ -24,7 +27,10 @@ step, and Redis holds only the groups of the last `window` versions.
 
 Redis being down never fails a completion: rollouts always go into the local history at once
 and into a bounded buffer for Redis; a background task flushes the buffer when Redis is back
-(the oldest buffered rollouts are dropped first, and counted, when the buffer is full).
+(the oldest buffered rollouts are dropped first, and counted, when the buffer is full). A flush
+that fails is sent again whole, yet each rollout is written once: its entry, stats and lengths
+go in one script that does nothing if the writer's watermark already covers its sequence number
+(Redis may have applied part or all of a batch whose reply was lost).
 """
 
 from __future__ import annotations
@@ -57,6 +63,25 @@ _READ_BATCH = 256  # streams per XREAD call
 _FLUSH_BATCH = 256  # rollouts per pipeline
 _READ_COUNT = 1000  # entries per stream per XREAD call
 
+# One rollout's write, atomic and idempotent: nothing if the writer (ARGV[1]) has written this
+# sequence number (ARGV[2]) or a later one, else its stream entry (fields w, v, p, t), its
+# group's name in the groups set, stats and newest lengths (both capped at ARGV[7]).
+# KEYS: rollouts, groups, stats, lengths, written. ARGV: instance, sequence number, version,
+# prompt, tokens, length, cap, group. Returns 1 if written, else 0.
+_WRITE_ROLLOUT = """
+local last = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+if last >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[7], '*', 'w', ARGV[1], 'v', ARGV[3], 'p', ARGV[4],
+    't', ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[8])
+redis.call('HINCRBY', KEYS[3], 'rollouts', 1)
+redis.call('HINCRBY', KEYS[3], 'tokens', ARGV[6])
+redis.call('LPUSH', KEYS[4], ARGV[6])
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[7]) - 1)
+return 1
+"""
+
 # A weight update's trim of one group, atomic (no rollout written meanwhile is lost): its stream
 # trimmed to the window's first id (ARGV[1]); if that leaves it empty, the group is forgotten:
 # its stream, stats and lengths deleted and its name (ARGV[2]) removed from the groups set.
@@ -72,6 +97,7 @@ return 1
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
+    sequence: int  # this writer's count of rollouts shared, from 1
     group: str
     version: int
     prompt: bytes  # packed int32
@@ -181,9 +207,12 @@ class HistoryStore:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False  # the sync loop's stop signal (see close)
-        self._trim_group: AsyncScript | None = (
-            None if redis is None else redis.register_script(_TRIM_GROUP)
-        )
+        self._shared = 0  # rollouts shared so far: the next one's sequence number - 1
+        self._write_rollout: AsyncScript | None = None
+        self._trim_group: AsyncScript | None = None
+        if redis is not None:
+            self._write_rollout = redis.register_script(_WRITE_ROLLOUT)
+            self._trim_group = redis.register_script(_TRIM_GROUP)
         self.redis_up = redis is not None
         labels = {"worker": worker}
         # Read through self.history, so they follow use_history.
@@ -271,8 +300,16 @@ class HistoryStore:
         if len(self._pending) >= self._buffer_size:
             self._pending.popleft()
             self._dropped.inc()
+        self._shared += 1
         self._pending.append(
-            _Pending(group, version, pack_tokens(prompt_tail), pack_tokens(tokens), len(tokens))
+            _Pending(
+                self._shared,
+                group,
+                version,
+                pack_tokens(prompt_tail),
+                pack_tokens(tokens),
+                len(tokens),
+            )
         )
         self._wake.set()
 
@@ -320,37 +357,41 @@ class HistoryStore:
 
     async def flush(self) -> int:
         """Write buffered rollouts to Redis; the number written. Raises if Redis fails (the
-        unwritten rollouts stay buffered)."""
+        batch in flight goes back to the buffer; those of its rollouts Redis did write are
+        skipped when it is sent again)."""
         assert self.redis is not None
+        write_rollout = self._write_rollout
+        assert write_rollout is not None  # registered with the client
         written = 0
-        maxlen = self.config.max_rollouts_per_group
+        cap = self.config.max_rollouts_per_group
+        groups, marks = self._key("groups"), self._key("written")
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(_FLUSH_BATCH, len(self._pending)))]
-            pipe = self.redis.pipeline(transaction=False)
-            for item in batch:
-                pipe.xadd(
-                    self._key("rollouts", item.group),
-                    {
-                        b"w": self._instance,
-                        b"v": item.version,
-                        b"p": item.prompt,
-                        b"t": item.tokens,
-                    },
-                    maxlen=maxlen,
-                    approximate=False,
-                )
-                pipe.sadd(self._key("groups"), item.group)
-                pipe.hincrby(self._key("stats", item.group), "rollouts", 1)
-                pipe.hincrby(self._key("stats", item.group), "tokens", item.length)
-                pipe.lpush(self._key("lengths", item.group), item.length)
-                pipe.ltrim(self._key("lengths", item.group), 0, maxlen - 1)
             try:
-                await pipe.execute()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for item in batch:
+                        kinds = ("rollouts", "stats", "lengths")
+                        stream, stats, lengths = (self._key(kind, item.group) for kind in kinds)
+                        await write_rollout(
+                            keys=[stream, groups, stats, lengths, marks],
+                            args=[
+                                self._instance,
+                                item.sequence,
+                                item.version,
+                                item.prompt,
+                                item.tokens,
+                                item.length,
+                                cap,
+                                item.group,
+                            ],
+                            client=pipe,
+                        )
+                    done = sum(await pipe.execute())
             except BaseException:
                 self._requeue(batch)
                 raise
-            written += len(batch)
-            self._synced.inc(len(batch))
+            written += done
+            self._synced.inc(done)
         return written
 
     async def poll(self) -> int:

@@ -133,6 +133,116 @@ def test_buffer_drops_oldest_when_full_and_counts_them(redis_server: RedisServer
     asyncio.run(scenario())
 
 
+class FaultyLink:
+    """A TCP proxy in front of a redis-server that can fail the next flush: "lose-reply" lets
+    the request through whole and cuts the connection when the reply comes (Redis applied it
+    all), "cut-request" lets through only the first `keep` bytes of the request and cuts (Redis
+    applied the commands that arrived whole)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.fault = ""
+        self.keep = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
+
+        flush_sent = False  # the last request was a flush's (it names a rollout stream)
+
+        async def requests() -> None:
+            nonlocal flush_sent
+            while data := await client_r.read(1 << 16):
+                flush = b"das:rollouts:" in data  # (the test's store never reads)
+                if flush and self.fault == "cut-request":
+                    server_w.write(data[: self.keep])
+                    await server_w.drain()
+                    await asyncio.sleep(0.2)  # Redis runs what arrived whole
+                    self.fault = ""
+                    break
+                server_w.write(data)
+                await server_w.drain()
+                flush_sent = flush
+
+        async def replies() -> None:
+            while data := await server_r.read(1 << 16):
+                if flush_sent and self.fault == "lose-reply":
+                    await asyncio.sleep(0.2)  # the rest of the reply: Redis has run it all
+                    self.fault = ""
+                    break
+                client_w.write(data)
+                await client_w.drain()
+
+        await asyncio.wait(
+            [asyncio.create_task(requests()), asyncio.create_task(replies())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        for writer in (client_w, server_w):
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def test_a_flush_sent_again_writes_each_rollout_once(redis_server: RedisServer) -> None:
+    # A flush fails after Redis applied all of its batch (the reply lost) or part of it (the
+    # request cut): the store keeps the batch and sends it again, and each rollout must still
+    # be in Redis once, with its stats and length, in order.
+    async def scenario() -> None:
+        link = FaultyLink(redis_server.port)
+        url = await link.start()
+        store = HistoryStore(DrafterConfig(), Metrics(), "w", connect_redis(url, 1.0))
+        control = redis.Redis.from_url(redis_server.url)
+        expected: dict[str, list[list[int]]] = {"g": [], "h": []}
+
+        def record(group: str, tokens: list[int]) -> None:
+            store.record(group, [1, 2], tokens, version=0)
+            expected[group].append(tokens)
+
+        record("g", [7, 7, 7])
+        assert await store.flush() == 1  # the write script is loaded now
+
+        def in_redis() -> int:
+            return int(control.xlen("das:rollouts:g") + control.xlen("das:rollouts:h"))
+
+        for fault, keep in (("lose-reply", 0), ("cut-request", 700)):
+            before = in_redis()
+            for i in range(4):
+                record("g", [10 + i, 11])
+                record("h", [20 + i])
+            link.fault, link.keep = fault, keep
+            try:
+                await store.flush()
+            except (redis.RedisError, OSError):
+                pass
+            else:
+                raise AssertionError(f"{fault}: the flush should have failed")
+            assert store.pending == 8  # kept for the next flush
+            applied = in_redis() - before
+            assert 0 < applied < 8 if fault == "cut-request" else applied == 8
+            assert await store.flush() == 8 - applied  # only what Redis had not written
+            assert store.pending == 0
+            for group, outputs in expected.items():
+                entries = control.xrange(f"das:rollouts:{group}")
+                assert [unpack_tokens(f[b"t"]).tolist() for _, f in entries] == outputs
+                lengths = [len(tokens) for tokens in outputs]
+                assert int(control.hget(f"das:stats:{group}", "rollouts") or 0) == len(outputs)
+                assert int(control.hget(f"das:stats:{group}", "tokens") or 0) == sum(lengths)
+                newest_first = [int(x) for x in control.lrange(f"das:lengths:{group}", 0, -1)]
+                assert newest_first == lengths[::-1]
+        control.close()
+        await store.close()
+        await link.close()
+
+    asyncio.run(scenario())
+
+
 def test_versions_window_trims_streams_and_readers(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         config = DrafterConfig(window=2)
