@@ -26,8 +26,9 @@ redrawn, so drafts are long), each request 64 prompt tokens and 100-900 tokens o
 so far. Per row, microseconds per step of: RolloutHistory.speculate called in a Python loop,
 RolloutHistory.speculate_batch (one native call), the speculation core's drafts() (budgets from
 fixed:16, then the batched call), and the same loop and batch on suffix decoding's cache (the
-suffix policy: global cache, per-request trees, capped drafts); drafts() under das (priced for a
-7B on an H100: its budgets, then the batched call); and recording what a verify step appended
+suffix policy: global cache, per-request trees, capped drafts); drafts() under das and das-rate
+(priced for a 7B on an H100: das drafts 16 tokens a row in the batched call and then cuts them,
+das-rate sets budgets first); and recording what a verify step appended
 (2 tokens a row into the request's own tree and, with live siblings, its group's two trees):
 Speculator.extend per row, and Speculator.extend_batch (one native call for every row's trees).
 Medians over repeated steps.
@@ -50,7 +51,7 @@ from tqdm import tqdm
 
 from drafter.config import DrafterConfig
 from drafter.cost import H100_7B
-from drafter.das import DasPolicy
+from drafter.das import DasConfig, DasPolicy
 from drafter.history import RolloutHistory
 from drafter.policy import FixedPolicy
 from drafter.reference import ReferenceSuffixTree
@@ -274,6 +275,7 @@ class BatchRow:
     suffix_loop_us_per_row: float  # SuffixDecodingCache.speculate per row
     suffix_batch_us_per_row: float  # SuffixDecodingCache.speculate_batch
     das_drafts_us_per_row: float  # Speculator.drafts under das (h100-7b prices), batched call
+    das_rate_drafts_us_per_row: float  # the same under das-rate
     extend_loop_us_per_row: float  # Speculator.extend per row (2 tokens each)
     extend_batch_us_per_row: float  # Speculator.extend_batch (one native call for the trees)
     mean_draft_len: float
@@ -341,6 +343,8 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
         raise RuntimeError("the batched drafts differ from the per-row ones")
     das = Speculator(history, DasPolicy(H100_7B), max_draft=MAX_TOKENS)
     das_drafts = _median_us_per_row(lambda: das.drafts(handles, caps), rows, steps)
+    by_rate = Speculator(history, DasPolicy(H100_7B, DasConfig(rule="rate")), max_draft=MAX_TOKENS)
+    das_rate_drafts = _median_us_per_row(lambda: by_rate.drafts(handles, caps), rows, steps)
     # What a verify step appends: two tokens a row (one accepted draft token and the
     # target's own), recorded per row or in one call. Timed last: the requests grow.
     appended = [list(draft.token_ids[:2]) if len(draft) >= 2 else [0, 0] for draft in drafts]
@@ -372,6 +376,7 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
             lambda: cache.speculate_batch(keys, budgets), rows, steps
         ),
         das_drafts_us_per_row=das_drafts,
+        das_rate_drafts_us_per_row=das_rate_drafts,
         extend_loop_us_per_row=extend_loop_us,
         extend_batch_us_per_row=extend_batch_us,
         mean_draft_len=float(np.mean([len(d) for d in drafts])),
@@ -382,7 +387,8 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
 def print_batch_table(rows: list[BatchRow]) -> None:
     header = (
         f"{'rows':>5} {'loop':>8} {'batch':>8} {'drafts()':>9} {'speedup':>8} "
-        f"{'sfx loop':>9} {'sfx batch':>9} {'das':>7} {'ext loop':>8} {'ext batch':>9} "
+        f"{'sfx loop':>9} {'sfx batch':>9} {'das':>7} {'das-rate':>8} {'ext loop':>8} "
+        f"{'ext batch':>9} "
         f"{'draft len':>9}"
     )
     print(header)
@@ -392,13 +398,14 @@ def print_batch_table(rows: list[BatchRow]) -> None:
             f"{r.rows:>5} {r.loop_us_per_row:>8.2f} {r.batch_us_per_row:>8.2f} "
             f"{r.speculator_us_per_row:>9.2f} {r.loop_us_per_row / r.batch_us_per_row:>7.1f}x "
             f"{r.suffix_loop_us_per_row:>9.2f} {r.suffix_batch_us_per_row:>9.2f} "
-            f"{r.das_drafts_us_per_row:>7.2f} {r.extend_loop_us_per_row:>8.2f} "
+            f"{r.das_drafts_us_per_row:>7.2f} {r.das_rate_drafts_us_per_row:>8.2f} "
+            f"{r.extend_loop_us_per_row:>8.2f} "
             f"{r.extend_batch_us_per_row:>9.2f} {r.mean_draft_len:>9.1f}"
         )
     print(
         "microseconds per row per step (medians): loop = RolloutHistory.speculate per row, "
         "batch = speculate_batch, drafts() = the speculation core's whole call; sfx = the "
-        "suffix policy's cache; das = drafts() under das (its budgets priced for a 7B on an "
+        "suffix policy's cache; das, das-rate = drafts() under each (priced for a 7B on an "
         "H100); ext = recording a step's 2 tokens a row: Speculator.extend per row (loop) or "
         "extend_batch (one native call)."
     )

@@ -1,11 +1,12 @@
 """Acceptance: how many draft tokens verification accepts, modelled and estimated online.
 
-Two estimates, one per budget rule (drafter/budgets.py):
+Three estimates, one per budget rule (drafter/budgets.py):
 - the saturating model A(p) = k * l * (1 - exp(-alpha * p / l)) of DESIGN.md, fitted per group
   from (drafted, accepted) counts of verify steps pooled by draft length (the closed form);
 - the per-token continuation rate of chain drafts (das-rate's rule): the chance that a draft
-  token is accepted given that the one before it was.
-Both decay old evidence per verify step and start from a prior worth a few steps.
+  token is accepted given that the one before it was;
+- each draft token's own chance of acceptance from its evidence (das's rule, DraftCalibrator).
+All decay old evidence per verify step and start from a prior worth a few steps.
 """
 
 from __future__ import annotations
@@ -211,14 +212,39 @@ def match_bin(match_len: int) -> int:
 # Draft.source's names (drafter.draft.DRAFT_SOURCES), in their bins; bin 0: none recorded.
 _SOURCE_NAMES = ("", "history", "siblings", "context")
 _SOURCE_BINS = len(_SOURCE_NAMES)
+_SOURCE_INDEX = {name: b for b, name in enumerate(_SOURCE_NAMES)}
 
 
 def source_bin(source: object) -> int:
     """A draft's source (Draft.source) as a bin: 0 for "" or anything unknown."""
-    try:
-        return _SOURCE_NAMES.index(source)
-    except ValueError:
-        return 0
+    return _SOURCE_INDEX.get(source, 0) if isinstance(source, str) else 0
+
+
+IntArray = npt.NDArray[np.int64]
+_PROB_EDGES_ASCENDING = np.asarray(_PROB_EDGES[::-1])
+
+
+def _capped_bit_length(values: IntArray, cap: int) -> IntArray:
+    """min(cap, v.bit_length()) of each v >= 0: how many of 1, 2, 4, ..., 2 ** (cap - 1) are
+    <= v."""
+    return np.searchsorted(1 << np.arange(cap), values, side="right")
+
+
+def cell_array(
+    probs: npt.NDArray[np.float64],
+    positions: IntArray,
+    match_lens: IntArray,
+    source_bins: IntArray,
+) -> IntArray:
+    """DraftCalibrator.cell of many tokens at once (one per element; source_bins already
+    binned by source_bin)."""
+    at_or_below = np.searchsorted(_PROB_EDGES_ASCENDING, probs, side="right")
+    probability = np.clip(_PROB_BINS - at_or_below, 0, _PROB_BINS - 1)
+    position = _capped_bit_length(positions, _POSITION_BINS - 1)
+    match = _capped_bit_length(np.maximum(match_lens - 1, 0), _MATCH_BINS - 1)
+    return ((probability * _POSITION_BINS + position) * _MATCH_BINS + match) * _SOURCE_BINS + (
+        source_bins
+    )
 
 
 class DraftCalibrator:

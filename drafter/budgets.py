@@ -5,17 +5,19 @@ Long/Medium/Short deployment). The paper's own text could not be read from here;
 below follow DESIGN.md (which quotes the paper's models and closed form) and are re-derived so
 that every step can be checked (tests/drafter/test_policy.py does, against brute force).
 
-Two rules turn the same inputs (predicted remaining lengths, length classes, the cost model and
-the live batch) into budgets:
-- "das" (the default, marginal_budgets): per step, the batch drafts the tokens that pay for
-  themselves. A request's n-th draft token is accepted with probability rate ** n, where rate is
-  its group's measured per-token acceptance, and is worth a whole step if the request is the one
-  the batch waits for (its chance: its share of the predicted remaining tokens); what the tokens
-  cost is the cost model's c_tok each, or where one request's steps were timed token by token
-  (CostModel.steps), what they add to the step (paying_count). Replaying real
-  SmolLM2 traces (das simulate) it beat the closed form below by 3-6% of makespan on this CPU's
-  cost model and 19% on the 7B-on-H100 one; in measured engine runs on a 2-core CPU the two
-  were within that machine's noise of each other (README).
+Three rules turn the same inputs (predicted remaining lengths, length classes, the cost model
+and the live batch) into budgets:
+- "das-rate" (marginal_budgets): per step, the batch drafts the tokens that pay for themselves.
+  A request's n-th draft token is accepted with probability rate ** n, where rate is its group's
+  measured per-token acceptance, and is worth a whole step if the request is the one the batch
+  waits for (its chance: its share of the predicted remaining tokens); what the tokens cost is
+  the cost model's c_tok each, or where one request's steps were timed token by token
+  (CostModel.steps), what they add to the step (paying_count). Replaying real SmolLM2 traces
+  (das simulate) it beat the closed form below by 3-6% of makespan on this CPU's cost model and
+  19% on the 7B-on-H100 one.
+- "das" (the default, MatchRule at the end): the same test with each draft token's own
+  calibrated chance of acceptance instead of rate ** n, applied to drafts of the largest size
+  after they are drafted (trim).
 - "das-eq7": the closed form of DESIGN.md, described next. Its acceptance model saturates at
   k * l, which for suffix drafts (accepted per verify step, not per token drafted over a
   request's life) made it draft too little.
@@ -62,6 +64,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Protocol
 
 import numpy as np
@@ -72,8 +75,10 @@ from drafter.acceptance import (
     AcceptanceEstimator,
     ContinuationRate,
     DraftCalibrator,
+    cell_array,
     check_step,
     fit_acceptance,
+    source_bin,
 )
 from drafter.cost import CostModel
 from drafter.draft import Draft
@@ -467,51 +472,80 @@ class MatchRule:
         remaining: Sequence[float],
         cost: CostModel,
     ) -> list[Draft]:
+        """The step's drafts cut to the tokens that pay, in one pass over all their tokens
+        (numpy; hundreds of rows a step): each token's calibrated chance of acceptance (its
+        ancestors' included), its value, then paying_count over the whole step's tokens, best
+        first (a stable order: a token never before its parent). A draft cut to nothing is
+        the empty Draft(). Each kept draft's cells wait for observe_draft."""
         if not len(requests) == len(drafts) == len(remaining):
             raise ValueError("need one request, draft and remaining length per row")
         calibrator = self.calibrator
         calibrator.tick()
         self._pending = {}
-        # Each draft token's calibrated chance of acceptance, its ancestors' included.
-        chances: list[list[float]] = []
-        for draft in drafts:
-            chance: list[float] = []
-            if draft.is_chain():
-                source = getattr(draft, "source", None)
-                estimates = calibrator.estimate(draft.probs, draft.match_len, source)
-                for estimate in estimates[: len(draft)]:
-                    chance.append(min(chance[-1] if chance else 1.0, float(estimate)))
-            else:  # a tree: each node priced by its path probability and depth
-                table = calibrator.table()
-                tree_cells = _tree_cells(calibrator, draft)
-                for i, parent in enumerate(draft.parents):
-                    above = 1.0 if parent < 0 else chance[parent]
-                    chance.append(min(above, float(table[tree_cells[i]])))
-            chances.append(chance)
-        keep = [[False] * len(draft) for draft in drafts]
-        if drafts:
-            total = sum(remaining)
-            step = cost.step_time(len(remaining))
-            tokens = [
-                (c * length / total * step, row, i)
-                for row, (chance, length) in enumerate(zip(chances, remaining, strict=True))
-                for i, c in enumerate(chance)
-            ]
-            tokens.sort(key=lambda token: -token[0])  # stable: parents before children
-            paying = paying_count([value for value, _, _ in tokens], len(remaining), cost)
-            for _, row, i in tokens[:paying]:
-                keep[row][i] = True
-        out = []
-        for request, draft, kept in zip(requests, drafts, keep, strict=True):
-            chain = draft.is_chain()
-            draft = trim_draft(draft, kept)
-            if len(draft) and chain:
-                source = getattr(draft, "source", None)
-                cells = calibrator.cells(draft.probs, draft.match_len, source)
-                self._pending[id(request)] = (request, cells, None)
-            elif len(draft):
+        rows_in = len(drafts)
+        sizes = np.fromiter(map(len, drafts), dtype=np.int64, count=rows_in)
+        count = int(sizes.sum())
+        if not count:
+            return list(drafts)
+        # Every token of every draft in one array, row by row: its row, its index in its draft
+        # and its depth (a chain's index; a tree node's depth on its path).
+        starts = np.cumsum(sizes) - sizes
+        rows = np.repeat(np.arange(rows_in), sizes)
+        index = np.arange(count) - starts[rows]
+        parents = np.fromiter(
+            chain.from_iterable(draft.parents for draft in drafts), dtype=np.int64, count=count
+        )
+        trees = np.unique(rows[parents != index - 1]).tolist()  # the drafts that are not chains
+        is_tree = set(trees)
+        first = starts.tolist()
+        depth = index.copy()
+        for row in trees:
+            depth[first[row] : first[row] + len(drafts[row])] = _tree_depths(drafts[row])
+        probs = np.fromiter(
+            chain.from_iterable(draft.probs for draft in drafts), dtype=np.float64, count=count
+        )
+        match_lens = np.fromiter((draft.match_len for draft in drafts), np.int64, rows_in)
+        sources = np.fromiter((source_bin(draft.source) for draft in drafts), np.int64, rows_in)
+        cells = cell_array(probs, depth, match_lens[rows], sources[rows])
+        own = np.minimum(calibrator.table()[cells], 1.0)
+        # The chance with its ancestors': along a chain, the running minimum (one padded row
+        # per draft); in a tree, the minimum with its parent's.
+        padded = np.ones((rows_in, int(sizes.max())))
+        padded[rows, index] = own
+        chance = np.minimum.accumulate(padded, axis=1)[rows, index]
+        for row in trees:
+            at = first[row]
+            for i, parent in enumerate(drafts[row].parents):
+                above = 1.0 if parent < 0 else chance[at + parent]
+                chance[at + i] = min(above, own[at + i])
+        lengths = np.asarray(remaining, dtype=np.float64)
+        # As the marginal rule's value with `chance` for rate ** n, in the same float order.
+        value = chance * lengths[rows] / sum(remaining) * cost.step_time(len(remaining))
+        order = np.argsort(-value, kind="stable")
+        taken = order[: paying_count(value[order], len(remaining), cost)]
+        # A chain keeps a prefix: its values do not grow along it, and on a tie the stable
+        # order puts the parent first. So does a tree's kept part hold every kept node's parent.
+        kept = np.bincount(rows[taken], minlength=rows_in)
+        out = list(drafts)
+        tree_kept: npt.NDArray[np.bool_] | None = None
+        if trees:
+            tree_kept = np.zeros(count, dtype=bool)
+            tree_kept[taken] = True
+        for row in np.flatnonzero(kept != sizes).tolist():  # the drafts cut
+            draft = drafts[row]
+            if not kept[row]:
+                out[row] = _EMPTY
+            elif tree_kept is not None and row in is_tree:
+                at = first[row]
+                out[row] = trim_draft(draft, tree_kept[at : at + len(draft)].tolist())
+            else:
+                out[row] = _chain_prefix(draft, int(kept[row]))
+        for row in np.flatnonzero(kept).tolist():
+            request, draft, at = requests[row], out[row], first[row]
+            if row not in is_tree:
+                self._pending[id(request)] = (request, cells[at : at + len(draft)].tolist(), None)
+            else:
                 self._pending[id(request)] = (request, _tree_cells(calibrator, draft), draft)
-            out.append(draft)
         return out
 
     def observe_draft(
@@ -554,12 +588,34 @@ class MatchRule:
         self.calibrator.observe_outcomes(cells, on_path)
 
 
-def _tree_cells(calibrator: DraftCalibrator, draft: Draft) -> list[int]:
-    """Each node's cell: its own path probability, at its depth (its position on its path)."""
-    source = getattr(draft, "source", None)
+def _tree_depths(draft: Draft) -> list[int]:
+    """Each node's depth: its position on its path from the context."""
     depth: list[int] = []
-    cells = []
-    for i, parent in enumerate(draft.parents):
+    for parent in draft.parents:
         depth.append(0 if parent < 0 else depth[parent] + 1)
-        cells.append(calibrator.cell(draft.probs[i], depth[i], draft.match_len, source))
-    return cells
+    return depth
+
+
+def _tree_cells(calibrator: DraftCalibrator, draft: Draft) -> list[int]:
+    """Each node's cell: its own path probability, at its depth."""
+    source = getattr(draft, "source", None)
+    return [
+        calibrator.cell(prob, depth, draft.match_len, source)
+        for prob, depth in zip(draft.probs, _tree_depths(draft), strict=True)
+    ]
+
+
+_EMPTY = Draft()  # a draft cut to nothing
+
+
+def _chain_prefix(draft: Draft, count: int) -> Draft:
+    """A chain's first `count` tokens (trim_draft keeping those)."""
+    probs = draft.probs[:count]
+    return Draft(
+        draft.token_ids[:count],
+        draft.parents[:count],
+        probs,
+        sum(probs),
+        draft.match_len,
+        draft.source,
+    )

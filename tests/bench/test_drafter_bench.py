@@ -22,6 +22,7 @@ def test_batch_case_reports_every_figure() -> None:
         row.suffix_loop_us_per_row,
         row.suffix_batch_us_per_row,
         row.das_drafts_us_per_row,
+        row.das_rate_drafts_us_per_row,
         row.extend_loop_us_per_row,
         row.extend_batch_us_per_row,
     )

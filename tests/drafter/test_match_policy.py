@@ -7,13 +7,21 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drafter import DrafterConfig, RolloutHistory
-from drafter.acceptance import DraftCalibrator, match_bin, position_bin, prob_bin, source_bin
-from drafter.budgets import MatchRule, token_floors, trim_draft
+from drafter.acceptance import (
+    DraftCalibrator,
+    cell_array,
+    match_bin,
+    position_bin,
+    prob_bin,
+    source_bin,
+)
+from drafter.budgets import MatchRule, paying_count, token_floors, trim_draft
 from drafter.cost import CostModel
 from drafter.das import DasConfig, DasPolicy
 from drafter.draft import Draft
@@ -104,6 +112,31 @@ def test_calibrator_matches_a_brute_force_recount(seed: int, decay: float, disco
         (cell,) = [calibrator.cell(prob, position, match, source)]
         expected = _reference_estimate(events, prob, position, match, source, calibrator)
         assert float(calibrator.table()[cell]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    tokens=st.lists(
+        st.tuples(
+            st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.999, 0.9, 0.45, 0.05, 0.0, 1.0])),
+            st.integers(0, 200),
+            st.integers(0, 300),
+            st.sampled_from(["", "history", "siblings", "context", "other"]),
+        ),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_cell_array_bins_as_cell_does(tokens: list[tuple[float, int, int, str]]) -> None:
+    calibrator = DraftCalibrator(1.0, 1.0, 1.0, 0.0)
+    probs, positions, match_lens, sources = zip(*tokens, strict=True)
+    cells = cell_array(
+        np.array(probs),
+        np.array(positions),
+        np.array(match_lens),
+        np.array([source_bin(source) for source in sources]),
+    )
+    assert cells.tolist() == [calibrator.cell(*token) for token in tokens]
 
 
 def test_calibrator_estimates_are_non_increasing_along_a_chain_and_learn() -> None:
@@ -244,6 +277,9 @@ def test_trimming_only_shortens_and_keeps_parents_valid(
     trimmed = rule.trim(views, drafts, lengths[: len(drafts)], cost)
     for original, cut in zip(drafts, trimmed, strict=True):
         assert len(cut) <= len(original)
+        if original and not cut:
+            assert cut == Draft()  # cut to nothing
+            continue
         assert all(-1 <= p < i for i, p in enumerate(cut.parents))
         assert cut.match_len == original.match_len
         assert cut.score == pytest.approx(sum(cut.probs))
@@ -262,6 +298,85 @@ def test_trimming_only_shortens_and_keeps_parents_valid(
             assert cut.parents[i] == (-1 if parent < 0 else mapping.index(parent))
             mapping.append(j)
             j += 1
+
+
+def _reference_trim(
+    calibrator: DraftCalibrator, drafts: list[Draft], lengths: list[float], cost: CostModel
+) -> tuple[list[Draft], list[list[int]]]:
+    """MatchRule.trim token by token: each token's chance is the least table estimate on its
+    path (itself and its ancestors, each at its depth), worth chance * w * t_step; the step's
+    tokens best first (a stable sort), paying_count of them kept; the kept drafts (a draft cut
+    to nothing: Draft()) and their cells."""
+    table = calibrator.table()
+    tokens = []
+    cells_of = []
+    for row, draft in enumerate(drafts):
+        depth: list[int] = []
+        cells = []
+        chance: list[float] = []
+        for i, parent in enumerate(draft.parents):
+            depth.append(0 if parent < 0 else depth[parent] + 1)
+            cells.append(calibrator.cell(draft.probs[i], depth[i], draft.match_len, draft.source))
+            above = 1.0 if parent < 0 else chance[parent]
+            chance.append(min(above, float(table[cells[i]])))
+            worth = chance[i] * lengths[row] / sum(lengths) * cost.step_time(len(lengths))
+            tokens.append((worth, row, i))
+        cells_of.append(cells)
+    tokens.sort(key=lambda token: -token[0])
+    taken = tokens[: paying_count([worth for worth, _, _ in tokens], len(lengths), cost)]
+    keep = [[False] * len(draft) for draft in drafts]
+    for _, row, i in taken:
+        keep[row][i] = True
+    trimmed = [trim_draft(draft, kept) for draft, kept in zip(drafts, keep, strict=True)]
+    trimmed = [
+        cut if len(cut) or not len(draft) else Draft()
+        for draft, cut in zip(drafts, trimmed, strict=True)
+    ]
+    cells = [
+        [c for c, k in zip(cells, kept, strict=True) if k]
+        for cells, kept in zip(cells_of, keep, strict=True)
+    ]
+    return trimmed, cells
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    drafts=st.lists(_drafts(), min_size=1, max_size=8),
+    sources=st.lists(st.sampled_from(["", "history", "siblings", "context"]), min_size=8),
+    lengths=st.lists(st.sampled_from([1.0, 50.0, 50.0, 120.5, 400.0]), min_size=8, max_size=8),
+    evidence=st.lists(st.tuples(st.integers(0, 1399), st.booleans()), max_size=400),
+    c_tok=st.floats(1e-4, 0.5),
+    steps=st.booleans(),
+)
+def test_trimming_equals_a_token_by_token_reference(
+    drafts: list[Draft],
+    sources: list[str],
+    lengths: list[float],
+    evidence: list[tuple[int, bool]],
+    c_tok: float,
+    steps: bool,
+) -> None:
+    drafts = [replace(d, source=s) for d, s in zip(drafts, sources[: len(drafts)], strict=True)]
+    lengths = lengths[: len(drafts)]  # few distinct: ties across rows
+    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5))
+    # Evidence in any cells (a deeper token may be estimated above the one before it).
+    rule.calibrator.observe_outcomes([c for c, _ in evidence], [hit for _, hit in evidence])
+    cost = CostModel(0.01, c_tok)
+    if steps:  # one request's steps timed, with a jump at the fourth token
+        cost = replace(cost, steps=(0.01, 0.011, 0.012, 0.03, 0.031))
+    views = [RequestView("g", i) for i in range(len(drafts))]
+    reference = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5))
+    reference.calibrator._accepted = rule.calibrator._accepted.copy()
+    reference.calibrator._tried = rule.calibrator._tried.copy()
+    reference.calibrator.tick()  # as trim() does first
+    want, want_cells = _reference_trim(reference.calibrator, drafts, lengths, cost)
+    got = rule.trim(views, drafts, lengths, cost)
+    assert got == want
+    for view, draft, cells in zip(views, got, want_cells, strict=True):
+        pending = rule._pending.get(id(view))
+        assert (pending is None) == (len(draft) == 0)
+        if pending is not None:
+            assert pending[1] == cells
 
 
 def test_trim_draft_drops_descendants_of_dropped_nodes() -> None:
