@@ -323,19 +323,6 @@ class DraftCalibrator:
             self._table = np.maximum(fine, self.floor).ravel()
         return self._table
 
-    def estimate(
-        self, probs: Sequence[float], match_len: int, source: object = None
-    ) -> list[float]:
-        """Each token's chance of acceptance, made non-increasing along the chain (a token is
-        accepted only if the one before it was)."""
-        table = self.table()
-        out: list[float] = []
-        last = 1.0
-        for cell in self.cells(probs, match_len, source):
-            last = min(last, float(table[cell]))
-            out.append(last)
-        return out
-
     def observe(self, cells: Sequence[int], accepted: int) -> None:
         """A chain drafted with these cells was verified and its first `accepted` tokens kept:
         those were accepted, the rest were not (each token of it is one tried token)."""

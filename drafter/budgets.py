@@ -526,18 +526,16 @@ class MatchRule:
         # A chain keeps a prefix: its values do not grow along it, and on a tie the stable
         # order puts the parent first. So does a tree's kept part hold every kept node's parent.
         kept = np.bincount(rows[taken], minlength=rows_in)
+        kept_tokens = np.zeros(count, dtype=bool)
+        kept_tokens[taken] = True
         out = list(drafts)
-        tree_kept: npt.NDArray[np.bool_] | None = None
-        if trees:
-            tree_kept = np.zeros(count, dtype=bool)
-            tree_kept[taken] = True
         for row in np.flatnonzero(kept != sizes).tolist():  # the drafts cut
             draft = drafts[row]
             if not kept[row]:
                 out[row] = _EMPTY
-            elif tree_kept is not None and row in is_tree:
+            elif row in is_tree:
                 at = first[row]
-                out[row] = trim_draft(draft, tree_kept[at : at + len(draft)].tolist())
+                out[row] = trim_draft(draft, kept_tokens[at : at + len(draft)].tolist())
             else:
                 out[row] = _chain_prefix(draft, int(kept[row]))
         for row in np.flatnonzero(kept).tolist():

@@ -139,20 +139,30 @@ def test_cell_array_bins_as_cell_does(tokens: list[tuple[float, int, int, str]])
     assert cells.tolist() == [calibrator.cell(*token) for token in tokens]
 
 
+def _chain_estimate(calibrator: DraftCalibrator, probs: list[float], match_len: int) -> list[float]:
+    """Each chain token's chance of acceptance, its own estimate or the least before it (as
+    MatchRule.trim prices a chain)."""
+    table = calibrator.table()
+    out: list[float] = []
+    for cell in calibrator.cells(probs, match_len):
+        out.append(min(out[-1] if out else 1.0, float(table[cell])))
+    return out
+
+
 def test_calibrator_estimates_are_non_increasing_along_a_chain_and_learn() -> None:
     calibrator = DraftCalibrator(1.0, coarse_weight=4.0, fine_weight=4.0, floor=0.0)
     probs = [1.0, 1.0, 0.9, 0.5, 0.5, 0.2]
-    before = calibrator.estimate(probs, 8)
+    before = _chain_estimate(calibrator, probs, 8)
     assert before == sorted(before, reverse=True)
     assert before[0] == 1.0  # a path the tree has only ever seen continue, before evidence
     for _ in range(200):
         calibrator.observe(calibrator.cells(probs, 8), 1)  # only the first is ever accepted
-    after = calibrator.estimate(probs, 8)
+    after = _chain_estimate(calibrator, probs, 8)
     assert after == sorted(after, reverse=True)
     assert after[0] > 0.95
     assert after[1] < 0.05  # the second token's cell learned it is always rejected
     # Another match length shares the coarse cell but not the fine one: it moved less.
-    other = calibrator.estimate(probs, 1)
+    other = _chain_estimate(calibrator, probs, 1)
     assert after[1] < other[1] < before[1]
 
 
