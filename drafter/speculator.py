@@ -121,8 +121,18 @@ class Speculator:
         self._publish = publish
         # Without drafting the per-request suffix trees are not worth maintaining.
         self.drafting = max_draft > 0 and policy.drafts
-        self._trimmer = trimmer(policy)  # das cuts each drafted step (policy.Trimming)
         self.cost_curve = cost_curve if policy.cost is not None else None
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """A new policy object of the same kind (e.g. one priced by a newly fitted cost model):
+        it sizes, and if it trims cuts, every draft from the next step on."""
+        self._policy = policy
+        self._trimmer = trimmer(policy)  # das cuts each drafted step (policy.Trimming)
         self._priced_rows = 0  # the batch size the policy was last repriced for
 
     def start(

@@ -444,6 +444,28 @@ def test_the_speculation_core_trims_and_feeds_back_what_was_accepted() -> None:
     assert not (policy.rule.calibrator.table() == table_before).all()
 
 
+def test_a_policy_replaced_in_the_speculation_core_cuts_and_learns() -> None:
+    # The vLLM adapter starts with a placeholder policy and replaces it once its cost model is
+    # fitted: the new policy must cut the drafts and receive their outcomes, not the old one.
+    history = RolloutHistory(DrafterConfig(max_depth=16))
+    answer = list(range(10, 30))
+    for _ in range(3):
+        history.add_rollout("g", answer, version=0, prompt=[1, 2, 3])
+    placeholder = DasPolicy(CostModel(0.001, 1.0))  # a token is hardly ever worth its cost
+    core = Speculator(history, placeholder, max_draft=16)
+    request = core.start("r", "g", [1, 2, 3])
+    assert core.drafts([request], [16]) == [Draft()]
+    fitted = DasPolicy(LONE)
+    core.policy = fitted
+    (draft,) = core.drafts([request], [16])
+    assert draft.token_ids == answer[: len(draft)] and len(draft) > 1
+    before = fitted.rule.calibrator.table().copy()
+    untouched = placeholder.rule.calibrator.table().copy()
+    core.extend(request, answer[:3], drafted=len(draft), accepted=2)
+    assert not (fitted.rule.calibrator.table() == before).all()
+    assert (placeholder.rule.calibrator.table() == untouched).all()
+
+
 @pytest.mark.parametrize(
     "config",
     [DrafterConfig(), DrafterConfig(tree_drafts=True, max_depth=24, min_prob=0.05)],
