@@ -120,9 +120,8 @@ def _add_trace(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--policy",
         default="none",
         type=policy_spec,
-        help="speculation while recording: none, fixed:K, das, das-eq7 or suffix; the tokens are "
-        "the same "
-        "(default none)",
+        help="speculation while recording: none, fixed:K, das, das-rate, das-eq7 or suffix; "
+        "the tokens are the same (default none)",
     )
     trace.set_defaults(handler=_trace)
 

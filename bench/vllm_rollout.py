@@ -233,7 +233,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7, help="0.7")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(ALL_MODES)}")
-    parser.add_argument("--das-policy", default="das", help="das, das-eq7 or fixed:K")
+    parser.add_argument("--das-policy", default="das", help="das, das-rate, das-eq7 or fixed:K")
     parser.add_argument(
         "--cost-model", default="calibrate", help="das: calibrate (on vLLM's steps) or a preset"
     )

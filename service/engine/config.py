@@ -23,7 +23,7 @@ class EngineConfig:
     max_batch: int = 16  # sequences decoding at once (KV cache slots)
     max_model_len: int = 1024  # prompt + output tokens of one sequence (KV positions per slot)
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step (one prompt always fits)
-    speculation: str = "none"  # budget policy: none, fixed:K, das, das-eq7 or suffix
+    speculation: str = "none"  # budget policy: none, fixed:K, das, das-rate, das-eq7 or suffix
     # What das prices draft tokens with: calibrate (time this engine's verify step when it
     # starts), a preset (smollm2-cpu, h100-7b) or "C_BASE,C_TOK" seconds (drafter/cost.py).
     cost_model: str = "calibrate"
