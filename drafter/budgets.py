@@ -538,12 +538,15 @@ class MatchRule:
                 out[row] = trim_draft(draft, kept_tokens[at : at + len(draft)].tolist())
             else:
                 out[row] = _chain_prefix(draft, int(kept[row]))
+        # Each kept draft's cells: a kept node keeps its depth (its ancestors are kept too).
         for row in np.flatnonzero(kept).tolist():
-            request, draft, at = requests[row], out[row], first[row]
-            if row not in is_tree:
-                self._pending[id(request)] = (request, cells[at : at + len(draft)].tolist(), None)
+            request, at = requests[row], first[row]
+            if row in is_tree:
+                end = at + len(drafts[row])
+                kept_cells = cells[at:end][kept_tokens[at:end]].tolist()
+                self._pending[id(request)] = (request, kept_cells, out[row])
             else:
-                self._pending[id(request)] = (request, _tree_cells(calibrator, draft), draft)
+                self._pending[id(request)] = (request, cells[at : at + kept[row]].tolist(), None)
         return out
 
     def observe_draft(
@@ -592,15 +595,6 @@ def _tree_depths(draft: Draft) -> list[int]:
     for parent in draft.parents:
         depth.append(0 if parent < 0 else depth[parent] + 1)
     return depth
-
-
-def _tree_cells(calibrator: DraftCalibrator, draft: Draft) -> list[int]:
-    """Each node's cell: its own path probability, at its depth."""
-    source = getattr(draft, "source", None)
-    return [
-        calibrator.cell(prob, depth, draft.match_len, source)
-        for prob, depth in zip(draft.probs, _tree_depths(draft), strict=True)
-    ]
 
 
 _EMPTY = Draft()  # a draft cut to nothing

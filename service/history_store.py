@@ -365,12 +365,12 @@ class HistoryStore:
         written = 0
         cap = self.config.max_rollouts_per_group
         groups, marks = self._key("groups"), self._key("written")
+        kinds = ("rollouts", "stats", "lengths")
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(_FLUSH_BATCH, len(self._pending)))]
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for item in batch:
-                        kinds = ("rollouts", "stats", "lengths")
                         stream, stats, lengths = (self._key(kind, item.group) for kind in kinds)
                         await write_rollout(
                             keys=[stream, groups, stats, lengths, marks],
