@@ -165,6 +165,13 @@ def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=DEFAULTS.live_siblings,
         help="every mode also drafts from its running siblings' outputs so far",
     )
+    rollout.add_argument(
+        "--other-groups",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.other_groups,
+        help="where a rollout's group and own text match nothing, das drafts from every "
+        "group's rollouts",
+    )
     rollout.add_argument("--json", dest="json_out", default=None, help="write results here")
     rollout.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     rollout.add_argument(
@@ -233,6 +240,7 @@ def _rollout_config(args: argparse.Namespace, modes: tuple[str, ...], cost: str)
         # `das trace` records the no-speculation run only: it has neither flag.
         tree_drafts=getattr(args, "tree_drafts", False),
         live_siblings=getattr(args, "live_siblings", DEFAULTS.live_siblings),
+        other_groups=getattr(args, "other_groups", DEFAULTS.other_groups),
     )
 
 

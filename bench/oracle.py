@@ -1,13 +1,15 @@
 """How far any history drafter could go on a trace: the makespan of an oracle drafter.
 
     python -m bench.oracle --trace T.jsonl [--max-draft 16] [--context 2] [--live-siblings]
-                           [--cost-curve BENCH.json] [--json OUT]
+                           [--other-groups] [--cost-curve BENCH.json] [--json OUT]
 
 At every step each live rollout drafts exactly the longest correct run of its next tokens (at
 most --max-draft) that occurs, right after the rollout's last --context tokens, somewhere in
 what a history drafter can see: its group's rollouts of earlier epochs and those of its own
 epoch that have finished (prompt and output), with --live-siblings the outputs so far of
-those still running (as the drafter's live_siblings), its own prompt and its own output so far. It
+those still running (as the drafter's live_siblings), with --other-groups every other group's
+rollouts of earlier epochs and finished ones of its own (as the drafter's other_groups, which
+drafts from them only where nothing else matches), its own prompt and its own output so far. It
 knows the future, so it is never rejected and never drafts a token in vain; a real drafter
 picks one continuation without knowing which is right. Each epoch is one batch, all rollouts
 decoding in lockstep. Reports per epoch the oracle's steps against the longest rollout's
@@ -57,12 +59,14 @@ def oracle_batch(
     max_draft: int,
     context: int,
     live_siblings: bool = False,
+    other_groups: bool = False,
 ) -> list[list[int]]:
     """The oracle's accepted draft tokens at each step of each rollout of one batch (module
     docstring), all decoding in lockstep: one entry per step, each emitting run + 1 tokens.
     earlier: per group, the token sequences its drafts may copy (earlier epochs' prompt and
     output); a rollout joins its group's as soon as it finishes, as in the engine, and with
-    live_siblings its running siblings' outputs so far are visible too (as at the step's start)."""
+    live_siblings its running siblings' outputs so far are visible too (as at the step's start),
+    with other_groups every group's sequences."""
     if max_draft < 0 or context < 1:
         raise ValueError("need max_draft >= 0 and context >= 1")
     seen = {group: [_text(tokens) for tokens in sequences] for group, sequences in earlier.items()}
@@ -82,7 +86,12 @@ def oracle_batch(
                 for j in live
                 if live_siblings and j != i and batch[j].group == record.group
             ]
-            corpus = _SEPARATOR.join([*seen.get(record.group, []), *siblings, full[:at]])
+            stored = (
+                [text for texts in seen.values() for text in texts]
+                if other_groups
+                else seen.get(record.group, [])
+            )
+            corpus = _SEPARATOR.join([*stored, *siblings, full[:at]])
             left = len(record.output) - positions[i] - 1  # the target's own token comes last
             run = _longest_run(corpus, full, at, min(max_draft, left), context)
             runs[i].append(run)
@@ -102,6 +111,7 @@ def oracle_epochs(
     cost: CostModel,
     live_siblings: bool = False,
     curve: CostCurve | None = None,
+    other_groups: bool = False,
 ) -> list[dict[str, float | int]]:
     """Per epoch: rollouts, longest length, oracle steps, tokens per forward, accepted draft
     tokens and the modeled makespan ratio under cost (oracle drafts on every row, priced c_tok
@@ -113,7 +123,7 @@ def oracle_epochs(
         for record in trace:
             if record.epoch < epoch:
                 earlier.setdefault(record.group, []).append([*record.prompt, *record.output])
-        all_runs = oracle_batch(batch, earlier, max_draft, context, live_siblings)
+        all_runs = oracle_batch(batch, earlier, max_draft, context, live_siblings, other_groups)
         steps = max(len(runs) for runs in all_runs)
         lengths = [len(record.output) for record in batch]
         if curve is None:
@@ -147,6 +157,9 @@ def main() -> None:
     parser.add_argument(
         "--live-siblings", action="store_true", help="running siblings' outputs are visible"
     )
+    parser.add_argument(
+        "--other-groups", action="store_true", help="every group's rollouts are visible"
+    )
     parser.add_argument("--c-base", type=float, default=H100_7B.c_base, help="s per step")
     parser.add_argument("--c-tok", type=float, default=H100_7B.c_tok, help="s per token")
     parser.add_argument(
@@ -160,14 +173,21 @@ def main() -> None:
     cost = CostModel(args.c_base, args.c_tok)
     curve = None if args.cost_curve is None else read_cost_curve(args.cost_curve)[1]
     epochs = oracle_epochs(
-        read_trace(args.trace), args.max_draft, args.context, cost, args.live_siblings, curve
+        read_trace(args.trace),
+        args.max_draft,
+        args.context,
+        cost,
+        args.live_siblings,
+        curve,
+        args.other_groups,
     )
     priced = f"cost c_base {cost.c_base * 1e3:g} ms + c_tok {cost.c_tok * 1e3:g} ms"
     if curve is not None:
         priced = f"steps priced by the cost curve of {args.cost_curve}"
     print(
         f"oracle drafter on {args.trace}: runs of <= {args.max_draft} tokens after a "
-        f"{args.context}-token match{', live siblings' if args.live_siblings else ''}; {priced}"
+        f"{args.context}-token match{', live siblings' if args.live_siblings else ''}"
+        f"{', other groups' if args.other_groups else ''}; {priced}"
     )
     print(
         "| epoch | longest | oracle steps | steps ratio | tokens/forward | accepted "
@@ -186,6 +206,7 @@ def main() -> None:
         "max_draft": args.max_draft,
         "context": args.context,
         "live_siblings": args.live_siblings,
+        "other_groups": args.other_groups,
         "cost_model": cost.to_json(),
         "cost_curve": args.cost_curve,
         "epochs": epochs,

@@ -83,6 +83,7 @@ class RolloutConfig:
     cost: str = CALIBRATE
     tree_drafts: bool = False  # every mode drafts best-first trees (the engine verifies them)
     live_siblings: bool = True  # every mode also drafts from its running siblings' outputs
+    other_groups: bool = True  # where nothing of its group matches, from every group's rollouts
 
     def __post_init__(self) -> None:
         for name in ("samples", "epochs", "max_tokens"):
@@ -343,7 +344,11 @@ def mode_engine(
         max_model_len=longest + config.max_tokens,
         max_prefill_tokens=max(2048, longest),
         speculation=name,
-        drafter=DrafterConfig(tree_drafts=config.tree_drafts, live_siblings=config.live_siblings),
+        drafter=DrafterConfig(
+            tree_drafts=config.tree_drafts,
+            live_siblings=config.live_siblings,
+            other_groups=config.other_groups,
+        ),
     )
     return Engine(
         engine_config,

@@ -31,7 +31,11 @@ class SuffixTreeCore:
     def check_integrity(self) -> str: ...
 
 def speculate_batch(
-    rows: Sequence[tuple[SuffixTreeCore, SuffixTreeCore | None, SuffixTreeCore | None, int]],
+    rows: Sequence[
+        tuple[
+            SuffixTreeCore, SuffixTreeCore | None, SuffixTreeCore | None, int, SuffixTreeCore | None
+        ]
+    ],
     max_tokens: Sequence[int],
     context_len: int,
     min_prob: float,
@@ -40,7 +44,7 @@ def speculate_batch(
     spec_offset: float,
     own_wins_ties: bool,
     draft_type: type[Draft],
-    source_names: tuple[str, str, str, str],
+    source_names: tuple[str, str, str, str, str],
 ) -> list[Draft]: ...
 def extend_batch(
     rows: Sequence[tuple[SuffixTreeCore | int, ...]], tokens: Sequence[Sequence[int]]

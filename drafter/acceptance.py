@@ -210,7 +210,7 @@ def match_bin(match_len: int) -> int:
 
 
 # Draft.source's names (drafter.draft.DRAFT_SOURCES), in their bins; bin 0: none recorded.
-_SOURCE_NAMES = ("", "history", "siblings", "context")
+_SOURCE_NAMES = ("", "history", "siblings", "context", "other_groups")
 _SOURCE_BINS = len(_SOURCE_NAMES)
 _SOURCE_INDEX = {name: b for b, name in enumerate(_SOURCE_NAMES)}
 

@@ -19,6 +19,9 @@ class DrafterConfig:
     tree_drafts: bool = False  # best-first tree drafts instead of chains
     # The group's tree also holds its running requests' outputs so far (their siblings').
     live_siblings: bool = True
+    # Where neither the group's trees nor the request's own context match, draft from the
+    # stored rollouts of every group (one more tree holding each rollout once more).
+    other_groups: bool = True
 
     def __post_init__(self) -> None:
         if self.max_depth < 2:

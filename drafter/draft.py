@@ -19,9 +19,10 @@ _INT32_MAX = 2**31 - 1
 
 # Where a draft came from: the prompt group's stored rollouts (under the suffix policy, suffix
 # decoding's global cache), the outputs so far of the group's running requests (live
-# siblings), or the request's own prompt and output.
-HISTORY, SIBLINGS, CONTEXT = "history", "siblings", "context"
-DRAFT_SOURCES = (HISTORY, SIBLINGS, CONTEXT)
+# siblings), the request's own prompt and output, or (where none of those has a match) the
+# stored rollouts of every group.
+HISTORY, SIBLINGS, CONTEXT, OTHER_GROUPS = "history", "siblings", "context", "other_groups"
+DRAFT_SOURCES = (HISTORY, SIBLINGS, CONTEXT, OTHER_GROUPS)
 
 
 @dataclass(frozen=True, slots=True)

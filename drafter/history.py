@@ -4,17 +4,20 @@ Per prompt group, one suffix tree over the group's recent rollouts (the last `wi
 versions, at most `max_rollouts_per_group` of them) and, with `live_siblings`, the outputs so far
 of the group's running requests (GRPO samples of one prompt decode together: a sibling's first
 tokens often predict another's next ones); per live request, one tree over its own prompt and
-output so far. A draft for a request is the better-scoring of the two trees' drafts. A running
-request's sequence in the group tree grows as it accepts tokens and leaves when it stops; a
-finished one comes back as a rollout (add_rollout).
+output so far. A draft for a request is the better-scoring of the two trees' drafts; with
+`other_groups`, where both have nothing (a request that went past where its group's text
+matches), one more tree over the stored rollouts of every group drafts instead (common phrasing
+another prompt's rollouts share). A running request's sequence in the group tree grows as it
+accepts tokens and leaves when it stops; a finished one comes back as a rollout (add_rollout).
 
 Each draft says where it came from (Draft.source, source_of): HISTORY if the matched context
 followed by the draft's first token occurs in a stored rollout; else SIBLINGS if it occurs in
 running requests' outputs more often than in the request's own prompt and output (so another
-request holds it); else CONTEXT. To tell them apart, a group with live siblings keeps a second
-tree holding only its running requests' sequences; it is never drafted from (one pooled tree
-drafts better than two: replaying a T = 0.7 SmolLM2 trace, drafting from separate trees lost
-all of the live siblings' gain).
+request holds it); else CONTEXT (OTHER_GROUPS: from the tree of every group's rollouts). To
+tell them apart, a group with live siblings keeps a second tree holding only its running
+requests' sequences; it is never drafted from (one pooled tree drafts better than two:
+replaying a T = 0.7 SmolLM2 trace, drafting from separate trees lost all of the live siblings'
+gain).
 
 Each stored rollout is its output preceded by the last max_depth prompt tokens, so a request
 that has generated nothing yet already matches the prompt's end and drafts the group's most
@@ -33,7 +36,15 @@ from typing import Protocol, cast
 import numpy as np
 
 from drafter.config import DrafterConfig
-from drafter.draft import CONTEXT, HISTORY, SIBLINGS, Draft, Tokens, as_token_array
+from drafter.draft import (
+    CONTEXT,
+    HISTORY,
+    OTHER_GROUPS,
+    SIBLINGS,
+    Draft,
+    Tokens,
+    as_token_array,
+)
 from drafter.suffix_tree import (
     BatchRow,
     ExtendRow,
@@ -165,6 +176,11 @@ class RolloutHistory:
         self.config = config or DrafterConfig()
         self._new_tree = tree_factory
         self._groups: dict[str, _Group] = {}
+        # other_groups: every group's stored rollouts, under the same sequence ids as in
+        # their group's tree (a rollout leaves both together).
+        self._all_rollouts = (
+            tree_factory(self.config.max_depth) if self.config.other_groups else None
+        )
         self._requests: dict[Hashable, _Request] = {}
         self._next_seq_id = 0
         self._version = 0
@@ -184,10 +200,13 @@ class RolloutHistory:
         bridge = as_token_array(prompt)[-self.config.max_depth :]
         state = self._group(group)
         seq_id = self._new_seq_id()
-        state.tree.extend(seq_id, np.concatenate([bridge, tokens]))
+        sequence = np.concatenate([bridge, tokens])
+        state.tree.extend(seq_id, sequence)
+        if self._all_rollouts is not None:
+            self._all_rollouts.extend(seq_id, sequence)
         state.rollouts.append(_Rollout(seq_id, version, len(tokens)))
         while len(state.rollouts) > self.config.max_rollouts_per_group:
-            state.tree.remove(state.rollouts.popleft().seq_id)
+            self._forget(state, state.rollouts.popleft())
         return True
 
     def set_version(self, version: int) -> int:
@@ -206,7 +225,7 @@ class RolloutHistory:
             kept: deque[_Rollout] = deque()
             for rollout in state.rollouts:
                 if rollout.version < version:
-                    state.tree.remove(rollout.seq_id)
+                    self._forget(state, rollout)
                     evicted += 1
                 else:
                     kept.append(rollout)
@@ -251,6 +270,7 @@ class RolloutHistory:
                 cast(SuffixTree, state.tree),
                 cast(SuffixTree | None, state.siblings),
                 request.live_seq,
+                cast(SuffixTree | None, self._all_rollouts),
             )
             targets = [(cast(SuffixTree, tree), 0)]
             if state.siblings is not None:
@@ -296,7 +316,8 @@ class RolloutHistory:
 
     def speculate(self, request_id: Hashable, max_tokens: int) -> Draft:
         """The better-scoring draft of the group's tree and the request's own context (the
-        group's on a tie), with its source."""
+        group's on a tie), with its source; where both are empty, every group's rollouts'
+        (other_groups)."""
         request = self._requests[request_id]
         if max_tokens == 0:
             return Draft()
@@ -305,6 +326,9 @@ class RolloutHistory:
         own = request.tree.speculate(context, max_tokens, min_prob, as_tree)
         state = self._groups[request.group]
         shared = state.tree.speculate(context, max_tokens, min_prob, as_tree)
+        if not (own.token_ids or shared.token_ids) and self._all_rollouts is not None:
+            draft = self._all_rollouts.speculate(context, max_tokens, min_prob, as_tree)
+            return draft.sourced(OTHER_GROUPS)
         if shared.score < own.score or not shared.token_ids:
             return own.sourced(CONTEXT)
         return shared.sourced(source_of(shared, context, request.tree, state.tree, state.siblings))
@@ -341,7 +365,9 @@ class RolloutHistory:
     def _trees(self) -> list[TokenTree]:
         groups = self._groups.values()
         siblings = [g.siblings for g in groups if g.siblings is not None]
-        return [g.tree for g in groups] + siblings + [r.tree for r in self._requests.values()]
+        every_group = [] if self._all_rollouts is None else [self._all_rollouts]
+        requests = [r.tree for r in self._requests.values()]
+        return [g.tree for g in groups] + siblings + every_group + requests
 
     def _group(self, group: str) -> _Group:
         """The group's state, now the most recently used (a new one may push out the least
@@ -361,8 +387,17 @@ class RolloutHistory:
         # From the least recently used on, stopping at `count`: no walk over every group.
         idle = list(islice((g for g, state in self._groups.items() if not state.live), count))
         for group in idle:
-            del self._groups[group]
+            state = self._groups.pop(group)
+            if self._all_rollouts is not None:
+                for rollout in state.rollouts:
+                    self._all_rollouts.remove(rollout.seq_id)
         self.evicted_groups += len(idle)
+
+    def _forget(self, state: _Group, rollout: _Rollout) -> None:
+        """A stored rollout leaves its group's tree and the tree of every group's."""
+        state.tree.remove(rollout.seq_id)
+        if self._all_rollouts is not None:
+            self._all_rollouts.remove(rollout.seq_id)
 
     def _new_seq_id(self) -> int:
         seq_id = self._next_seq_id

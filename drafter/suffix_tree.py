@@ -8,6 +8,7 @@ from drafter import _core
 from drafter.draft import (
     CONTEXT,
     HISTORY,
+    OTHER_GROUPS,
     SIBLINGS,
     Draft,
     Tokens,
@@ -17,8 +18,9 @@ from drafter.draft import (
     check_speculate_args,
 )
 
-# Draft.source by the native DraftSource (drafter/_native/batch.h): none, own, shared, siblings.
-_SOURCE_NAMES = ("", CONTEXT, HISTORY, SIBLINGS)
+# Draft.source by the native DraftSource (drafter/_native/batch.h): none, own, shared, siblings,
+# fallback.
+_SOURCE_NAMES = ("", CONTEXT, HISTORY, SIBLINGS, OTHER_GROUPS)
 
 
 class SuffixTree:
@@ -98,9 +100,10 @@ class SuffixTree:
 
 
 # One row of speculate_batch (batch_row makes it): the native cores of a request's own tree,
-# of the shared tree it also drafts from and of that tree's siblings tree, and shared_seq.
+# of the shared tree it also drafts from and of that tree's siblings tree, shared_seq, and the
+# core of its fallback tree.
 _Core = _core.SuffixTreeCore
-BatchRow = tuple[_Core, _Core | None, _Core | None, int]
+BatchRow = tuple[_Core, _Core | None, _Core | None, int, _Core | None]
 
 
 def batch_row(
@@ -108,6 +111,7 @@ def batch_row(
     shared: SuffixTree | None = None,
     siblings: SuffixTree | None = None,
     shared_seq: int = -1,
+    fallback: SuffixTree | None = None,
 ) -> BatchRow:
     """A row of speculate_batch. It drafts after the last context_len tokens of own's sequence
     0 (a request's prompt and output) from own and shared (None: own only); siblings (a tree
@@ -115,12 +119,14 @@ def batch_row(
     shared came from. shared_seq >= 0: a live sequence of shared (and of siblings) that ends
     with the row's context (the request's own output with live siblings), whose suffixes'
     nodes the trees already keep, so the context is not walked from the root there.
+    fallback (None: none) is drafted from only where own and shared both give nothing.
     A row holds the trees' native cores, so it can be kept while they live."""
     return (
         own._core,
         None if shared is None else shared._core,
         None if siblings is None else siblings._core,
         shared_seq,
+        None if fallback is None else fallback._core,
     )
 
 
@@ -137,9 +143,10 @@ def speculate_batch(
 ) -> list[Draft]:
     """Every row's draft (batch_row) in one native call, the GIL released while it drafts.
     A row keeps the better-scoring of its own and its shared tree's drafts (a tie goes to
-    shared unless own_wins_ties), at most max_tokens[i] tokens. Its source: CONTEXT (own);
-    from shared, SIBLINGS if the row's siblings tree counts its match followed by its first
-    token as often as shared does, else HISTORY; "" for an empty draft. spec_factor 0:
+    shared unless own_wins_ties), at most max_tokens[i] tokens, or its fallback tree's where
+    both are empty. Its source: CONTEXT (own); from shared, SIBLINGS if the row's siblings
+    tree counts its match followed by its first token as often as shared does, else HISTORY;
+    OTHER_GROUPS from the fallback; "" for an empty draft. spec_factor 0:
     speculate's longest match; > 0: speculate_capped's rule. ValueError for a row whose own
     tree lacks sequence 0 or whose shared_seq is not live in its trees or does not end with
     its context. Equal to those per-row calls; not safe while another thread changes one of

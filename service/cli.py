@@ -119,6 +119,13 @@ def _add_simulate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         default=default.live_siblings,
         help="a group's tree also holds its running rollouts' outputs so far",
     )
+    sim.add_argument(
+        "--other-groups",
+        action=argparse.BooleanOptionalAction,
+        default=default.other_groups,
+        help="where the group's and the rollout's own text match nothing, draft from every "
+        "group's rollouts",
+    )
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(handler=_simulate, command_parser=sim)
 
@@ -175,6 +182,7 @@ def _simulate(args: argparse.Namespace) -> int:
             min_prob=args.min_prob,
             tree_drafts=args.tree_drafts,
             live_siblings=args.live_siblings,
+            other_groups=args.other_groups,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -266,6 +274,7 @@ def format_result(result: SimulationResult) -> str:
             f"max_depth {result.config.max_depth}, window {result.config.window}, "
             f"{'tree' if result.config.tree_drafts else 'chain'} drafts"
             f"{', live siblings' if result.config.live_siblings else ''}"
+            f"{', other groups' if result.config.other_groups else ''}"
         )
     else:  # the drafter knobs do not apply: suffix decoding drafts from its own cache
         drafter = (

@@ -17,7 +17,8 @@ Definitions:
   came from (drafter.draft.DRAFT_SOURCES: "history", the prompt group's stored rollouts, or
   suffix decoding's global cache under the suffix policy; "siblings", the outputs so far of the
   group's running requests, with live_siblings on; "context", the request's own prompt and
-  output), counted when a sample finishes.
+  output; "other_groups", every group's stored rollouts where none of those matched, with
+  other_groups on), counted when a sample finishes.
 """
 
 from __future__ import annotations

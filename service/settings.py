@@ -184,6 +184,12 @@ class Settings(BaseSettings):
         "(GRPO samples of one prompt decode together), not only from its finished rollouts; "
         "off: finished rollouts only",
     )
+    history_other_groups: Annotated[bool, WORKER] = Field(
+        True,
+        description="where neither a request's prompt group nor its own text has a match, draft "
+        "from the stored rollouts of every group (they are held twice: once more in one tree "
+        "of all groups)",
+    )
     history_buffer_size: Annotated[int, WORKER] = Field(
         10_000, ge=1, description="rollouts held for Redis while it is down"
     )

@@ -85,6 +85,7 @@ def create_app(
                 max_rollouts_per_group=settings.history_max_rollouts_per_group,
                 max_groups=settings.history_max_groups,
                 live_siblings=settings.history_live_siblings,
+                other_groups=settings.history_other_groups,
             ),
             metrics,
             name,

@@ -56,7 +56,8 @@ void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options
     if (row.max_tokens > 0) {
       const auto [context, len] = row.own->tail(row.own_slot, size_t(options.context_len));
       // Each tree's result lives in that tree's scratch until its next call, so the own
-      // draft is still intact when the shared one is made (they are different trees).
+      // draft is still intact when the shared one is made (they are different trees). The
+      // fallback is drafted only where the pick is empty, and its result is the new pick.
       const DraftResult& own =
           draft_one(*row.own, row.own_slot, context, len, row.max_tokens, options);
       const DraftResult* pick = &own;
@@ -68,9 +69,13 @@ void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options
             options.own_wins_ties ? shared.score > own.score : shared.score >= own.score;
         if (shared_wins) pick = &shared;
       }
+      if (pick->token_ids.empty() && row.fallback != nullptr) {
+        pick = &draft_one(*row.fallback, kNone, context, len, row.max_tokens, options);
+        source = kFallback;
+      }
       if (pick->token_ids.empty())
         source = kNoDraft;
-      else if (pick != &own)
+      else if (pick != &own && source != kFallback)
         source = shared_source(row, context, len, *pick, &key);
       out->token_ids.insert(out->token_ids.end(), pick->token_ids.begin(), pick->token_ids.end());
       out->parents.insert(out->parents.end(), pick->parents.begin(), pick->parents.end());

@@ -19,11 +19,13 @@ namespace drafter {
 // from. shared_slot, if not kNone, is a live sequence of `shared` that ends with the context
 // (the request's own output with live siblings; siblings_slot is the same sequence in
 // `siblings`): the context's suffixes are then its active suffixes there, not walked from the
-// root.
+// root. `fallback`, if not null, is drafted from only when own and shared both give nothing
+// (the stored rollouts of every group, for a request whose group's text has no match).
 struct BatchRow {
   SuffixTreeCore* own;
   SuffixTreeCore* shared;
   SuffixTreeCore* siblings;
+  SuffixTreeCore* fallback;
   int32_t own_slot;
   int32_t shared_slot;
   int32_t siblings_slot;
@@ -33,9 +35,9 @@ struct BatchRow {
 // Where a row's draft came from (kNoDraft: it is empty). kOwn: the own tree's draft, or one of
 // shared that occurs in running requests only and no more often than in the own tree; kShared:
 // shared's, from a sequence not in `siblings` (a stored rollout); kSiblings: shared's, only
-// from running requests, and more often than in the own tree (so another request holds it).
-// "Occurs": the draft's match followed by its first token.
-enum DraftSource : uint8_t { kNoDraft = 0, kOwn = 1, kShared = 2, kSiblings = 3 };
+// from running requests, and more often than in the own tree (so another request holds it);
+// kFallback: the fallback tree's. "Occurs": the draft's match followed by its first token.
+enum DraftSource : uint8_t { kNoDraft = 0, kOwn = 1, kShared = 2, kSiblings = 3, kFallback = 4 };
 
 struct BatchOptions {
   int64_t context_len;  // the context is the last context_len tokens of own's sequence 0
@@ -61,7 +63,8 @@ struct BatchDrafts {
 };
 
 // Every row's draft: the better-scoring of its own tree's and its shared tree's (each as
-// speculate or speculate_capped would draft it alone), so the result equals the per-row calls.
+// speculate or speculate_capped would draft it alone), or, where both are empty, its fallback
+// tree's; so the result equals the per-row calls.
 void speculate_batch(const BatchRow* rows, size_t n, const BatchOptions& options,
                      BatchDrafts* out);
 

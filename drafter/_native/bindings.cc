@@ -127,21 +127,22 @@ class DraftMaker {
   bool direct_;
 };
 
-// A row (own, shared, siblings, shared_seq) of speculate_batch (drafter/suffix_tree.py's
-// batch_row), its slots resolved and checked: own holds sequence 0; a shared_seq >= 0 is live
-// in shared (and siblings, if any) and ends with the row's context.
+// A row (own, shared, siblings, shared_seq, fallback) of speculate_batch (drafter/
+// suffix_tree.py's batch_row), its slots resolved and checked: own holds sequence 0; a
+// shared_seq >= 0 is live in shared (and siblings, if any) and ends with the row's context.
 BatchRow batch_row(nb::handle item, int64_t max_tokens, size_t context_len) {
   constexpr int32_t kNone = drafter::kNone;
-  if (!PyTuple_Check(item.ptr()) || PyTuple_GET_SIZE(item.ptr()) != 4)
-    throw nb::value_error("a row is a tuple (own, shared, siblings, shared_seq)");
+  if (!PyTuple_Check(item.ptr()) || PyTuple_GET_SIZE(item.ptr()) != 5)
+    throw nb::value_error("a row is a tuple (own, shared, siblings, shared_seq, fallback)");
   auto field = [&](Py_ssize_t i) { return nb::handle(PyTuple_GET_ITEM(item.ptr(), i)); };
   SuffixTreeCore* own = tree_or_null(field(0));
   SuffixTreeCore* shared = tree_or_null(field(1));
   SuffixTreeCore* siblings = tree_or_null(field(2));
   const int64_t shared_seq = nb::cast<int64_t>(field(3));
+  SuffixTreeCore* fallback = tree_or_null(field(4));
   if (own == nullptr) throw nb::value_error("every row needs its own tree");
   if (max_tokens < 0) throw nb::value_error("max_tokens must be >= 0");
-  BatchRow row{own, shared, siblings, own->live_slot(0), kNone, kNone, max_tokens};
+  BatchRow row{own, shared, siblings, fallback, own->live_slot(0), kNone, kNone, max_tokens};
   if (row.own_slot == kNone) throw nb::value_error("every own tree needs its sequence 0");
   if (shared_seq < 0) return row;
   if (shared == nullptr) throw nb::value_error("a row with a shared_seq needs a shared tree");
@@ -165,7 +166,7 @@ nb::list speculate_batch(nb::sequence rows_in, const std::vector<int64_t>& max_t
                          nb::handle draft_type, nb::tuple source_names) {
   const size_t n = nb::len(rows_in);
   if (max_tokens.size() != n) throw nb::value_error("rows and max_tokens differ in length");
-  if (nb::len(source_names) != 4) throw nb::value_error("need 4 source names");
+  if (nb::len(source_names) != 5) throw nb::value_error("need 5 source names");
   if (context_len < 0) throw nb::value_error("context_len must be >= 0");
   std::vector<BatchRow> rows;
   rows.reserve(n);

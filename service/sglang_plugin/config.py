@@ -64,6 +64,7 @@ def drafter_config(settings: Settings) -> DrafterConfig:
         max_rollouts_per_group=settings.history_max_rollouts_per_group,
         max_groups=settings.history_max_groups,
         live_siblings=settings.history_live_siblings,
+        other_groups=settings.history_other_groups,
         tree_drafts=True,
     )
 

@@ -119,6 +119,7 @@ class EngineDrafter:
                 max_groups=options.max_groups,
                 min_prob=options.min_prob,
                 live_siblings=options.live_siblings,
+                other_groups=options.other_groups,
             )
         )
         cost = parse_cost_model(options.cost_model)

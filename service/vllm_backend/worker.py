@@ -173,6 +173,7 @@ class VllmWorker:
                 max_groups=store.config.max_groups,
                 min_prob=store.config.min_prob,
                 live_siblings=store.config.live_siblings,
+                other_groups=store.config.other_groups,
             )
             if self._speculation
             else None

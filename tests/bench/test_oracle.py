@@ -54,6 +54,9 @@ def test_a_finished_sibling_joins_the_history_of_its_group_only() -> None:
     runs = oracle.oracle_batch([short, long, other], {}, max_draft=8, context=1)
     assert runs == [[0], [0, 0, 1], [0, 0, 0, 0]]
     assert oracle.oracle_batch([long], {}, max_draft=8, context=1) == [[0, 0, 0, 0]]
+    # With other groups visible, h's rollout may copy g's finished one too.
+    everywhere = oracle.oracle_batch([short, long, other], {}, 8, 1, other_groups=True)
+    assert everywhere == [[0], [0, 0, 1], [0, 0, 1]]
 
 
 def test_live_siblings_show_their_outputs_as_of_the_steps_start() -> None:

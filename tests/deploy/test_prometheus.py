@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from bench.dashboard_png import MAIN_PANELS, render
+from drafter.draft import DRAFT_SOURCES
 from tests.service.conftest import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,10 +240,11 @@ def test_the_workload_shows_speedup_in_prometheus(stack: Stack) -> None:
     counts = {item["metric"]["length_class"]: float(item["value"][1]) for item in classes}
     assert sum(counts.values()) == EPOCHS * len(PROMPTS) * SAMPLES
     assert "medium" in counts and len(counts) >= 2, counts
-    # Drafts came from every source, and the by-source counts add up to the totals.
+    # Drafts came from every source (other groups' rollouts only where nothing else matched:
+    # maybe never), and the by-source counts add up to the totals.
     drafted = by_source(stack.prometheus, "das_source_drafted_tokens_total")
     accepted = by_source(stack.prometheus, "das_source_accepted_tokens_total")
-    assert set(drafted) == {"history", "siblings", "context"}, drafted
+    assert {"history", "siblings", "context"} <= set(drafted) <= set(DRAFT_SOURCES), drafted
     assert sum(drafted.values()) == scalar(stack.prometheus, "sum(das_drafted_tokens_total)")
     assert sum(accepted.values()) == scalar(stack.prometheus, "sum(das_accepted_tokens_total)")
     assert accepted["history"] > 0, accepted

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drafter import Draft, DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
-from drafter.draft import CONTEXT, HISTORY, SIBLINGS
+from drafter.draft import CONTEXT, HISTORY, OTHER_GROUPS, SIBLINGS
 from drafter.history import TokenTree
 
 PROMPT = [101, 102, 103, 104]
@@ -41,10 +41,35 @@ def test_history_drafts_a_rollout_of_the_same_group_from_the_first_token(
 
 
 def test_groups_do_not_share_history(tree_factory: Callable[[int], TokenTree]) -> None:
-    history = make_history(tree_factory)
+    history = make_history(tree_factory, other_groups=False)
     history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)
     history.start_request("other", "h", PROMPT)
     assert len(history.speculate("other", 8)) == 0
+
+
+def test_other_groups_draft_only_where_the_group_and_context_have_nothing(
+    tree_factory: Callable[[int], TokenTree],
+) -> None:
+    history = make_history(tree_factory)
+    history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)
+    history.add_rollout("h", [60, 61, 62, 63], version=0, prompt=[1, 2])
+    history.start_request("other", "h", PROMPT)  # h's prompt differs: its rollout matches not
+    assert history.speculate("other", 4) == Draft(
+        ANSWER[:4], [-1, 0, 1, 2], [1.0] * 4, 4.0, 4, OTHER_GROUPS
+    )
+    history.extend_request("other", [60, 61])  # now its own group's rollout matches
+    draft = history.speculate("other", 4)
+    assert (draft.token_ids, draft.source) == ([62, 63], HISTORY)
+    history.extend_request("other", [62, 63, 70, 71, 70])  # past h's text: 70, 71 is its own
+    draft = history.speculate("other", 2)
+    assert (draft.token_ids, draft.source) == ([71, 70], CONTEXT)
+    history.stop_request("other")
+    assert history.evict_before(1) == 2 and history.num_tokens() == 0  # both trees emptied
+    history.add_rollout("g", ANSWER, version=1, prompt=PROMPT)
+    for group in range(history.config.max_groups):  # g, idle, is dropped as least recent
+        history.add_rollout(f"new{group}", [5], version=1)
+    history.start_request("late", "x", PROMPT)
+    assert history.speculate("late", 4).token_ids == []  # g's rollout left every tree
 
 
 def test_request_drafts_from_its_own_context(tree_factory: Callable[[int], TokenTree]) -> None:
@@ -104,7 +129,7 @@ def test_rollouts_per_group_are_capped(tree_factory: Callable[[int], TokenTree])
     for length in range(1, 6):
         history.add_rollout("g", list(range(length)), version=0)
     assert history.recent_lengths("g") == [3, 4, 5]
-    assert history.num_tokens() == 3 + 4 + 5
+    assert history.num_tokens() == 2 * (3 + 4 + 5)  # the group's tree and every group's
 
 
 def test_memory_stays_bounded_by_the_window(tree_factory: Callable[[int], TokenTree]) -> None:
@@ -115,9 +140,10 @@ def test_memory_stays_bounded_by_the_window(tree_factory: Callable[[int], TokenT
         for sample in range(4):
             history.add_rollout("g", [version % 5, sample, *range(20)], version=version)
         tokens_per_version.append(history.num_tokens())
-    # From version 1 on the history holds exactly two versions of 4 rollouts of 22 tokens.
-    assert tokens_per_version[0] == 4 * 22
-    assert tokens_per_version[1:] == [2 * 4 * 22] * 7
+    # From version 1 on the history holds exactly two versions of 4 rollouts of 22 tokens, each
+    # in its group's tree and in every group's.
+    assert tokens_per_version[0] == 2 * 4 * 22
+    assert tokens_per_version[1:] == [2 * 2 * 4 * 22] * 7
     assert history.memory_bytes() > 0
 
 
@@ -141,7 +167,7 @@ def test_groups_past_the_cap_drop_the_least_recently_used(
     assert sorted(history.groups()) == ["c", "f", "g"]
     history.stop_request("r")
     assert history.recent_lengths("c") == [3] and history.recent_lengths("b") == []
-    assert history.num_tokens() == 3 + 1 + 1
+    assert history.num_tokens() == 2 * (3 + 1 + 1)  # every group's tree dropped theirs too
 
 
 def test_group_stats(tree_factory: Callable[[int], TokenTree]) -> None:
@@ -242,40 +268,58 @@ def test_live_siblings_draft_from_each_others_outputs_so_far(
         st.tuples(st.integers(0, 3), st.lists(st.integers(0, 5), min_size=1, max_size=4)),
         max_size=30,
     ),
+    st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=12), max_size=3),
     st.integers(1, 6),
 )
 def test_live_sibling_drafts_copy_only_what_a_drafter_may_see(
-    stored: list[list[int]], steps: list[tuple[int, list[int]]], budget: int
+    stored: list[list[int]],
+    steps: list[tuple[int, list[int]]],
+    elsewhere: list[list[int]],
+    budget: int,
 ) -> None:
     """Every draft (with the context it matched) is a run of one sequence a history drafter
     may see: a stored rollout, a running sibling's output so far, or the request's own. Its
     source is the kind of sequence its match and first token came from: a stored rollout
     (HISTORY); only running requests' outputs, more often than in the request's own prompt
-    and output (SIBLINGS); else the request's own (CONTEXT)."""
+    and output (SIBLINGS); else the request's own (CONTEXT). Another group's rollouts
+    (OTHER_GROUPS) draft only where the group's and the request's own text give nothing: the
+    drafts are those of a history without them wherever that one drafts."""
     history = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True))
+    alone = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True, other_groups=False))
     prompt = [9, 9]
-    for output in stored:
-        history.add_rollout("g", output, version=0, prompt=prompt)
+    for twin in (history, alone):
+        for output in stored:
+            twin.add_rollout("g", output, version=0, prompt=prompt)
+        for output in elsewhere:
+            twin.add_rollout("o", output, version=0, prompt=[8])
     outputs: dict[int, list[int]] = {}
     for live, tokens in steps:
-        if live not in outputs:
-            history.start_request(live, "g", prompt)
-            outputs[live] = []
-        history.extend_request(live, tokens)
-        outputs[live] += tokens
+        for twin in (history, alone):
+            if live not in outputs:
+                twin.start_request(live, "g", prompt)
+            twin.extend_request(live, tokens)
+        outputs[live] = outputs.get(live, []) + tokens
         if len(outputs) > 1 and live == 3:  # one sibling stops (aborted) now and then
             history.stop_request(live)
+            alone.stop_request(live)
             del outputs[live]
         rollouts = [prompt + s for s in stored]
         running = [prompt + o for o in outputs.values()]
         for request, output in outputs.items():
             draft = history.speculate(request, budget)
+            without = alone.speculate(request, budget)
+            if without.token_ids:
+                assert draft == without
             if not draft.token_ids:
                 assert draft.source == ""
                 continue
             context = (prompt + output)[-12:]
             match = context[len(context) - draft.match_len :]
             run = match + draft.token_ids
+            if draft.source == OTHER_GROUPS:
+                assert not without.token_ids
+                assert any(_contains(s, run) for s in [*rollouts, *([8, *o] for o in elsewhere)])
+                continue
             assert any(_contains(s, run) for s in rollouts + running), run
             key = match + draft.token_ids[:1]
             in_rollouts = sum(_count(s, key) for s in rollouts)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drafter import Draft, DrafterConfig, ReferenceSuffixTree, RolloutHistory, SuffixTree
-from drafter.draft import CONTEXT, DRAFT_SOURCES
+from drafter.draft import CONTEXT, DRAFT_SOURCES, OTHER_GROUPS
 from drafter.history import source_of
 from drafter.suffix_tree import batch_row, speculate_batch
 
@@ -18,6 +18,7 @@ def per_row(
     own: SuffixTree,
     shared: SuffixTree | None,
     siblings: SuffixTree | None,
+    fallback: SuffixTree | None,
     context: list[int],
     max_tokens: int,
     min_prob: float,
@@ -35,9 +36,11 @@ def per_row(
         return t.speculate(context, max_tokens, min_prob, tree)
 
     mine = one(own)
+    theirs = Draft() if shared is None else one(shared)
+    if not (mine or theirs) and fallback is not None:
+        return one(fallback).sourced(OTHER_GROUPS)
     if shared is None:
         return mine.sourced(CONTEXT)
-    theirs = one(shared)
     wins = theirs.score > mine.score if own_wins_ties else theirs.score >= mine.score
     if not wins:
         return mine.sourced(CONTEXT)
@@ -55,6 +58,7 @@ def per_row(
             st.integers(0, 2),
             st.integers(-1, 4),  # the group's first k sequences are running; -1: none tracked
             st.booleans(),  # the row's own sequence is also live in its group's trees
+            st.integers(0, 3),  # its fallback tree: a group's (maybe its own), 3: none
         ),
         min_size=0,
         max_size=8,
@@ -69,7 +73,7 @@ def per_row(
 )
 def test_batch_equals_per_row_calls(
     shared_seqs: list[list[list[int]]],
-    rows: list[tuple[list[int], int, int, bool]],
+    rows: list[tuple[list[int], int, int, bool, int]],
     budgets: list[int],
     max_depth: int,
     context_len: int,
@@ -85,8 +89,8 @@ def test_batch_equals_per_row_calls(
             if seq:
                 group.extend(seq_id, seq)
         groups.append(group)
-    own, shared, siblings, contexts, in_shared = [], [], [], [], []
-    for row, (sequence, group_index, running, also_shared) in enumerate(rows):
+    own, shared, siblings, contexts, in_shared, fallbacks = [], [], [], [], [], []
+    for row, (sequence, group_index, running, also_shared, fallback) in enumerate(rows):
         tree_of_row = SuffixTree(max_depth)
         tree_of_row.extend(0, sequence)
         own.append(tree_of_row)
@@ -108,9 +112,10 @@ def test_batch_equals_per_row_calls(
             if live is not None:
                 live.extend(seq_id, sequence)
         in_shared.append(seq_id)
+        fallbacks.append(groups[fallback] if fallback < len(groups) else None)
     sizes = budgets[: len(rows)]
     got = speculate_batch(
-        [batch_row(*row) for row in zip(own, shared, siblings, in_shared, strict=True)],
+        [batch_row(*row) for row in zip(own, shared, siblings, in_shared, fallbacks, strict=True)],
         sizes,
         context_len,
         min_prob,
@@ -119,8 +124,8 @@ def test_batch_equals_per_row_calls(
         own_wins_ties=own_wins_ties,
     )
     want = [
-        per_row(o, s, b, c, m, min_prob, tree, spec_factor, own_wins_ties)
-        for o, s, b, c, m in zip(own, shared, siblings, contexts, sizes, strict=True)
+        per_row(o, s, b, f, c, m, min_prob, tree, spec_factor, own_wins_ties)
+        for o, s, b, f, c, m in zip(own, shared, siblings, fallbacks, contexts, sizes, strict=True)
     ]
     assert got == want
     assert all(draft.source in DRAFT_SOURCES if draft else not draft.source for draft in got)

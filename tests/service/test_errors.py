@@ -99,10 +99,16 @@ def sse_events(response: httpx.Response) -> list[Any]:
     return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
 
 
-def raised(error: BaseException, cause: BaseException) -> Callable[[], BaseException]:
+def raised(
+    error: Callable[[], BaseException], cause: Callable[[], BaseException]
+) -> Callable[[], BaseException]:
+    """A new error with a new cause at every call: an instance raised once holds the frames it
+    passed through (a worker, its history) for as long as the parametrization keeps it."""
+
     def make() -> BaseException:
-        error.__cause__ = cause
-        return error
+        made = error()
+        made.__cause__ = cause()
+        return made
 
     return make
 
@@ -156,7 +162,7 @@ def test_each_class_renders_its_status_and_openai_body(kind: type[ServiceError])
 
 @pytest.mark.parametrize(
     "failure",
-    [lambda: RuntimeError(SECRET), raised(EngineFailure(), RuntimeError(SECRET))],
+    [lambda: RuntimeError(SECRET), raised(EngineFailure, lambda: RuntimeError(SECRET))],
     ids=["unexpected", "engine-failure"],
 )
 @pytest.mark.parametrize("stream", [False, True])
@@ -183,7 +189,7 @@ def test_an_engine_exception_is_a_500_that_leaks_nothing(
     ("failure", "message"),
     [
         (lambda: RuntimeError(SECRET), "internal server error"),
-        (raised(EngineFailure(), RuntimeError(SECRET)), "generation failed"),
+        (raised(EngineFailure, lambda: RuntimeError(SECRET)), "generation failed"),
         (lambda: Unavailable("the worker is shutting down"), "the worker is shutting down"),
     ],
     ids=["unexpected", "engine-failure", "unavailable"],

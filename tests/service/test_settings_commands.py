@@ -146,7 +146,13 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
     for command in ("serve", "gateway"):
         argv = [command]
         for name in _flags(command):
-            if name in ("speculation", "deterministic", "history_live_siblings", "tree_drafts"):
+            if name in (
+                "speculation",
+                "deterministic",
+                "history_live_siblings",
+                "history_other_groups",
+                "tree_drafts",
+            ):
                 argv.append(flag_name(name))
             elif name == "worker_urls":
                 argv += ["--worker", "http://a:1/", "--worker", "http://b:2"]
