@@ -83,7 +83,7 @@ class RolloutConfig:
     cost: str = CALIBRATE
     tree_drafts: bool = False  # every mode drafts best-first trees (the engine verifies them)
     live_siblings: bool = True  # every mode also drafts from its running siblings' outputs
-    other_groups: bool = True  # where nothing of its group matches, from every group's rollouts
+    other_groups: bool = False  # where nothing of its group matches, from every group's rollouts
 
     def __post_init__(self) -> None:
         for name in ("samples", "epochs", "max_tokens"):

@@ -185,7 +185,7 @@ class Settings(BaseSettings):
         "off: finished rollouts only",
     )
     history_other_groups: Annotated[bool, WORKER] = Field(
-        True,
+        False,
         description="where neither a request's prompt group nor its own text has a match, draft "
         "from the stored rollouts of every group (they are held twice: once more in one tree "
         "of all groups)",

@@ -30,7 +30,7 @@ class DasVllmOptions:
     max_groups: int = 8192
     min_prob: float = 0.1
     live_siblings: bool = True  # draft from the group's running requests' outputs too
-    other_groups: bool = True  # where nothing of the group matches, every group's rollouts
+    other_groups: bool = False  # where nothing of the group matches, every group's rollouts
     calibration_steps: int = 32  # timed steps before the fit
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ def test_history_drafts_a_rollout_of_the_same_group_from_the_first_token(
 
 
 def test_groups_do_not_share_history(tree_factory: Callable[[int], TokenTree]) -> None:
-    history = make_history(tree_factory, other_groups=False)
+    history = make_history(tree_factory)
     history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)
     history.start_request("other", "h", PROMPT)
     assert len(history.speculate("other", 8)) == 0
@@ -50,7 +50,7 @@ def test_groups_do_not_share_history(tree_factory: Callable[[int], TokenTree]) -
 def test_other_groups_draft_only_where_the_group_and_context_have_nothing(
     tree_factory: Callable[[int], TokenTree],
 ) -> None:
-    history = make_history(tree_factory)
+    history = make_history(tree_factory, other_groups=True)
     history.add_rollout("g", ANSWER, version=0, prompt=PROMPT)
     history.add_rollout("h", [60, 61, 62, 63], version=0, prompt=[1, 2])
     history.start_request("other", "h", PROMPT)  # h's prompt differs: its rollout matches not
@@ -125,7 +125,7 @@ def test_version_cannot_go_back(tree_factory: Callable[[int], TokenTree]) -> Non
 
 
 def test_rollouts_per_group_are_capped(tree_factory: Callable[[int], TokenTree]) -> None:
-    history = make_history(tree_factory, max_rollouts_per_group=3)
+    history = make_history(tree_factory, max_rollouts_per_group=3, other_groups=True)
     for length in range(1, 6):
         history.add_rollout("g", list(range(length)), version=0)
     assert history.recent_lengths("g") == [3, 4, 5]
@@ -133,7 +133,7 @@ def test_rollouts_per_group_are_capped(tree_factory: Callable[[int], TokenTree])
 
 
 def test_memory_stays_bounded_by_the_window(tree_factory: Callable[[int], TokenTree]) -> None:
-    history = make_history(tree_factory, window=2)
+    history = make_history(tree_factory, window=2, other_groups=True)
     tokens_per_version = []
     for version in range(8):
         history.set_version(version)
@@ -153,7 +153,7 @@ def test_groups_past_the_cap_drop_the_least_recently_used(
     """With no weight update the window evicts nothing, so new prompt groups would pile up:
     past max_groups the least recently used group goes (a rollout or a request start uses
     it), except one with a running request in its tree."""
-    history = make_history(tree_factory, max_groups=3, live_siblings=True)
+    history = make_history(tree_factory, max_groups=3, live_siblings=True, other_groups=True)
     for group in ("a", "b", "c"):
         history.add_rollout(group, [1, 2, 3], version=0)
     history.add_rollout("a", [4, 5], version=0)  # a is now the most recent: b is the least
@@ -284,8 +284,8 @@ def test_live_sibling_drafts_copy_only_what_a_drafter_may_see(
     and output (SIBLINGS); else the request's own (CONTEXT). Another group's rollouts
     (OTHER_GROUPS) draft only where the group's and the request's own text give nothing: the
     drafts are those of a history without them wherever that one drafts."""
-    history = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True))
-    alone = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True, other_groups=False))
+    history = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True, other_groups=True))
+    alone = RolloutHistory(DrafterConfig(max_depth=12, live_siblings=True))
     prompt = [9, 9]
     for twin in (history, alone):
         for output in stored:

@@ -191,7 +191,7 @@ def test_result_serialises_every_figure() -> None:
         "min_prob": 0.1,
         "tree_drafts": False,
         "live_siblings": True,
-        "other_groups": True,
+        "other_groups": False,
     }
     epochs = data["epochs"]
     assert isinstance(epochs, list)

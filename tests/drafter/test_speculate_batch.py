@@ -173,6 +173,7 @@ request_st = st.tuples(st.sampled_from(["a", "b"]), tokens_st.filter(bool), toke
     budgets=st.lists(st.integers(0, 12), min_size=5, max_size=5),
     live_siblings=st.booleans(),
     tree_drafts=st.booleans(),
+    other_groups=st.booleans(),
 )
 def test_history_batch_equals_its_per_row_speculate(
     rollouts: list[tuple[str, list[int], list[int]]],
@@ -180,8 +181,14 @@ def test_history_batch_equals_its_per_row_speculate(
     budgets: list[int],
     live_siblings: bool,
     tree_drafts: bool,
+    other_groups: bool,
 ) -> None:
-    config = DrafterConfig(max_depth=10, live_siblings=live_siblings, tree_drafts=tree_drafts)
+    config = DrafterConfig(
+        max_depth=10,
+        live_siblings=live_siblings,
+        tree_drafts=tree_drafts,
+        other_groups=other_groups,
+    )
     native = RolloutHistory(config)
     reference = RolloutHistory(config, tree_factory=ReferenceSuffixTree)
     for history in (native, reference):

@@ -120,7 +120,7 @@ def test_simulate_defaults_to_das(
         "min_prob": 0.1,
         "tree_drafts": False,
         "live_siblings": True,
-        "other_groups": True,
+        "other_groups": False,
     }
 
 
