@@ -78,6 +78,7 @@ def oracle_batch(
         finished = []
         # What each running rollout shows its siblings: its prompt and output at the step's start.
         shown = {j: fulls[j][: len(batch[j].prompt) + positions[j]] for j in live}
+        everyone = [text for texts in seen.values() for text in texts] if other_groups else []
         for i in live:
             record, full = batch[i], fulls[i]
             at = len(record.prompt) + positions[i]
@@ -86,11 +87,7 @@ def oracle_batch(
                 for j in live
                 if live_siblings and j != i and batch[j].group == record.group
             ]
-            stored = (
-                [text for texts in seen.values() for text in texts]
-                if other_groups
-                else seen.get(record.group, [])
-            )
+            stored = everyone if other_groups else seen.get(record.group, [])
             corpus = _SEPARATOR.join([*stored, *siblings, full[:at]])
             left = len(record.output) - positions[i] - 1  # the target's own token comes last
             run = _longest_run(corpus, full, at, min(max_draft, left), context)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from drafter.draft import DRAFT_SOURCES
+
 
 @dataclass(frozen=True, slots=True)
 class Acceptance:
@@ -210,7 +212,7 @@ def match_bin(match_len: int) -> int:
 
 
 # Draft.source's names (drafter.draft.DRAFT_SOURCES), in their bins; bin 0: none recorded.
-_SOURCE_NAMES = ("", "history", "siblings", "context", "other_groups")
+_SOURCE_NAMES = ("", *DRAFT_SOURCES)
 _SOURCE_BINS = len(_SOURCE_NAMES)
 _SOURCE_INDEX = {name: b for b, name in enumerate(_SOURCE_NAMES)}
 

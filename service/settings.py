@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from drafter.config import DrafterConfig
 from drafter.cost import H100_7B, SMOLLM2_CPU, CostModel, parse_cost_model
 from drafter.policy_spec import parse_policy_spec
 
@@ -297,3 +298,13 @@ class Settings(BaseSettings):
     @property
     def worker_name(self) -> str:
         return self.worker_id or f"{self.host}:{self.port}"
+
+    def drafter_config(self) -> DrafterConfig:
+        """The rollout history's knobs (the history_* settings), as every worker takes them."""
+        return DrafterConfig(
+            window=self.history_window,
+            max_rollouts_per_group=self.history_max_rollouts_per_group,
+            max_groups=self.history_max_groups,
+            live_siblings=self.history_live_siblings,
+            other_groups=self.history_other_groups,
+        )

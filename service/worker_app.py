@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from drafter import DrafterConfig
 from service.entrypoints import chat, completions, control, sglang, vllm
 from service.entrypoints.deps import WorkerState
 from service.entrypoints.generation import Generation
@@ -80,13 +79,7 @@ def create_app(
             else None
         )
         store = HistoryStore(
-            DrafterConfig(
-                window=settings.history_window,
-                max_rollouts_per_group=settings.history_max_rollouts_per_group,
-                max_groups=settings.history_max_groups,
-                live_siblings=settings.history_live_siblings,
-                other_groups=settings.history_other_groups,
-            ),
+            settings.drafter_config(),
             metrics,
             name,
             redis,

@@ -11,6 +11,7 @@ differ from the embedded engine:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from drafter.config import DrafterConfig
@@ -59,14 +60,8 @@ def settings_from_env() -> Settings:
 
 
 def drafter_config(settings: Settings) -> DrafterConfig:
-    return DrafterConfig(
-        window=settings.history_window,
-        max_rollouts_per_group=settings.history_max_rollouts_per_group,
-        max_groups=settings.history_max_groups,
-        live_siblings=settings.history_live_siblings,
-        other_groups=settings.history_other_groups,
-        tree_drafts=True,
-    )
+    """The workers' history knobs, with tree drafts (SGLang verifies trees)."""
+    return replace(settings.drafter_config(), tree_drafts=True)
 
 
 def build_speculator(
