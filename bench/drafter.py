@@ -27,11 +27,13 @@ so far. Per row, microseconds per step of: RolloutHistory.speculate called in a 
 RolloutHistory.speculate_batch (one native call), the speculation core's drafts() (budgets from
 fixed:16, then the batched call), and the same loop and batch on suffix decoding's cache (the
 suffix policy: global cache, per-request trees, capped drafts); drafts() under das and das-rate
-(priced for a 7B on an H100: das drafts 16 tokens a row in the batched call and then cuts them,
-das-rate sets budgets first); and recording what a verify step appended
+(priced for a 7B on an H100: das drafts each row as deep as its calibrated chances could pay
+and then cuts the drafts, das-rate sets budgets first); recording what a verify step appended
 (2 tokens a row into the request's own tree and, with live siblings, its group's two trees):
-Speculator.extend per row, and Speculator.extend_batch (one native call for every row's trees).
-Medians over repeated steps.
+Speculator.extend per row, and Speculator.extend_batch (one native call for every row's trees);
+and das's whole step: drafts(), then extend_batch recording each draft's first token as accepted
+(its evidence included) and one more token, as an engine's verify step would. Medians over
+repeated steps.
 No timing is asserted: this prints tables and writes JSON.
 """
 
@@ -278,6 +280,7 @@ class BatchRow:
     das_rate_drafts_us_per_row: float  # the same under das-rate
     extend_loop_us_per_row: float  # Speculator.extend per row (2 tokens each)
     extend_batch_us_per_row: float  # Speculator.extend_batch (one native call for the trees)
+    das_step_us_per_row: float  # das's drafts() and extend_batch of what it accepted
     mean_draft_len: float
     steps_timed: int
 
@@ -358,6 +361,14 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
     extend_batch_us = _median_us_per_row(
         lambda: speculator.extend_batch(handles, appended, drafted, accepted), rows, steps
     )
+
+    def das_step() -> None:
+        step = das.drafts(handles, caps)
+        tokens = [[draft.token_ids[0], 0] if len(draft) else [0] for draft in step]
+        sizes = [len(draft) for draft in step]
+        das.extend_batch(handles, tokens, sizes, [min(1, size) for size in sizes])
+
+    das_step_us = _median_us_per_row(das_step, rows, steps)
     return BatchRow(
         rows=rows,
         loop_us_per_row=_median_us_per_row(
@@ -379,6 +390,7 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
         das_rate_drafts_us_per_row=das_rate_drafts,
         extend_loop_us_per_row=extend_loop_us,
         extend_batch_us_per_row=extend_batch_us,
+        das_step_us_per_row=das_step_us,
         mean_draft_len=float(np.mean([len(d) for d in drafts])),
         steps_timed=steps,
     )
@@ -388,7 +400,7 @@ def print_batch_table(rows: list[BatchRow]) -> None:
     header = (
         f"{'rows':>5} {'loop':>8} {'batch':>8} {'drafts()':>9} {'speedup':>8} "
         f"{'sfx loop':>9} {'sfx batch':>9} {'das':>7} {'das-rate':>8} {'ext loop':>8} "
-        f"{'ext batch':>9} "
+        f"{'ext batch':>9} {'das step':>8} "
         f"{'draft len':>9}"
     )
     print(header)
@@ -400,14 +412,16 @@ def print_batch_table(rows: list[BatchRow]) -> None:
             f"{r.suffix_loop_us_per_row:>9.2f} {r.suffix_batch_us_per_row:>9.2f} "
             f"{r.das_drafts_us_per_row:>7.2f} {r.das_rate_drafts_us_per_row:>8.2f} "
             f"{r.extend_loop_us_per_row:>8.2f} "
-            f"{r.extend_batch_us_per_row:>9.2f} {r.mean_draft_len:>9.1f}"
+            f"{r.extend_batch_us_per_row:>9.2f} {r.das_step_us_per_row:>8.2f} "
+            f"{r.mean_draft_len:>9.1f}"
         )
     print(
         "microseconds per row per step (medians): loop = RolloutHistory.speculate per row, "
         "batch = speculate_batch, drafts() = the speculation core's whole call; sfx = the "
         "suffix policy's cache; das, das-rate = drafts() under each (priced for a 7B on an "
         "H100); ext = recording a step's 2 tokens a row: Speculator.extend per row (loop) or "
-        "extend_batch (one native call)."
+        "extend_batch (one native call); das step = das's drafts() and extend_batch of what "
+        "it accepted."
     )
 
 

@@ -223,6 +223,16 @@ def source_bin(source: object) -> int:
 
 
 IntArray = npt.NDArray[np.int64]
+
+
+def source_bins(sources: Sequence[object]) -> IntArray:
+    """source_bin of each source, in one array."""
+    index = _SOURCE_INDEX
+    return np.fromiter(
+        (index.get(s, 0) if isinstance(s, str) else 0 for s in sources), np.int64, len(sources)
+    )
+
+
 _PROB_EDGES_ASCENDING = np.asarray(_PROB_EDGES[::-1])
 
 
@@ -324,6 +334,14 @@ class DraftCalibrator:
             fine = (self._accepted + v * coarse[:, :, None, None]) / (self._tried + v)
             self._table = np.maximum(fine, self.floor).ravel()
         return self._table
+
+    def depth_ceilings(self, depths: int) -> npt.NDArray[np.float64]:
+        """The most any draft token at depth 0, 1, ..., depths - 1 can be given as its chance
+        with its ancestors' (the running minimum along its path, capped at 1): the best cell
+        of each depth's position bin, minimised over the depths above it. Non-increasing."""
+        best = np.minimum(self.table().reshape(self._tried.shape).max(axis=(0, 2, 3)), 1.0)
+        bins = _capped_bit_length(np.arange(depths), _POSITION_BINS - 1)
+        return np.minimum.accumulate(best[bins])
 
     def observe(self, cells: Sequence[int], accepted: int) -> None:
         """A chain drafted with these cells was verified and its first `accepted` tokens kept:

@@ -16,8 +16,8 @@ and the live batch) into budgets:
   (das simulate) it beat the closed form below by 3-6% of makespan on this CPU's cost model and
   19% on the 7B-on-H100 one.
 - "das" (the default, MatchRule at the end): the same test with each draft token's own
-  calibrated chance of acceptance instead of rate ** n, applied to drafts of the largest size
-  after they are drafted (trim).
+  calibrated chance of acceptance instead of rate ** n, applied to the drafts after they are
+  drafted (trim), each as deep as the best chance the calibrator gives at each depth could pay.
 - "das-eq7": the closed form of DESIGN.md, described next. Its acceptance model saturates at
   k * l, which for suffix drafts (accepted per verify step, not per token drafted over a
   request's life) made it draft too little.
@@ -78,7 +78,7 @@ from drafter.acceptance import (
     cell_array,
     check_step,
     fit_acceptance,
-    source_bin,
+    source_bins,
 )
 from drafter.cost import CostModel
 from drafter.draft import Draft
@@ -286,7 +286,10 @@ def marginal_budgets(
 class BudgetRule(Protocol):
     """How DasPolicy turns its length predictions into budgets: it keeps its own acceptance
     evidence (observe_step) and prices one step's drafts with it (budgets). A new rule is a
-    new class of these two methods, registered in drafter.das.RULES."""
+    new class of these two methods, registered in drafter.das.RULES. budgets() gets each
+    request's length class only if the rule says it uses them (else an empty list)."""
+
+    uses_length_classes: bool
 
     def observe_step(self, group: str, drafted: int, accepted: int) -> None: ...
     def budgets(
@@ -302,6 +305,8 @@ class BudgetRule(Protocol):
 class MarginalRule:
     """das-rate: marginal_budgets over each group's continuation rate (prior: all groups' rate).
     Its clock is the verify step: one per budgets() call, by which the evidence decays."""
+
+    uses_length_classes = False
 
     def __init__(self, decay: float, prior_rate: float, prior_weight: float) -> None:
         self._decay = decay
@@ -352,6 +357,8 @@ class _Fitted:
 class ClosedFormRule:
     """das-eq7: step_budgets over each group's fitted acceptance model (prior: the model
     fitted to all groups); Short requests draft nothing, as in the paper."""
+
+    uses_length_classes = True
 
     def __init__(
         self, decay: float, prior: Acceptance, prior_weight: float, refit_every: int
@@ -437,20 +444,26 @@ def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
 
 
 class MatchRule:
-    """das: every request drafts at the largest size (max_budget, 0 where not even a
-    certain token would pay at c_tok), then trim() keeps of all drafts together the tokens
-    that pay for what they add to the step (paying_count), each worth p_hat * w_i * t_step:
-    the marginal rule's value with p_hat, the token's calibrated chance of acceptance
-    (DraftCalibrator, its ancestors' included), instead of one rate per group. With a linear
-    cost that cuts each draft at the last token with p_hat * w_i * t_step >= c_tok.
-    observe_draft() feeds the calibrator what verification accepted of each draft."""
+    """das: every request drafts as deep as a token could pay (budgets: at most max_budget;
+    with a linear cost, the depths where the calibrator's best chance there reaches the
+    request's floor c_tok / (w_i * t_step); 0 where not even a certain token would pay), then
+    trim() keeps of all drafts together the tokens that pay for what they add to the step
+    (paying_count), each worth p_hat * w_i * t_step: the marginal rule's value with p_hat, the
+    token's calibrated chance of acceptance (DraftCalibrator, its ancestors' included),
+    instead of one rate per group. With a linear cost that cuts each draft at the last token
+    with p_hat * w_i * t_step >= c_tok. Its clock is the verify step: the calibrator's
+    evidence decays once per budgets() call. observe_draft() feeds the calibrator what
+    verification accepted of each draft."""
+
+    uses_length_classes = False
 
     def __init__(self, calibrator: DraftCalibrator) -> None:
         self.calibrator = calibrator
-        # Per trim(): each kept draft's cells (and, for a tree, the draft), by id() of its
-        # request's view (the view is kept with them, so the id stays its own), until
-        # observed or the next trim().
-        self._pending: dict[int, tuple[object, list[int], Draft | None]] = {}
+        # The last trim()'s drafts, and the rows (in it) of those it kept a part of by id()
+        # of their request's view (the views are kept with them, so each id stays its own),
+        # until observed or the next trim().
+        self._trimmed: _Trimmed | None = None
+        self._pending: dict[int, int] = {}
 
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
         check_step(drafted, accepted)  # the evidence comes per token, through observe_draft
@@ -463,7 +476,19 @@ class MatchRule:
         cost: CostModel,
         max_budget: int,
     ) -> list[int]:
-        return [max_budget if floor <= 1.0 else 0 for floor in token_floors(remaining, cost)]
+        self.calibrator.tick()  # a verify step: older evidence weighs less
+        floors = np.asarray(token_floors(remaining, cost))
+        if len(cost.steps) > len(remaining):
+            # The measured steps reach past the batch's own tokens, where a draft token may
+            # cost less than c_tok: only a token no chance pays for is ruled out.
+            everything: list[int] = np.where(floors <= 1.0, max_budget, 0).tolist()
+            return everything
+        # Every token costs c_tok, so trim() keeps only tokens whose chance reaches the
+        # request's floor: no deeper draft than the calibrator's best chance there allows
+        # (a little generous against rounding: trim() cuts what does not pay).
+        ceilings = self.calibrator.depth_ceilings(max_budget)
+        reach: list[int] = np.searchsorted(-ceilings, -floors * (1.0 - 1e-6), side="right").tolist()
+        return reach
 
     def trim(
         self,
@@ -480,32 +505,36 @@ class MatchRule:
         if not len(requests) == len(drafts) == len(remaining):
             raise ValueError("need one request, draft and remaining length per row")
         calibrator = self.calibrator
-        calibrator.tick()
         self._pending = {}
-        rows_in = len(drafts)
-        sizes = np.fromiter(map(len, drafts), dtype=np.int64, count=rows_in)
+        sizes = np.fromiter(map(len, drafts), dtype=np.int64, count=len(drafts))
         count = int(sizes.sum())
         if not count:
             return list(drafts)
+        # Only the rows that drafted: their indices in the step, drafts and sizes.
+        drafted_rows = np.flatnonzero(sizes)
+        at_rows = drafted_rows.tolist()
+        drafting = [drafts[row] for row in at_rows]
+        sizes = sizes[drafted_rows]
+        rows_in = len(drafting)
         # Every token of every draft in one array, row by row: its row, its index in its draft
         # and its depth (a chain's index; a tree node's depth on its path).
         starts = np.cumsum(sizes) - sizes
         rows = np.repeat(np.arange(rows_in), sizes)
         index = np.arange(count) - starts[rows]
         parents = np.fromiter(
-            chain.from_iterable(draft.parents for draft in drafts), dtype=np.int64, count=count
+            chain.from_iterable(draft.parents for draft in drafting), dtype=np.int64, count=count
         )
         trees = np.unique(rows[parents != index - 1]).tolist()  # the drafts that are not chains
         is_tree = set(trees)
         first = starts.tolist()
         depth = index.copy()
         for row in trees:
-            depth[first[row] : first[row] + len(drafts[row])] = _tree_depths(drafts[row])
+            depth[first[row] : first[row] + len(drafting[row])] = _tree_depths(drafting[row])
         probs = np.fromiter(
-            chain.from_iterable(draft.probs for draft in drafts), dtype=np.float64, count=count
+            chain.from_iterable(draft.probs for draft in drafting), dtype=np.float64, count=count
         )
-        match_lens = np.fromiter((draft.match_len for draft in drafts), np.int64, rows_in)
-        sources = np.fromiter((source_bin(draft.source) for draft in drafts), np.int64, rows_in)
+        match_lens = np.fromiter((draft.match_len for draft in drafting), np.int64, rows_in)
+        sources = source_bins([draft.source for draft in drafting])
         cells = cell_array(probs, depth, match_lens[rows], sources[rows])
         own = np.minimum(calibrator.table()[cells], 1.0)
         # The chance with its ancestors': along a chain, the running minimum (one padded row
@@ -515,10 +544,10 @@ class MatchRule:
         chance = np.minimum.accumulate(padded, axis=1)[rows, index]
         for row in trees:
             at = first[row]
-            for i, parent in enumerate(drafts[row].parents):
+            for i, parent in enumerate(drafting[row].parents):
                 above = 1.0 if parent < 0 else chance[at + parent]
                 chance[at + i] = min(above, own[at + i])
-        lengths = np.asarray(remaining, dtype=np.float64)
+        lengths = np.asarray(remaining, dtype=np.float64)[drafted_rows]
         # As the marginal rule's value with `chance` for rate ** n, in the same float order.
         value = chance * lengths[rows] / sum(remaining) * cost.step_time(len(remaining))
         order = np.argsort(-value, kind="stable")
@@ -530,24 +559,46 @@ class MatchRule:
         kept_tokens[taken] = True
         out = list(drafts)
         for row in np.flatnonzero(kept != sizes).tolist():  # the drafts cut
-            draft = drafts[row]
+            draft = drafting[row]
             if not kept[row]:
-                out[row] = _EMPTY
+                out[at_rows[row]] = _EMPTY
             elif row in is_tree:
                 at = first[row]
-                out[row] = trim_draft(draft, kept_tokens[at : at + len(draft)].tolist())
+                out[at_rows[row]] = trim_draft(draft, kept_tokens[at : at + len(draft)].tolist())
             else:
-                out[row] = _chain_prefix(draft, int(kept[row]))
-        # Each kept draft's cells: a kept node keeps its depth (its ancestors are kept too).
-        for row in np.flatnonzero(kept).tolist():
-            request, at = requests[row], first[row]
-            if row in is_tree:
-                end = at + len(drafts[row])
-                kept_cells = cells[at:end][kept_tokens[at:end]].tolist()
-                self._pending[id(request)] = (request, kept_cells, out[row])
-            else:
-                self._pending[id(request)] = (request, cells[at : at + kept[row]].tolist(), None)
+                out[at_rows[row]] = _chain_prefix(draft, int(kept[row]))
+        # Each kept draft's cells wait in the step's arrays: a kept node keeps its depth (its
+        # ancestors are kept too).
+        self._trimmed = _Trimmed(
+            requests,
+            out,
+            at_rows,
+            first,
+            sizes.tolist(),
+            kept.tolist(),
+            cells.tolist(),
+            kept_tokens,
+            is_tree,
+        )
+        self._pending = {id(requests[at_rows[row]]): row for row in np.flatnonzero(kept).tolist()}
         return out
+
+    def pending(self, request: object) -> tuple[list[int], Draft | None] | None:
+        """The cells of what the last trim() kept of this request's draft (the same view
+        object), and the kept draft if it is a tree; None if nothing of it waits."""
+        row = self._pending.get(id(request))
+        trimmed = self._trimmed
+        if row is None or trimmed is None:
+            return None
+        at_step = trimmed.at_rows[row]
+        if trimmed.requests[at_step] is not request:
+            return None
+        at = trimmed.first[row]
+        if row not in trimmed.trees:  # a chain keeps a prefix
+            return trimmed.cells[at : at + trimmed.kept[row]], None
+        end = at + trimmed.sizes[row]
+        kept = np.flatnonzero(trimmed.kept_tokens[at:end]).tolist()
+        return [trimmed.cells[at + i] for i in kept], trimmed.drafts[at_step]
 
     def observe_draft(
         self,
@@ -562,10 +613,11 @@ class MatchRule:
         request appended, the accepted ones first) from its root, and without them a tree
         teaches nothing."""
         check_step(drafted, accepted)
-        entry = self._pending.pop(id(request), None)
-        if entry is None or entry[0] is not request:
+        pending = self.pending(request)
+        if pending is None:
             return
-        _, cells, tree = entry
+        del self._pending[id(request)]
+        cells, tree = pending
         if tree is None:
             cells = cells[:drafted]
             self.calibrator.observe(cells, min(accepted, len(cells)))
@@ -587,6 +639,22 @@ class MatchRule:
                 break
             on_path[node] = True
         self.calibrator.observe_outcomes(cells, on_path)
+
+
+@dataclass(frozen=True, slots=True)
+class _Trimmed:
+    """One trim()'s result and, for each row that drafted (a row of the step's token
+    arrays), where its tokens are in them."""
+
+    requests: Sequence[object]  # the step's requests
+    drafts: list[Draft]  # what trim() returned for them
+    at_rows: list[int]  # each drafting row's index in the step
+    first: list[int]  # its first token's index in cells
+    sizes: list[int]  # its draft's tokens
+    kept: list[int]  # how many of them trim() kept
+    cells: list[int]  # every drafted token's calibrator cell
+    kept_tokens: npt.NDArray[np.bool_]  # whether trim() kept it
+    trees: set[int]  # the drafting rows whose drafts are trees
 
 
 def _tree_depths(draft: Draft) -> list[int]:

@@ -23,6 +23,7 @@ from drafter.das import DasConfig, DasPolicy
 from drafter.lengths import (
     ClassBounds,
     LengthClass,
+    LengthTable,
     class_bounds,
     current_class,
     initial_class,
@@ -265,6 +266,50 @@ def test_predicted_length_conditions_on_what_was_generated() -> None:
     assert predict_length([], 400, 0.9, 256, 0.0) == 401
     with pytest.raises(ValueError):
         predict_length(lengths, -1, 0.9, 256, 0.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    groups=st.dictionaries(
+        st.sampled_from(["a", "b", "c", "d"]), st.lists(st.integers(0, 600), max_size=12)
+    ),
+    rows=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", "new"]), st.integers(0, 700))),
+    length_quantile=st.one_of(st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.floats(0.0, 1.0)),
+    prior_length=st.sampled_from([1.0, 37.5, 256.0]),
+    tail_growth=st.sampled_from([0.0, 0.5, 1.3]),
+)
+def test_the_length_table_predicts_every_row_as_predict_length_does(
+    groups: dict[str, list[int]],
+    rows: list[tuple[str, int]],
+    length_quantile: float,
+    prior_length: float,
+    tail_growth: float,
+) -> None:
+    table = LengthTable(groups)
+    got = table.predict(
+        [group for group, _ in rows],
+        [generated for _, generated in rows],
+        length_quantile,
+        prior_length,
+        tail_growth,
+    )
+    want = [
+        predict_length(groups.get(group, ()), generated, length_quantile, prior_length, tail_growth)
+        for group, generated in rows
+    ]
+    assert got.tolist() == want  # to the last bit: the same floats in the same order
+    with pytest.raises(ValueError):
+        table.predict(["a"], [-1], 0.9, 256, 0.5)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # per row in Python, and in one numpy pass
+def test_das_remaining_lengths_follow_each_finished_rollout(rows: int) -> None:
+    policy = DasPolicy(SMOLLM2_CPU)
+    views = [RequestView("gh"[i % 2], (i * 37) % 400) for i in range(rows)]
+    for length in (100, 200, 300):
+        policy.observe_finished("g", length)
+        want = [max(1.0, policy.predict(view).length - view.generated) for view in views]
+        assert policy.remaining(views) == want
 
 
 def test_class_upgrades_as_the_generated_length_grows() -> None:
