@@ -452,7 +452,7 @@ class MatchRule:
     token's calibrated chance of acceptance (DraftCalibrator, its ancestors' included),
     instead of one rate per group. With a linear cost that cuts each draft at the last token
     with p_hat * w_i * t_step >= c_tok. Its clock is the verify step: the calibrator's
-    evidence decays once per budgets() call. observe_draft() feeds the calibrator what
+    evidence decays once per budgets() call. observe_drafts() feeds the calibrator what
     verification accepted of each draft."""
 
     uses_length_classes = False
@@ -466,7 +466,7 @@ class MatchRule:
         self._pending: dict[int, int] = {}
 
     def observe_step(self, group: str, drafted: int, accepted: int) -> None:
-        check_step(drafted, accepted)  # the evidence comes per token, through observe_draft
+        check_step(drafted, accepted)  # the evidence comes per token, through observe_drafts
 
     def budgets(
         self,
@@ -501,7 +501,7 @@ class MatchRule:
         (numpy; hundreds of rows a step): each token's calibrated chance of acceptance (its
         ancestors' included), its value, then paying_count over the whole step's tokens, best
         first (a stable order: a token never before its parent). A draft cut to nothing is
-        the empty Draft(). Each kept draft's cells wait for observe_draft."""
+        the empty Draft(). Each kept draft's cells wait for observe_drafts."""
         if not len(requests) == len(drafts) == len(remaining):
             raise ValueError("need one request, draft and remaining length per row")
         calibrator = self.calibrator
@@ -588,40 +588,55 @@ class MatchRule:
         object), and the kept draft if it is a tree; None if nothing of it waits."""
         row = self._pending.get(id(request))
         trimmed = self._trimmed
-        if row is None or trimmed is None:
+        if row is None or trimmed is None or trimmed.requests[trimmed.at_rows[row]] is not request:
             return None
-        at_step = trimmed.at_rows[row]
-        if trimmed.requests[at_step] is not request:
-            return None
-        at = trimmed.first[row]
-        if row not in trimmed.trees:  # a chain keeps a prefix
-            return trimmed.cells[at : at + trimmed.kept[row]], None
-        end = at + trimmed.sizes[row]
-        kept = np.flatnonzero(trimmed.kept_tokens[at:end]).tolist()
-        return [trimmed.cells[at + i] for i in kept], trimmed.drafts[at_step]
+        tree = trimmed.drafts[trimmed.at_rows[row]] if row in trimmed.trees else None
+        return trimmed.kept_cells(row), tree
 
-    def observe_draft(
+    def observe_drafts(
         self,
-        request: object,
-        drafted: int,
-        accepted: int,
-        tokens: Sequence[int] | None = None,
+        requests: Sequence[object],
+        drafted: Sequence[int],
+        accepted: Sequence[int],
+        tokens: Sequence[Sequence[int]] | None = None,
     ) -> None:
-        """The draft trim() returned for this request was verified (its first `drafted`
-        tokens) and `accepted` of them kept. A chain's first `accepted` tokens were accepted,
-        the rest not; a tree's accepted path is found by following `tokens` (the tokens the
-        request appended, the accepted ones first) from its root, and without them a tree
-        teaches nothing."""
-        check_step(drafted, accepted)
-        pending = self.pending(request)
-        if pending is None:
+        """The drafts trim() returned for these requests were verified (each its first
+        drafted[i] tokens) and accepted[i] of them kept. A chain's first accepted[i] tokens
+        were accepted, the rest not, all rows' in one pass over the calibrator; a tree's
+        accepted path is found by following tokens[i] (the tokens the request appended, the
+        accepted ones first) from its root, and without them a tree teaches nothing."""
+        if not len(requests) == len(drafted) == len(accepted):
+            raise ValueError("need drafted and accepted per request")
+        if tokens is not None and len(tokens) != len(requests):
+            raise ValueError("need the appended tokens of every request")
+        for n_drafted, n_accepted in zip(drafted, accepted, strict=True):
+            check_step(n_drafted, n_accepted)
+        trimmed, pending = self._trimmed, self._pending
+        if trimmed is None or not pending:
             return
-        del self._pending[id(request)]
-        cells, tree = pending
-        if tree is None:
-            cells = cells[:drafted]
-            self.calibrator.observe(cells, min(accepted, len(cells)))
-            return
+        starts: list[int] = []
+        lengths: list[int] = []
+        hits: list[int] = []
+        for i, request in enumerate(requests):
+            row = pending.pop(id(request), None) if drafted[i] else None
+            if row is None or trimmed.requests[trimmed.at_rows[row]] is not request:
+                continue
+            if row in trimmed.trees:
+                self._observe_tree(
+                    trimmed, row, drafted[i], accepted[i], None if tokens is None else tokens[i]
+                )
+                continue
+            verified = min(drafted[i], trimmed.kept[row])  # a chain keeps a prefix
+            starts.append(trimmed.first[row])
+            lengths.append(verified)
+            hits.append(min(accepted[i], verified))
+        if starts:
+            self.calibrator.observe_runs(trimmed.cells, starts, lengths, hits)
+
+    def _observe_tree(
+        self, trimmed: _Trimmed, row: int, drafted: int, accepted: int, tokens: Sequence[int] | None
+    ) -> None:
+        tree = trimmed.drafts[trimmed.at_rows[row]]
         if tokens is None or drafted < len(tree):
             return
         on_path = [False] * len(tree)
@@ -638,7 +653,7 @@ class MatchRule:
             if node < 0:
                 break
             on_path[node] = True
-        self.calibrator.observe_outcomes(cells, on_path)
+        self.calibrator.observe_outcomes(trimmed.kept_cells(row), on_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,6 +670,14 @@ class _Trimmed:
     cells: list[int]  # every drafted token's calibrator cell
     kept_tokens: npt.NDArray[np.bool_]  # whether trim() kept it
     trees: set[int]  # the drafting rows whose drafts are trees
+
+    def kept_cells(self, row: int) -> list[int]:
+        """The cells of what trim() kept of a drafting row's draft (a tree: its kept nodes)."""
+        at = self.first[row]
+        if row not in self.trees:  # a chain keeps a prefix
+            return self.cells[at : at + self.kept[row]]
+        kept = np.flatnonzero(self.kept_tokens[at : at + self.sizes[row]]).tolist()
+        return [self.cells[at + i] for i in kept]
 
 
 def _tree_depths(draft: Draft) -> list[int]:

@@ -200,7 +200,7 @@ class DasPolicy:
     def trim(self, requests: Sequence[RequestView], drafts: Sequence[Draft]) -> list[Draft]:
         """The step's drafts (one per request, as budgets() sized them) cut where their tokens
         stop paying (the match rule; the other rules return them unchanged). Each kept chain's
-        evidence waits for observe_draft with the same view object."""
+        evidence waits for observe_drafts with the same view object."""
         rule = self.rule
         if not isinstance(rule, MatchRule):
             return list(drafts)
@@ -224,9 +224,21 @@ class DasPolicy:
         """The first `drafted` tokens of the draft trim() returned for `request` (the same view
         object) were verified and `accepted` kept; `tokens`, the tokens the request appended,
         tell which branch of a tree draft that was. Nothing to learn for the other rules."""
-        check_step(drafted, accepted)
+        self.observe_drafts([request], [drafted], [accepted], None if tokens is None else [tokens])
+
+    def observe_drafts(
+        self,
+        requests: Sequence[RequestView],
+        drafted: Sequence[int],
+        accepted: Sequence[int],
+        tokens: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """observe_draft for every row of a verify step, in one call."""
         if isinstance(self.rule, MatchRule):
-            self.rule.observe_draft(request, drafted, accepted, tokens)
+            self.rule.observe_drafts(requests, drafted, accepted, tokens)
+            return
+        for n_drafted, n_accepted in zip(drafted, accepted, strict=True):
+            check_step(n_drafted, n_accepted)
 
     def observe_finished(self, group: str, length: int) -> None:
         check_length(length)

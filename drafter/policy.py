@@ -78,10 +78,10 @@ class Policy(Protocol):
 class Trimming(Protocol):
     """A policy that looks at each draft before it is verified. Its caller calls trim() once
     per verify step right after drafting, with the list it passed to budgets() and the
-    drafts, and verifies what it returns; then observe_draft() per request with that
-    request's view (the same object), how many tokens of its trimmed draft were verified, how
-    many of those the target accepted and the tokens the request appended (the accepted ones
-    first: which branch of a tree draft was taken), before the view advances."""
+    drafts, and verifies what it returns; then observe_drafts() once with those views (the
+    same objects), how many tokens of each trimmed draft were verified, how many of those the
+    target accepted and the tokens each request appended (the accepted ones first: which
+    branch of a tree draft was taken), before the views advance."""
 
     @property
     def trims(self) -> bool:
@@ -89,12 +89,12 @@ class Trimming(Protocol):
         ...
 
     def trim(self, requests: Sequence[RequestView], drafts: Sequence[Draft]) -> list[Draft]: ...
-    def observe_draft(
+    def observe_drafts(
         self,
-        request: RequestView,
-        drafted: int,
-        accepted: int,
-        tokens: Sequence[int] | None = None,
+        requests: Sequence[RequestView],
+        drafted: Sequence[int],
+        accepted: Sequence[int],
+        tokens: Sequence[Sequence[int]] | None = None,
     ) -> None: ...
 
 

@@ -280,6 +280,7 @@ def _run_batch(
             drafts = trimming.trim(views, drafts)
         step_tokens = 0
         emitted_rows = []
+        drafted, accepted, matched_rows = [], [], []
         for entry, draft in zip(live, drafts, strict=True):
             output = entry.record.output
             position = entry.view.generated
@@ -294,11 +295,14 @@ def _run_batch(
             counts.accepted += len(matched)
             if len(draft):
                 policy.observe_step(entry.record.group, len(draft), len(matched))
-                if trimming is not None:
-                    trimming.observe_draft(entry.view, len(draft), len(matched), matched)
+            drafted.append(len(draft))
+            accepted.append(len(matched))
+            matched_rows.append(matched)
             if entry.emitted is not None:
                 entry.emitted.extend(emitted)
             entry.view = entry.view.advanced(len(emitted))
+        if trimming is not None:  # the step's views, not yet advanced
+            trimming.observe_drafts(views, drafted, accepted, matched_rows)
         # Every row's trees grow in one call, then the finished rows leave (the engine's order).
         source.extend_batch([entry.index for entry in live], emitted_rows)
         still_live = []

@@ -201,15 +201,17 @@ class Speculator:
                 raise ValueError(f"request {request.key!r} has finished")
             if not 0 <= n_accepted <= n_drafted:
                 raise ValueError(f"need 0 <= accepted <= drafted, got {n_accepted}, {n_drafted}")
-        policy, trimmer = self.policy, self._trimmer
+        policy = self.policy
+        if self._trimmer is not None:  # what its drafts taught, before the views advance
+            self._trimmer.observe_drafts(
+                [request.view for request in requests], drafted, accepted, tokens
+            )
         appended_rows = []
         for request, row, n_drafted, n_accepted in zip(
             requests, tokens, drafted, accepted, strict=True
         ):
             # The policy learns what verification accepted; the counters count what was kept.
             policy.observe_step(request.group, n_drafted, n_accepted)
-            if trimmer is not None and n_drafted:
-                trimmer.observe_draft(request.view, n_drafted, n_accepted, row)
             appended = list(row)
             appended_rows.append(appended)
             request.output += appended

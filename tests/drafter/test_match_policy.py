@@ -4,6 +4,7 @@ drafter/budgets.py MatchRule, DasPolicy.trim)."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import replace
 
@@ -147,6 +148,36 @@ def _chain_estimate(calibrator: DraftCalibrator, probs: list[float], match_len: 
     for cell in calibrator.cells(probs, match_len):
         out.append(min(out[-1] if out else 1.0, float(table[cell])))
     return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    chains=st.lists(
+        st.lists(st.integers(0, 1749), min_size=0, max_size=12).flatmap(
+            lambda cells: st.tuples(st.just(cells), st.integers(0, len(cells)))
+        ),
+        max_size=12,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_observing_many_chains_at_once_equals_observing_each_in_turn(
+    chains: list[tuple[list[int], int]], seed: int
+) -> None:
+    # A few tokens go through the Python loop, many through numpy: both must be observe().
+    rng = random.Random(seed)
+    together = DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5)
+    together.observe_outcomes([rng.randrange(1750) for _ in range(30)], [True, False] * 15)
+    in_turn = DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5)
+    in_turn._accepted, in_turn._tried = together._accepted.copy(), together._tried.copy()
+    cells = [cell for chain, _ in chains for cell in chain]
+    starts = list(itertools.accumulate([len(chain) for chain, _ in chains], initial=0))[:-1]
+    together.observe_runs(cells, starts, [len(c) for c, _ in chains], [h for _, h in chains])
+    for chain, hits in chains:
+        in_turn.observe(chain, hits)
+    assert (together._tried == in_turn._tried).all()
+    assert (together._accepted == in_turn._accepted).all()
+    with pytest.raises(ValueError):
+        together.observe_runs([1, 2], [0], [2], [3])
 
 
 def test_calibrator_estimates_are_non_increasing_along_a_chain_and_learn() -> None:
@@ -529,14 +560,65 @@ def test_a_tree_draft_teaches_the_calibrator_its_accepted_path() -> None:
     assert kept == tree
     cells = [rule.calibrator.cell(p, d, 5) for p, d in ((0.6, 0), (0.4, 0), (0.6, 1))]
     before = rule.calibrator.table()[cells].copy()
-    rule.observe_draft(view, 3, 2, [1, 3, 9])
+    rule.observe_drafts([view], [3], [2], [[1, 3, 9]])
     after = rule.calibrator.table()[cells]
     assert after[0] > before[0] and after[2] > before[2]  # on the accepted path
     assert after[1] < before[1]  # the sibling branch was tried and not taken
     # Without the appended tokens a tree's branch is unknown: nothing is learned.
     rule.trim([view], [tree], [100.0], CostModel(1.0, 1e-6))
-    rule.observe_draft(view, 3, 2)
+    rule.observe_drafts([view], [3], [2])
     assert (rule.calibrator.table()[cells] == after).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    drafts=st.lists(_drafts(), min_size=1, max_size=8),
+    outcomes=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=8, max_size=8),
+    appended=st.lists(st.lists(st.integers(0, 50), max_size=6), min_size=8, max_size=8),
+    c_tok=st.floats(1e-4, 0.05),
+)
+def test_a_step_observed_at_once_equals_each_row_observed_in_turn(
+    drafts: list[Draft],
+    outcomes: list[tuple[int, int]],
+    appended: list[list[int]],
+    c_tok: float,
+) -> None:
+    rows = len(drafts)
+    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5))
+    rule.calibrator.observe_outcomes([3, 40, 900], [True, False, True])  # some evidence first
+    views = [RequestView("g", i) for i in range(rows)]
+    kept = rule.trim(views, drafts, [50.0] * rows, CostModel(0.01, c_tok))
+    # Each row: verified up to its kept draft's length, accepted up to that (any split).
+    drafted = [min(a, len(draft)) for (a, _), draft in zip(outcomes, kept, strict=False)]
+    accepted = [min(b, d) for (_, b), d in zip(outcomes, drafted, strict=False)]
+    tokens = appended[:rows]
+    # The reference: every pending row's cells fed to a twin calibrator one row at a time.
+    twin = DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5)
+    twin._accepted = rule.calibrator._accepted.copy()
+    twin._tried = rule.calibrator._tried.copy()
+    for view, n_drafted, n_accepted, row in zip(views, drafted, accepted, tokens, strict=True):
+        pending = rule.pending(view)
+        if not n_drafted or pending is None:
+            continue
+        cells, tree = pending
+        if tree is None:
+            twin.observe(cells[:n_drafted], min(n_accepted, n_drafted))
+        elif n_drafted >= len(tree):
+            on_path, node = [False] * len(tree), -1
+            for token in row[:n_accepted]:
+                children = [i for i, p in enumerate(tree.parents) if p == node]
+                node = next((i for i in children if tree.token_ids[i] == token), -2)
+                if node < 0:
+                    break
+                on_path[node] = True
+            twin.observe_outcomes(cells, on_path)
+    rule.observe_drafts(views, drafted, accepted, tokens)
+    assert (rule.calibrator._tried == twin._tried).all()  # the same floats, bit for bit
+    assert (rule.calibrator._accepted == twin._accepted).all()
+    for view, n_drafted in zip(views, drafted, strict=True):  # each verified one observed once
+        assert not n_drafted or rule.pending(view) is None
+    with pytest.raises(ValueError):
+        rule.observe_drafts(views, [1] * rows, [2] * rows)
 
 
 def test_drafts_grow_past_any_fixed_depth_when_every_token_is_accepted() -> None:
