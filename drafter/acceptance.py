@@ -11,6 +11,7 @@ All decay old evidence per verify step and start from a prior worth a few steps.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -236,6 +237,12 @@ def source_bins(sources: Sequence[object]) -> IntArray:
 _PROB_EDGES_ASCENDING = np.asarray(_PROB_EDGES[::-1])
 
 
+@functools.cache
+def _depth_bins(depths: int) -> IntArray:
+    """The position bin of each depth 0, 1, ..., depths - 1."""
+    return _capped_bit_length(np.arange(depths), _POSITION_BINS - 1)
+
+
 def _capped_bit_length(values: IntArray, cap: int) -> IntArray:
     """min(cap, v.bit_length()) of each v >= 0: how many of 1, 2, 4, ..., 2 ** (cap - 1) are
     <= v."""
@@ -345,8 +352,7 @@ class DraftCalibrator:
         with its ancestors' (the running minimum along its path, capped at 1): the best cell
         of each depth's position bin, minimised over the depths above it. Non-increasing."""
         best = np.minimum(self.table().reshape(self._tried.shape).max(axis=(0, 2, 3)), 1.0)
-        bins = _capped_bit_length(np.arange(depths), _POSITION_BINS - 1)
-        return np.minimum.accumulate(best[bins])
+        return np.minimum.accumulate(best[_depth_bins(depths)])
 
     def observe(self, cells: Sequence[int], accepted: int) -> None:
         """A chain drafted with these cells was verified and its first `accepted` tokens kept:
@@ -367,15 +373,15 @@ class DraftCalibrator:
         cell's counts grow in the same order, so to the same floats)."""
         if not len(starts) == len(lengths) == len(accepted):
             raise ValueError("need a start, length and accepted count per chain")
-        sizes = np.asarray(lengths, dtype=np.int64)
-        hits = np.asarray(accepted, dtype=np.int64)
-        if sizes.size and (sizes.min() < 0 or hits.min() < 0 or (hits > sizes).any()):
+        if any(not 0 <= hit <= size for size, hit in zip(lengths, accepted, strict=True)):
             raise ValueError("need 0 <= accepted <= length for every chain")
-        total = int(sizes.sum())
+        total = sum(lengths)
         if total <= _FEW_TOKENS:  # numpy's fixed cost would outweigh the loop
             for start, size, hit in zip(starts, lengths, accepted, strict=True):
                 self.observe(cells[start : start + size], hit)
             return
+        sizes = np.asarray(lengths, dtype=np.int64)
+        hits = np.asarray(accepted, dtype=np.int64)
         offsets = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         tried = np.asarray(cells, dtype=np.int64)[np.repeat(starts, sizes) + offsets]
         np.add.at(self._tried.reshape(-1), tried, 1.0)
