@@ -228,10 +228,7 @@ IntArray = npt.NDArray[np.int64]
 
 def source_bins(sources: Sequence[object]) -> IntArray:
     """source_bin of each source, in one array."""
-    index = _SOURCE_INDEX
-    return np.fromiter(
-        (index.get(s, 0) if isinstance(s, str) else 0 for s in sources), np.int64, len(sources)
-    )
+    return np.fromiter(map(source_bin, sources), np.int64, len(sources))
 
 
 _PROB_EDGES_ASCENDING = np.asarray(_PROB_EDGES[::-1])

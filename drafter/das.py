@@ -164,37 +164,33 @@ class DasPolicy:
         return RequestView(group, 0, initial_class(self._group_lengths(group), self.bounds()))
 
     def budgets(self, requests: Sequence[RequestView]) -> list[int]:
-        remaining = self.remaining(requests)
+        groups = [view.group for view in requests]
+        remaining = self._remaining(requests, groups)
         self._last = (requests, remaining)
         classes = (
             [self.predict(view).length_class for view in requests]
             if self.rule.uses_length_classes
             else []
         )
-        return self.rule.budgets(
-            [view.group for view in requests], remaining, classes, self.cost, self.config.max_budget
-        )
+        return self.rule.budgets(groups, remaining, classes, self.cost, self.config.max_budget)
 
     def remaining(self, requests: Sequence[RequestView]) -> list[float]:
         """Each request's predicted remaining tokens (at least 1): predict()'s length less
         what it generated; from _BATCH_ROWS rows up, for all rows in one numpy pass (the
         same floats; below, numpy's fixed cost a call is more than a Python call per row)."""
+        return self._remaining(requests, [view.group for view in requests])
+
+    def _remaining(self, requests: Sequence[RequestView], groups: list[str]) -> list[float]:
         if len(requests) < _BATCH_ROWS:
             return [max(1.0, self.predict(view).length - view.generated) for view in requests]
         if self._table is None:
             self._table = LengthTable(self._lengths)
         cfg = self.config
-        generated = [view.generated for view in requests]
+        generated = np.fromiter((view.generated for view in requests), np.float64, len(requests))
         lengths = self._table.predict(
-            [view.group for view in requests],
-            generated,
-            cfg.length_quantile,
-            cfg.prior_length,
-            cfg.tail_growth,
+            groups, generated, cfg.length_quantile, cfg.prior_length, cfg.tail_growth
         )
-        remaining: list[float] = np.maximum(
-            1.0, lengths - np.asarray(generated, np.float64)
-        ).tolist()
+        remaining: list[float] = np.maximum(1.0, lengths - generated).tolist()
         return remaining
 
     def trim(self, requests: Sequence[RequestView], drafts: Sequence[Draft]) -> list[Draft]:

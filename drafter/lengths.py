@@ -121,7 +121,7 @@ class LengthTable:
     def predict(
         self,
         groups: Sequence[str],
-        generated: Sequence[int],
+        generated: Sequence[int] | npt.NDArray[np.float64],
         length_quantile: float,
         prior_length: float,
         tail_growth: float,
@@ -130,7 +130,7 @@ class LengthTable:
         rows = len(groups)
         missing = len(self._index)
         index = np.fromiter((self._index.get(g, missing) for g in groups), np.int64, rows)
-        done = np.fromiter(generated, np.float64, rows)
+        done = np.asarray(generated, dtype=np.float64)
         if rows and done.min() < 0:
             raise ValueError("generated must be >= 0")
         table = self._sorted[index]
