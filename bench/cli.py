@@ -143,8 +143,10 @@ def _add_rollout(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--modes",
         default=DEFAULTS.modes,
         type=_modes,
-        help=f"comma-separated policies (default {modes}); das/line (any das policy) prices "
-        "every step with the one fitted line instead of the calibrated curve by batch size",
+        help=f"comma-separated policies (default {modes}); with --cost-model calibrate a das "
+        "policy prices each step by the calibrated curve for its batch size as the steps it "
+        "times correct it; das/startup (any das policy) by the curve as calibrated, das/line by "
+        "the one line fitted over all batch sizes",
     )
     help_text = Settings.model_fields["cost_model"].description or ""
     rollout.add_argument(

@@ -49,7 +49,14 @@ import torch
 
 from bench.prompts import encode_prompt, load_prompts
 from drafter.config import DrafterConfig
-from drafter.cost import CALIBRATE, SMOLLM2_CPU, CostCurve, CostModel, parse_cost_model
+from drafter.cost import (
+    CALIBRATE,
+    SMOLLM2_CPU,
+    CostCurve,
+    CostModel,
+    LiveStepCost,
+    parse_cost_model,
+)
 from drafter.policy_spec import canonical_mode, mode_policy, parse_policy
 from drafter.traces import TraceRecord
 from service.engine.calibration import Calibration, calibrate_cost, cost_model_name
@@ -186,6 +193,8 @@ class EpochRun:
     mismatched_rollouts: int | None = None  # against the reference mode's run of the epoch
     # Per mismatched rollout: where it first left the reference, and the two tokens there.
     mismatches: list[dict[str, Any]] = field(default_factory=list)
+    # A das mode's cost model re-timed by its steps up to the epoch's end (LiveStepCost).
+    live_cost: list[dict[str, float]] | None = None
 
     @property
     def tokens(self) -> int:
@@ -227,6 +236,7 @@ class EpochRun:
                     self.steps_by_rows.items()
                 )
             ],
+            **({} if self.live_cost is None else {"live_cost": self.live_cost}),
         }
 
 
@@ -306,6 +316,7 @@ class EpochRecorder:
 
     def result(self) -> EpochRun:
         stats = self.engine.stats
+        live = self.engine.speculator.cost_curve
         return EpochRun(
             mode=self.mode,
             epoch=self.epoch,
@@ -322,6 +333,7 @@ class EpochRecorder:
                 phase: seconds - self._seconds_before[phase]
                 for phase, seconds in stats.step_seconds.items()
             },
+            live_cost=live.to_json() if isinstance(live, LiveStepCost) else None,
         )
 
 
@@ -334,9 +346,10 @@ def mode_engine(
     cost: CostModel,
     cost_curve: CostCurve | None = None,
 ) -> Engine:
-    """A fresh engine with a fresh history for one mode of the benchmark (a das policy priced
-    at each step by `cost_curve` where one is given, unless the mode is das/line)."""
-    name, by_curve = mode_policy(mode)
+    """A fresh engine with a fresh history for one mode of the benchmark. Where `cost_curve`
+    is given, a das policy is priced at each step by it as the engine's timed steps correct it
+    (its own LiveStepCost; das/startup: by the curve alone; das/line: by `cost` alone)."""
+    name, pricing = mode_policy(mode)
     longest = max(len(prompt) for prompt in workload.prompts)
     engine_config = EngineConfig(
         model=config.model,
@@ -355,8 +368,14 @@ def mode_engine(
         model=model,
         tokenizer=tokenizer,
         policy=parse_policy(name, cost),
-        cost_curve=cost_curve if by_curve else None,
+        cost_curve=_mode_curve(cost_curve, pricing),
     )
+
+
+def _mode_curve(curve: CostCurve | None, pricing: str) -> CostCurve | LiveStepCost | None:
+    if curve is None or pricing == "line":
+        return None
+    return curve if pricing == "startup" else LiveStepCost(curve)
 
 
 def run_epochs_in_turn(

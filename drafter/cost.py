@@ -186,6 +186,114 @@ class CostCurve:
         return cls(tuple(points))
 
 
+# Steps of a row class (rows.bit_length()) that LiveStepCost keeps in mind: a step's weight
+# halves after this many more steps of its class.
+LIVE_HALF_LIFE_STEPS = 64
+# The prior, as so many steps that cost exactly what the calibration says: a class's first
+# timed step moves it a third of the way, and it holds the fit where the steps timed cannot
+# tell the step from its draft tokens; it costs the fit about 2% of its way from 1 for good.
+LIVE_PRIOR_STEPS = 2.0
+# How far the learned scales may stray from the calibration, either way.
+_LIVE_SCALE_BOUND = 4.0
+
+
+class LiveStepCost:
+    """Step costs that follow what the engine's verify steps measure while it serves.
+
+    A start-up calibration is a few fastest-of-five timings of an idle engine at one context
+    length, and on a busy machine its draft tokens come out the most wrong. In the T = 0.7
+    rollout run at 9555ff5 one request's 6.5-token steps cost 60-72% more than its 1-token
+    steps, where the calibration said 31%; in another, one noisy 1-token timing (71 ms, where
+    the steps ran at 56-90) made the calibration's steps of 2 to 12 tokens all cost the same,
+    so that das drafted 8-9 tokens a step into the tail at 7% acceptance. So each timed step
+    (rows, tokens in the forward, seconds) is fitted per row class (rows.bit_length(): 1, 2-3,
+    4-7, ...) as a * B + b * E: B the calibration's step of the rows alone (its line for the
+    batch size), E its c_tok times the draft tokens; a and b by least squares over the class's
+    recent steps (each step's weight halving after LIVE_HALF_LIFE_STEPS more), held toward 1 by
+    LIVE_PRIOR_STEPS steps' worth of the calibration. at(rows) is the calibration's line at that
+    batch size with its step scaled by a and its token price by b; a class not yet timed keeps
+    the calibration as it is (with its one-request steps, CostModel.steps)."""
+
+    def __init__(
+        self,
+        calibrated: CostCurve,
+        half_life_steps: float = LIVE_HALF_LIFE_STEPS,
+        prior_steps: float = LIVE_PRIOR_STEPS,
+    ) -> None:
+        if half_life_steps <= 0 or prior_steps <= 0:
+            raise ValueError("half_life_steps and prior_steps must be > 0")
+        self.calibrated = calibrated
+        self.prior_steps = prior_steps
+        self._keep = 0.5 ** (1.0 / half_life_steps)
+        # Per row class: the weighted sums [1, BB, BE, EE, By, Ey] over its timed steps.
+        self._sums: dict[int, list[float]] = {}
+        self.timed_steps = 0
+
+    def observe(self, rows: int, tokens: int, seconds: float) -> None:
+        """A verify step of `rows` requests and `tokens` tokens in all (rows <= tokens) took
+        `seconds` (its forward and sampling, as the calibration times them)."""
+        if rows < 1 or tokens < rows:
+            raise ValueError(f"need 1 <= rows <= tokens, got {rows} rows, {tokens} tokens")
+        if not math.isfinite(seconds) or seconds <= 0.0:
+            raise ValueError(f"seconds must be positive, got {seconds}")
+        local = self.calibrated.at(rows)
+        base = local.step_time(rows)
+        extra = local.c_tok * (tokens - rows)
+        terms = (1.0, base * base, base * extra, extra * extra, base * seconds, extra * seconds)
+        sums = self._sums.setdefault(rows.bit_length(), [0.0] * len(terms))
+        keep = self._keep
+        for i, term in enumerate(terms):
+            sums[i] = sums[i] * keep + term
+        self.timed_steps += 1
+
+    def scales(self, rows: int) -> tuple[float, float]:
+        """(a, b): what the steps of this batch size's class cost against the calibration, the
+        step of the rows alone and what draft tokens add (1.0, 1.0 before any is timed)."""
+        sums = self._sums.get(rows.bit_length())
+        if sums is None:
+            return 1.0, 1.0
+        weight, bb, be, ee, by, ey = sums
+        # Ridge toward a = b = 1, as strong as prior_steps of the class's average step.
+        hold_a = self.prior_steps * bb / weight
+        hold_b = self.prior_steps * ee / weight
+        if hold_b <= 1e-12 * hold_a:  # no draft token timed: only the step's scale moves
+            a, b = (by + hold_a) / (bb + hold_a), 1.0
+        else:
+            bb, ee, by, ey = bb + hold_a, ee + hold_b, by + hold_a, ey + hold_b
+            det = bb * ee - be * be
+            a = (by * ee - ey * be) / det
+            b = (ey * bb - by * be) / det
+        low, high = 1.0 / _LIVE_SCALE_BOUND, _LIVE_SCALE_BOUND
+        return min(max(a, low), high), min(max(b, low), high)
+
+    def at(self, rows: int) -> CostModel:
+        """The cost model for a live batch of `rows` requests, as it has measured them."""
+        local = self.calibrated.at(rows)
+        if rows.bit_length() not in self._sums:
+            return local
+        a, b = self.scales(rows)
+        c_tok = local.c_tok * b
+        return CostModel(max(a * local.step_time(rows) - c_tok * rows, 1e-9), c_tok)
+
+    def to_json(self) -> list[dict[str, float]]:
+        """As CostCurve.to_json, each calibrated row count's line as re-timed so far, with
+        its scales (scales())."""
+        points = []
+        for rows, _ in self.calibrated.points:
+            model = self.at(rows)
+            step_scale, token_scale = self.scales(rows)
+            points.append(
+                {
+                    "rows": rows,
+                    "c_base": model.c_base,
+                    "c_tok": model.c_tok,
+                    "step_scale": step_scale,
+                    "token_scale": token_scale,
+                }
+            )
+        return points
+
+
 def read_cost_curve(path: str) -> tuple[CostModel, CostCurve]:
     """The fitted line and the cost curve of a calibration saved as JSON: a das bench rollout
     result (its config.cost_model) or that object alone."""

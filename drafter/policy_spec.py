@@ -59,23 +59,27 @@ def parse_policy(
     return FixedPolicy(parsed.budget)
 
 
-# A das policy spelled with this suffix (das/line) in a benchmark or a replay plans with the one
-# line fitted over all batch sizes instead of the cost curve's line for the live batch
-# (drafter.cost.CostCurve): the two compared in one run.
+# A das policy spelled with a suffix plans otherwise than by default, so that the two can be
+# compared in one run. By default an engine prices each step by its calibration's cost curve
+# as corrected by the steps it has timed since (drafter.cost.LiveStepCost); das/startup (in a
+# benchmark) by the curve as calibrated at start-up; das/line (in a benchmark or a replay) by
+# the one line fitted over all batch sizes.
 LINE_PRICED = "/line"
+STARTUP_PRICED = "/startup"
+PRICINGS = {LINE_PRICED: "line", STARTUP_PRICED: "startup"}  # suffix: pricing
 
 
-def mode_policy(mode: str) -> tuple[str, bool]:
-    """A mode's canonical policy name, and whether the cost curve (where there is one) prices
-    it: False for das/line."""
+def mode_policy(mode: str) -> tuple[str, str]:
+    """A mode's canonical policy name, and how a das policy plans where the engine calibrated
+    a cost curve: "live" (by default), "startup" or "line"."""
     name = mode.strip()
-    by_line = name.endswith(LINE_PRICED)
-    spec = parse_policy_spec(name.removesuffix(LINE_PRICED))
-    if by_line and not spec.kind.startswith("das"):
-        raise ValueError(f"{LINE_PRICED} applies to das policies only, got {mode!r}")
-    return str(spec), not by_line
+    suffix = next((suffix for suffix in PRICINGS if name.endswith(suffix)), "")
+    spec = parse_policy_spec(name.removesuffix(suffix) if suffix else name)
+    if suffix and not spec.kind.startswith("das"):
+        raise ValueError(f"{suffix} applies to das policies only, got {mode!r}")
+    return str(spec), PRICINGS.get(suffix, "live")
 
 
 def canonical_mode(mode: str) -> str:
-    name, by_curve = mode_policy(mode)
-    return name if by_curve else name + LINE_PRICED
+    name, pricing = mode_policy(mode)
+    return name + next((suffix for suffix, p in PRICINGS.items() if p == pricing), "")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from drafter.config import DrafterConfig
-from drafter.cost import CostCurve, CostModel
+from drafter.cost import CostCurve, CostModel, LiveStepCost
 from drafter.das import DasConfig
 from drafter.draft import Draft
 from drafter.history import RolloutHistory, TreeFactory
@@ -182,12 +182,18 @@ def simulate(
     record_outputs: bool = False,
     cost_curve: CostCurve | None = None,
     price_by_curve: bool = True,
+    planner: CostCurve | LiveStepCost | None = None,
 ) -> SimulationResult:
     """Replay `trace` epoch by epoch under the policy named by policy_spec (module docstring).
     Deterministic. progress: a tqdm bar of finished rollouts on stderr, if it is a terminal.
     cost_curve: steps cost what its line for their batch says, and (unless price_by_curve is
-    False, which keeps `cost` for planning) a das policy plans with that line."""
+    False, which keeps `cost` for planning) a das policy plans with that line. planner: a
+    das policy plans with this curve instead, while cost_curve times the steps (a
+    LiveStepCost learns each step's time under cost_curve, as an engine learns its own)."""
+    if planner is not None and cost_curve is None:
+        raise ValueError("a planner plans steps timed by a cost curve: give cost_curve")
     config = config or DrafterConfig()
+    by_curve = cost_curve is not None and price_by_curve and planner is None
     policy = parse_policy(policy_spec, cost, das_config)
     history = RolloutHistory(config, tree_factory=tree_factory)
     source = draft_source(policy, history)
@@ -204,7 +210,9 @@ def simulate(
                     source.start_request(index, record.group, record.prompt)
                     view = policy.request(record.group)
                     batch.append(_Live(index, record, view, [] if record_outputs else None))
-            reprice = cost_curve if price_by_curve and policy.cost is not None else None
+            reprice: CostCurve | LiveStepCost | None = None
+            if policy.cost is not None:
+                reprice = planner if planner is not None else cost_curve if by_curve else None
             counts = _run_batch(list(batch), policy, source, history, bar, cost_curve, reprice)
             lengths = [len(entry.record.output) for entry in batch]
             reports.append(
@@ -228,7 +236,7 @@ def simulate(
         policy=policy.name,
         cost=cost,
         cost_curve=cost_curve,
-        priced_by_curve=cost_curve is not None and price_by_curve and policy.cost is not None,
+        priced_by_curve=by_curve and policy.cost is not None,
         config=config,
         epochs=tuple(reports),
         synthetic=any(record.synthetic for record in trace),
@@ -259,12 +267,13 @@ def _run_batch(
     history: RolloutHistory,
     bar: tqdm,
     curve: CostCurve | None = None,
-    reprice: CostCurve | None = None,
+    reprice: CostCurve | LiveStepCost | None = None,
 ) -> _Counts:
     """Decode one batch until every rollout in `live` is done (emptying it). A rollout joins
     the history (at the history's version) as soon as it finishes, as the speculation core
     does, so that its still running siblings can draft from it. `curve` times each step;
-    `reprice` reprices the policy for each step's batch size."""
+    `reprice` reprices the policy for each step's batch size (a LiveStepCost learns each
+    step's time under `curve`)."""
     counts = _Counts()
     trimming = trimmer(policy)
     while live:
@@ -320,6 +329,9 @@ def _run_batch(
         counts.processed += step_tokens
         counts.steps += 1
         if curve is not None:
-            counts.seconds += curve.step_seconds(rows, step_tokens)
+            seconds = curve.step_seconds(rows, step_tokens)
+            counts.seconds += seconds
+            if isinstance(reprice, LiveStepCost):
+                reprice.observe(rows, step_tokens, seconds)
         live[:] = still_live
     return counts

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
 
-from drafter.cost import CostCurve
+from drafter.cost import CostCurve, LiveStepCost
 from drafter.draft import Draft, Tokens, as_token_array
 from drafter.history import RolloutHistory
 from drafter.policy import Policy, RequestView, trimmer
@@ -106,12 +106,12 @@ class Speculator:
         *,
         max_draft: int = 16,
         publish: Publisher | None = None,
-        cost_curve: CostCurve | None = None,
+        cost_curve: CostCurve | LiveStepCost | None = None,
     ) -> None:
         """`max_draft` caps every draft whatever the policy says; `publish` receives each
         rollout that ended by itself, after it joined `history`; with `cost_curve`, a policy
         that prices drafts is repriced at every step with the curve's cost model for the live
-        batch's size."""
+        batch's size (a LiveStepCost's as it learned it from the steps timed: time_step)."""
         if max_draft < 0:
             raise ValueError(f"max_draft must be >= 0, got {max_draft}")
         self.history = history
@@ -134,6 +134,14 @@ class Speculator:
         self._policy = policy
         self._trimmer = trimmer(policy)  # das cuts each drafted step (policy.Trimming)
         self._priced_rows = 0  # the batch size the policy was last repriced for
+
+    def time_step(self, rows: int, tokens: int, seconds: float) -> None:
+        """A verify step of `rows` requests and `tokens` tokens in all took `seconds` (its
+        forward and sampling): a live cost (LiveStepCost) learns it, and the policy is repriced
+        with what it learned from the next step on; otherwise nothing."""
+        if isinstance(self.cost_curve, LiveStepCost):
+            self.cost_curve.observe(rows, tokens, seconds)
+            self._priced_rows = 0
 
     def start(
         self, request_id: str, group: str, prompt: Tokens, sample_index: int = 0

@@ -24,7 +24,13 @@ from collections.abc import Callable, Sequence
 
 from drafter.config import DrafterConfig
 from drafter.cost import SMOLLM2_CPU, CostModel, parse_cost_model, read_cost_curve
-from drafter.policy_spec import LINE_PRICED, canonical_mode, mode_policy, parse_policy_spec
+from drafter.policy_spec import (
+    LINE_PRICED,
+    STARTUP_PRICED,
+    canonical_mode,
+    mode_policy,
+    parse_policy_spec,
+)
 from drafter.simulator import EpochReport, SimulationResult, simulate
 from drafter.traces import read_trace, synthetic_trace, write_trace
 from service.commands import add_gateway_parser, add_serve_parser, add_worker_parser
@@ -138,6 +144,11 @@ def policy_specs(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
     if len(set(specs)) != len(specs):
         raise argparse.ArgumentTypeError(f"policies must be distinct, got {text!r}")
+    if any(spec.endswith(STARTUP_PRICED) for spec in specs):
+        raise argparse.ArgumentTypeError(
+            f"{STARTUP_PRICED} is for das bench rollout: a replay's steps cost what the cost "
+            "curve says, so there is nothing to time again"
+        )
     return specs
 
 
@@ -196,7 +207,7 @@ def _simulate(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, TypeError) as error:
             return fail(f"bad cost curve {args.cost_curve}: {error}")
         given = args.cost_model or line
-    elif any(not by_curve for _, by_curve in map(mode_policy, args.policy)):
+    elif any(pricing == "line" for _, pricing in map(mode_policy, args.policy)):
         parser.error("das/line needs --cost-curve")
     cost = CostModel(
         given.c_base if args.c_base is None else args.c_base,
@@ -211,7 +222,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if not trace:
         return fail(f"trace {args.trace} holds no rollouts")
     results = []
-    for policy, by_curve in map(mode_policy, args.policy):
+    for policy, pricing in map(mode_policy, args.policy):
         results.append(
             simulate(
                 trace,
@@ -220,7 +231,7 @@ def _simulate(args: argparse.Namespace) -> int:
                 config,
                 progress=not args.no_progress,
                 cost_curve=curve,
-                price_by_curve=by_curve,
+                price_by_curve=pricing != "line",
             )
         )
     print("\n\n".join(format_result(result) for result in results))

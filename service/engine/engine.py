@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel, parse_cost_model
+from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel, LiveStepCost, parse_cost_model
 from drafter.draft import Draft
 from drafter.groups import group_of
 from drafter.history import RolloutHistory
@@ -143,13 +143,14 @@ class Engine:
         history: RolloutHistory | None = None,
         policy: Policy | None = None,
         publish: Publisher | None = None,
-        cost_curve: CostCurve | None = None,
+        cost_curve: CostCurve | LiveStepCost | None = None,
     ) -> None:
         """Loads config.model unless a model (and its tokenizer, or None) is given, and builds
         the policy config.speculation names unless one is given, pricing drafts with
         config.cost_model (calibrate: time this engine's verify step now, and price each
-        step with the calibration's cost model for its batch size, drafter.cost.CostCurve;
-        `cost_curve` does the latter for a given policy).
+        step with the calibration's cost model for its batch size, drafter.cost.CostCurve,
+        as the steps it then times while serving correct it, drafter.cost.LiveStepCost;
+        `cost_curve` does either for a given policy).
 
         Every rollout that ends by itself joins `history` and then goes to `publish` (a worker
         shares it through Redis)."""
@@ -182,10 +183,11 @@ class Engine:
         self._free_slots = list(range(config.max_batch))  # a heap: the lowest slot first
         self._paused = False
 
-    def _cost_model(self) -> tuple[CostModel, str, CostCurve | None]:
+    def _cost_model(self) -> tuple[CostModel, str, LiveStepCost | None]:
         """config.cost_model, its source and its curve by batch size: a preset or given
-        constants (no curve), or this engine's verify step timed now. An unusable timing falls
-        back to the CPU preset on a CPU only: a GPU must never plan with a CPU's constants."""
+        constants (no curve), or this engine's verify step timed now, then re-timed while it
+        serves. An unusable timing falls back to the CPU preset on a CPU only: a GPU must never
+        plan with a CPU's constants."""
         config = self.config
         cost = parse_cost_model(config.cost_model)
         if cost is not None:
@@ -201,7 +203,8 @@ class Engine:
                 f"cost model calibration failed on {config.device} ({error}): "
                 "set cost_model to C_BASE,C_TOK seconds"
             ) from error
-        return calibration.cost, calibration.source, calibration.curve
+        live = None if calibration.curve is None else LiveStepCost(calibration.curve)
+        return calibration.cost, calibration.source, live
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -372,7 +375,8 @@ class Engine:
             return []
         start = _lap(seconds, "schedule", start)
         drafts = self._prepare_drafts(batch)
-        start = _lap(seconds, "draft", start)
+        start = verify_start = _lap(seconds, "draft", start)
+        prefilled = self.stats.prefill_tokens
         logits = self._verify(batch, drafts)
         start = _lap(seconds, "forward", start)
         outcomes = []
@@ -382,6 +386,9 @@ class Engine:
             offset += len(draft) + 1
             outcomes.append(self._accept(sequence, draft, rows))
         start = _lap(seconds, "sample", start)
+        if self.stats.prefill_tokens == prefilled:  # a prefill's step prices no draft
+            tokens = len(batch) + sum(len(draft) for draft in drafts)
+            self.speculator.time_step(len(batch), tokens, start - verify_start)
         # Recorded after every row is sampled: sampling a row streams a few vocabulary-sized
         # buffers through the caches, and the drafter's trees are cold after each.
         appended = [

@@ -23,7 +23,7 @@ from bench.rollout import (
     trace_records,
     write_plot,
 )
-from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel, LiveStepCost
 from drafter.simulator import simulate
 from drafter.traces import read_trace, write_trace
 from service.engine.engine import STEP_PHASES
@@ -294,19 +294,33 @@ def test_calibrate_is_the_default_cost_and_reaches_the_das_policy(
 ) -> None:
     config = RolloutConfig(**{**_fields(TINY), "cost": "calibrate", "modes": ("das",)})
     result = run_bench(config, tiny_model, None)
-    source = result.to_json()["config"]["cost_model"]["source"]
+    data = result.to_json()
+    source = data["config"]["cost_model"]["source"]
     assert source in ("calibrated", "smollm2-cpu (calibration fit unusable)")
     assert len(result.runs) == 2
+    if data["config"]["cost_model"]["curve"]:  # das re-timed its steps: each epoch says how
+        calibrated_rows = [point["rows"] for point in data["config"]["cost_model"]["curve"]]
+        for run in data["runs"]:
+            assert [point["rows"] for point in run["live_cost"]] == calibrated_rows
+            assert all(point["step_scale"] > 0 for point in run["live_cost"])
 
 
-def test_das_is_priced_by_the_curve_and_das_line_by_the_line(tiny_model: torch.nn.Module) -> None:
+def test_das_is_priced_by_the_curve_re_timed_das_startup_by_the_curve_das_line_by_the_line(
+    tiny_model: torch.nn.Module,
+) -> None:
     curve = CostCurve(((1, CostModel(0.03, 0.005)), (4, CostModel(0.05, 0.001))))
     workload = build_workload(TINY, None, tiny_model.config.vocab_size)
-    by_curve = mode_engine(TINY, "das", tiny_model, None, workload, SMOLLM2_CPU, curve)
-    by_line = mode_engine(TINY, "das/line", tiny_model, None, workload, SMOLLM2_CPU, curve)
-    assert by_curve.speculator.cost_curve is curve and by_curve.policy.name == "das"
-    assert by_line.speculator.cost_curve is None and by_line.policy.name == "das"
-    assert by_line.policy.cost == SMOLLM2_CPU
+    engines = {
+        mode: mode_engine(TINY, mode, tiny_model, None, workload, SMOLLM2_CPU, curve)
+        for mode in ("das", "das-rate", "das/startup", "das/line")
+    }
+    live = [engines[mode].speculator.cost_curve for mode in ("das", "das-rate")]
+    assert all(isinstance(each, LiveStepCost) and each.calibrated is curve for each in live)
+    assert live[0] is not live[1]  # each engine learns its own steps
+    assert engines["das/startup"].speculator.cost_curve is curve
+    assert engines["das/line"].speculator.cost_curve is None
+    assert engines["das/line"].policy.cost == SMOLLM2_CPU
+    assert {engine.policy.name for engine in engines.values()} == {"das", "das-rate"}
 
 
 def test_trace_is_readable_and_simulates(tmp_path: Path, tiny_model: torch.nn.Module) -> None:

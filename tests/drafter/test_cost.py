@@ -5,6 +5,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drafter.cost import (
     COST_PRESETS,
@@ -12,6 +14,7 @@ from drafter.cost import (
     SMOLLM2_CPU,
     CostCurve,
     CostModel,
+    LiveStepCost,
     parse_cost_model,
     read_cost_curve,
 )
@@ -125,3 +128,101 @@ def test_a_cost_curve_gives_its_steps_to_every_local_model(tmp_path: Path) -> No
     line, read = read_cost_curve(str(saved))
     assert line == CostModel(0.03, 0.003, steps)
     assert read.at(2).steps == steps and read.points == curve.points
+
+
+# -- LiveStepCost ----------------------------------------------------------------------------
+
+_CALIBRATED = CostCurve(
+    ((1, CostModel(0.040, 0.004)), (4, CostModel(0.050, 0.003)), (16, CostModel(0.080, 0.002))),
+    (0.044, 0.047, 0.050, 0.058, 0.062, 0.066),
+)
+
+
+def _step(curve: CostCurve, rows: int, tokens: int, a: float, b: float) -> float:
+    """A step whose rows alone cost a x the calibration's line and its draft tokens b x."""
+    local = curve.at(rows)
+    return a * local.step_time(rows) + b * local.c_tok * (tokens - rows)
+
+
+def test_a_live_cost_is_the_calibration_until_timed_then_its_line_while_they_agree() -> None:
+    live = LiveStepCost(_CALIBRATED)
+    assert all(live.at(rows) == _CALIBRATED.at(rows) for rows in (1, 3, 4, 9, 40))
+    for tokens in (1, 3, 7, 2, 5):
+        live.observe(1, tokens, _CALIBRATED.at(1).step_time(tokens))
+    assert live.scales(1) == pytest.approx((1.0, 1.0), abs=1e-9)
+    assert live.timed_steps == 5
+    # Timed, one request's steps as calibrated (CostModel.steps) give way to the timed line.
+    line = live.at(1)
+    assert (line.c_base, line.c_tok) == pytest.approx((0.040, 0.004)) and line.steps == ()
+    assert _CALIBRATED.at(1).steps and live.at(2) == _CALIBRATED.at(2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.sampled_from([1, 2, 3, 4, 6, 16, 40]),
+    a=st.floats(0.5, 2.0),
+    b=st.floats(0.4, 3.0),
+)
+def test_a_live_cost_learns_what_a_batch_size_and_its_draft_tokens_cost(
+    rows: int, a: float, b: float
+) -> None:
+    live = LiveStepCost(_CALIBRATED, prior_steps=0.1)  # a prior that leaves no mark
+    for step in range(400):  # draft tokens per row varying from step to step, as das drafts
+        live.observe(
+            rows, rows * (1 + step % 4), _step(_CALIBRATED, rows, rows * (1 + step % 4), a, b)
+        )
+    assert live.scales(rows) == pytest.approx((a, b), rel=0.02)
+    (fit_a, fit_b), learned, calibrated = live.scales(rows), live.at(rows), _CALIBRATED.at(rows)
+    if fit_a * calibrated.step_time(rows) > fit_b * calibrated.c_tok * rows:
+        assert learned.step_time(rows) == pytest.approx(fit_a * calibrated.step_time(rows))
+    else:  # a line cannot price the rows' own tokens at b x c_tok within a x the step
+        assert learned.c_base == 1e-9
+    for drafted in (1, 3, rows, 3 * rows):
+        assert learned.draft_cost(rows, drafted) == pytest.approx(
+            b * calibrated.c_tok * drafted, rel=0.02
+        )
+    # Each row class learns alone: one request's steps say nothing of 16 rows' and back.
+    other = 16 if rows < 8 else 1
+    assert live.scales(other) == (1.0, 1.0) and live.at(other) == _CALIBRATED.at(other)
+
+
+def test_a_live_cost_moves_part_way_on_its_first_steps_and_follows_a_change() -> None:
+    live = LiveStepCost(_CALIBRATED)
+    live.observe(4, 4, _step(_CALIBRATED, 4, 4, 2.0, 1.0))
+    assert live.scales(4) == pytest.approx((4 / 3, 1.0))  # a third of the way: 2 prior steps
+    live = LiveStepCost(_CALIBRATED, prior_steps=0.1)
+    for _ in range(200):
+        live.observe(4, 12, _step(_CALIBRATED, 4, 12, 1.0, 3.0))
+        live.observe(4, 4, _step(_CALIBRATED, 4, 4, 1.0, 3.0))
+    assert live.scales(4) == pytest.approx((1.0, 3.0), rel=0.02)
+    for _ in range(300):  # the machine quietens: a few half-lives later it has followed
+        live.observe(4, 12, _step(_CALIBRATED, 4, 12, 1.0, 1.5))
+        live.observe(4, 4, _step(_CALIBRATED, 4, 4, 1.0, 1.5))
+    assert live.scales(4) == pytest.approx((1.0, 1.5), rel=0.02)
+
+
+def test_steps_without_drafts_move_only_the_step_and_wild_timings_are_bounded() -> None:
+    live = LiveStepCost(_CALIBRATED, prior_steps=0.1)
+    for _ in range(100):
+        live.observe(16, 16, 1.3 * _CALIBRATED.at(16).step_time(16))
+    assert live.scales(16) == pytest.approx((1.3, 1.0), rel=0.01)
+    for _ in range(100):
+        live.observe(2, 9, 100.0)
+    assert live.scales(2) == (4.0, 4.0)
+    with pytest.raises(ValueError, match="rows"):
+        live.observe(3, 2, 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        live.observe(1, 1, 0.0)
+    with pytest.raises(ValueError, match="> 0"):
+        LiveStepCost(_CALIBRATED, half_life_steps=0)
+
+
+def test_a_live_cost_reports_each_calibrated_row_count_as_re_timed() -> None:
+    live = LiveStepCost(_CALIBRATED, prior_steps=0.1)
+    for _ in range(50):
+        live.observe(1, 1, 2 * _CALIBRATED.at(1).step_time(1))
+    report = live.to_json()
+    assert [point["rows"] for point in report] == [1, 4, 16]
+    assert report[0]["step_scale"] == pytest.approx(2.0, rel=0.01)
+    assert report[0]["c_base"] == pytest.approx(live.at(1).c_base)
+    assert report[1] == {**_CALIBRATED.to_json()[1], "step_scale": 1.0, "token_scale": 1.0}

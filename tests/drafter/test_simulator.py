@@ -5,7 +5,7 @@ from collections.abc import Callable
 import pytest
 
 from drafter import DrafterConfig, ReferenceSuffixTree, SuffixTree
-from drafter.cost import CostCurve, CostModel
+from drafter.cost import CostCurve, CostModel, LiveStepCost
 from drafter.draft import Draft
 from drafter.history import TokenTree
 from drafter.simulator import (
@@ -125,6 +125,32 @@ def test_a_cost_curve_times_each_step_for_its_batch() -> None:
     assert priced.priced_by_curve and not kept.priced_by_curve
     assert priced.total.drafted != kept.total.drafted
     assert priced.to_json()["cost_curve"][1] == {"rows": 4, "c_base": 1.0, "c_tok": 0.05}
+
+
+def test_a_planner_learns_the_steps_it_is_priced_by() -> None:
+    trace = synthetic_trace(groups=3, samples=4, epochs=3, seed=3)
+    # Calibrated right, the planner learns nothing new: das drafts as the curve has it.
+    by_curve = simulate(trace, "das", COST, cost_curve=CURVE)
+    learning = simulate(trace, "das", COST, cost_curve=CURVE, planner=LiveStepCost(CURVE))
+    assert learning.total.drafted == by_curve.total.drafted
+    assert learning.total.makespan_s == pytest.approx(by_curve.total.makespan_s)
+    assert not learning.priced_by_curve
+    # Calibrated wrong: draft tokens cost twice what CURVE says (each batch size's step of
+    # its rows alone as CURVE has it). Learning, das drafts nearer to what it drafts knowing
+    # the truth than planning by the calibration it started from.
+    truth = CostCurve(
+        ((1, CostModel(0.2, 0.6)), (4, CostModel(0.8, 0.1)), (8, CostModel(1.84, 0.04)))
+    )
+    assert all(
+        truth.at(r).step_time(r) == pytest.approx(CURVE.at(r).step_time(r)) for r in (1, 4, 8)
+    )
+    knowing = simulate(trace, "das", COST, cost_curve=truth).total
+    kept = simulate(trace, "das", COST, cost_curve=truth, planner=CURVE).total
+    learned = simulate(trace, "das", COST, cost_curve=truth, planner=LiveStepCost(CURVE)).total
+    assert abs(learned.drafted - knowing.drafted) < abs(kept.drafted - knowing.drafted) / 2
+    assert learned.makespan_s < kept.makespan_s
+    with pytest.raises(ValueError, match="give cost_curve"):
+        simulate(trace, "das", COST, planner=LiveStepCost(CURVE))
 
 
 @pytest.mark.parametrize("policy", ["fixed:4", "das"])

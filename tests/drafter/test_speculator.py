@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from drafter import DrafterConfig, RolloutHistory
-from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel
+from drafter.cost import SMOLLM2_CPU, CostCurve, CostModel, LiveStepCost
 from drafter.das import DasPolicy
 from drafter.draft import HISTORY, Draft
 from drafter.groups import group_of, prompt_group
@@ -151,6 +151,29 @@ def test_a_cost_curve_reprices_das_for_each_batch_size() -> None:
     assert policy.cost == curve.at(3) != curve.at(4)
     # A policy that prices nothing keeps no curve.
     assert Speculator(history, FixedPolicy(2), cost_curve=curve).cost_curve is None
+
+
+def test_timed_steps_reprice_das_from_the_next_step_where_the_cost_is_live() -> None:
+    curve = CostCurve(((1, CostModel(0.03, 0.005)), (4, CostModel(0.05, 0.001))))
+    live = LiveStepCost(curve)
+    policy = DasPolicy(SMOLLM2_CPU)
+    core = Speculator(RolloutHistory(DrafterConfig(max_depth=8)), policy, cost_curve=live)
+    requests = [core.start(f"r{i}", "g", PROMPT) for i in range(2)]
+    core.drafts(requests, [8, 8])
+    assert policy.cost == curve.at(2)
+    for _ in range(3):  # the same batch size: only the timings say to reprice
+        core.time_step(2, 6, 3 * curve.step_seconds(2, 6))
+        core.drafts(requests, [8, 8])
+        assert policy.cost == live.at(2) != curve.at(2)
+    assert live.timed_steps == 3
+    # Under a curve as calibrated the timings change nothing.
+    fixed = DasPolicy(SMOLLM2_CPU)
+    core = Speculator(RolloutHistory(DrafterConfig(max_depth=8)), fixed, cost_curve=curve)
+    requests = [core.start(f"r{i}", "g", PROMPT) for i in range(2)]
+    core.drafts(requests, [8, 8])
+    core.time_step(2, 6, 3 * curve.step_seconds(2, 6))
+    core.drafts(requests, [8, 8])
+    assert fixed.cost == curve.at(2)
 
 
 def test_bad_calls_raise() -> None:

@@ -8,11 +8,12 @@ import httpx
 import pytest
 import torch
 
-from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel
+from drafter.cost import H100_7B, SMOLLM2_CPU, CostCurve, CostModel, LiveStepCost
 from service.engine import Engine, EngineConfig
 from service.engine import engine as engine_module
 from service.engine.calibration import Calibration
 from service.settings import Settings
+from service.worker import GenerateRequest, SamplingParams
 from service.worker_app import create_app
 from tests.service.conftest import free_port, start_server
 
@@ -77,17 +78,25 @@ def test_a_calibrated_curve_reprices_das_and_the_worker_reports_it(
 
     monkeypatch.setattr(engine_module, "calibrate_cost", fake)
     timed = engine(tiny_model, speculation="das")
-    assert timed.speculator.cost_curve is curve
+    live = timed.speculator.cost_curve
+    assert isinstance(live, LiveStepCost) and live.calibrated is curve
     assert timed.cost == CostModel(0.02, 0.002, steps)
+    # It times each step it decodes (the prompt's prefill prices no draft): the tiny model's
+    # steps take far less than the curve's 30 ms, so the learned step is at its bound.
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    timed.generate([GenerateRequest("r", [1, 2, 3, 4], params)])
+    assert live.timed_steps == timed.stats.forward_passes - 1 >= 1
+    assert live.scales(1)[0] == 0.25
     port = free_port()
     settings = Settings(model="tiny-random", port=port, worker_id="w", max_model_len=128)
     server = start_server(create_app(settings), port)
     try:
         info = httpx.get(f"{server.url}/get_server_info").json()["cost_model"]
         assert info["source"] == "calibrated" and (info["c_base"], info["c_tok"]) == (0.02, 0.002)
+        calibrated = {"step_scale": 1.0, "token_scale": 1.0}  # no step timed yet
         assert info["by_batch_size"] == [
-            {"rows": 1, "c_base": 0.03, "c_tok": 0.005},
-            {"rows": 2, "c_base": 0.04, "c_tok": 0.002},
+            {"rows": 1, "c_base": 0.03, "c_tok": 0.005, **calibrated},
+            {"rows": 2, "c_base": 0.04, "c_tok": 0.002, **calibrated},
         ]
         assert info["steps"] == list(steps)
     finally:
