@@ -189,9 +189,11 @@ class CostCurve:
 # Steps of a row class (rows.bit_length()) that LiveStepCost keeps in mind: a step's weight
 # halves after this many more steps of its class.
 LIVE_HALF_LIFE_STEPS = 64
-# The prior, as so many steps that cost exactly what the calibration says: a class's first
-# timed step moves it a third of the way, and it holds the fit where the steps timed cannot
-# tell the step from its draft tokens; it costs the fit about 2% of its way from 1 for good.
+# The prior, as so many steps that cost exactly what the calibration says, their draft tokens
+# adding a quarter of a step each: a class's first timed step moves its step's scale a third of the
+# way, and the token price moves only once the class's draft tokens have added up to a few
+# steps' worth (a batch's few draft tokens are lost in its steps' noise); it costs the fit
+# about 2% of its way from 1 for good.
 LIVE_PRIOR_STEPS = 2.0
 # How far the learned scales may stray from the calibration, either way.
 _LIVE_SCALE_BOUND = 4.0
@@ -210,9 +212,10 @@ class LiveStepCost:
     4-7, ...) as a * B + b * E: B the calibration's step of the rows alone (its line for the
     batch size), E its c_tok times the draft tokens; a and b by least squares over the class's
     recent steps (each step's weight halving after LIVE_HALF_LIFE_STEPS more), held toward 1 by
-    LIVE_PRIOR_STEPS steps' worth of the calibration. at(rows) is the calibration's line at that
-    batch size with its step scaled by a and its token price by b; a class not yet timed keeps
-    the calibration as it is (with its one-request steps, CostModel.steps)."""
+    LIVE_PRIOR_STEPS steps' worth of the calibration (module constants). at(rows) is the
+    calibration's line at that batch size with its step scaled by a and its token price by b;
+    a class not yet timed keeps the calibration as it is (with one request's steps,
+    CostModel.steps)."""
 
     def __init__(
         self,
@@ -253,16 +256,14 @@ class LiveStepCost:
         if sums is None:
             return 1.0, 1.0
         weight, bb, be, ee, by, ey = sums
-        # Ridge toward a = b = 1, as strong as prior_steps of the class's average step.
+        # Ridge toward a = b = 1: prior_steps of the class's average step, costing what the
+        # calibration says, with draft tokens adding a quarter of it.
         hold_a = self.prior_steps * bb / weight
-        hold_b = self.prior_steps * ee / weight
-        if hold_b <= 1e-12 * hold_a:  # no draft token timed: only the step's scale moves
-            a, b = (by + hold_a) / (bb + hold_a), 1.0
-        else:
-            bb, ee, by, ey = bb + hold_a, ee + hold_b, by + hold_a, ey + hold_b
-            det = bb * ee - be * be
-            a = (by * ee - ey * be) / det
-            b = (ey * bb - by * be) / det
+        hold_b = hold_a / 16
+        bb, ee, by, ey = bb + hold_a, ee + hold_b, by + hold_a, ey + hold_b
+        det = bb * ee - be * be
+        a = (by * ee - ey * be) / det
+        b = (ey * bb - by * be) / det
         low, high = 1.0 / _LIVE_SCALE_BOUND, _LIVE_SCALE_BOUND
         return min(max(a, low), high), min(max(b, low), high)
 
