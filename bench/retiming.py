@@ -86,15 +86,15 @@ def main() -> None:
     print(f"{'tokens x':>8}  " + "  ".join(f"{name:>10}" for name in PLANNERS))
     for scale in args.token_scales:
         truth = scale_draft_tokens(calibrated, scale)
+        planners: dict[str, CostCurve | LiveStepCost] = {
+            "knowing": truth,
+            "calibrated": calibrated,
+            "re-timed": LiveStepCost(calibrated),
+        }
         ratios = {}
-        for name in PLANNERS:
+        for name, planner in planners.items():
             # Each planner meets the same noise, step for step while they draft alike.
             timed = NoisyCurve(truth.points, truth.steps, args.noise, args.seed)
-            planner = {
-                "knowing": truth,
-                "calibrated": calibrated,
-                "re-timed": LiveStepCost(calibrated),
-            }[name]
             result = simulate(trace, args.policy, line, cost_curve=timed, planner=planner)
             ratios[name] = result.total.makespan_ratio
         rows.append({"token_scale": scale, "makespan_ratio": ratios})
