@@ -9,9 +9,8 @@ Three rules turn the same inputs (predicted remaining lengths, length classes, t
 and the live batch) into budgets:
 - "das-rate" (marginal_budgets): per step, the batch drafts the tokens that pay for themselves.
   A request's n-th draft token is accepted with probability rate ** n, where rate is its group's
-  measured per-token acceptance, and if accepted spares the batch's last step, which the request
-  runs alone, if it is the one the batch waits for (its chance: its share of the predicted
-  remaining tokens), or else its row of one step (accepted_worth); what the tokens cost is
+  measured per-token acceptance, and is worth a whole step if the request is the one the batch
+  waits for (its chance: its share of the predicted remaining tokens); what the tokens cost is
   the cost model's c_tok each, or where one request's steps were timed token by token
   (CostModel.steps), what they add to the step (paying_count). Replaying real SmolLM2 traces
   (das simulate) it beat the closed form below by 3-6% of makespan on this CPU's cost model and
@@ -212,22 +211,6 @@ def _check_batch(lengths: Sequence[float], acceptance: Sequence[Acceptance]) -> 
 # -- the per-step rule (das-rate) ----------------------------------------------------------
 
 
-def accepted_worth(remaining: FloatArray, cost: CostModel) -> FloatArray:
-    """The seconds of the batch's time that one more accepted token of each request saves, for
-    requests with these predicted remaining lengths (each > 0). The batch runs until its last
-    request is done; request i is taken to be that one with chance w_i = l_i / sum_j l_j (its
-    share of the batch's remaining tokens). If it is, the token spares the batch's last step,
-    which that request runs alone (cost.lone_step_time()); if not, the request ends a step
-    sooner and spares its row of the step where it would have ended (c_tok). So a token is
-    worth w_i * t_lone + (1 - w_i) * c_tok. On a GPU, where a step costs about the same at
-    any batch size, that is about w_i times the step; on a CPU, where a step of 16 rows costs
-    2.5 lone steps, pricing it at the live step's cost overvalued a long request's tokens
-    in a full batch 2x."""
-    share = remaining / remaining.sum()
-    worth: FloatArray = share * cost.lone_step_time() + (1.0 - share) * cost.c_tok
-    return worth
-
-
 def paying_count(values: Sequence[float] | FloatArray, live_tokens: int, cost: CostModel) -> int:
     """How many of the draft tokens with these values (the seconds of the batch's time each is
     expected to save, best first) to verify in a forward of `live_tokens` tokens: the count
@@ -257,18 +240,19 @@ def marginal_budgets(
     """Draft tokens per request for the next verify step, together the most that pay for
     themselves.
 
-    The n-th draft token of request i is accepted with probability rate_i ** n (each one given
-    the one before), and an accepted token is worth u_i = accepted_worth (w_i * t_lone +
-    (1 - w_i) * c_tok, w_i the request's share of the batch's predicted remaining tokens), so
-    the token is worth v = rate_i ** n * u_i. The tokens of every request are taken best first
-    for as long as they pay for what they add to the step (paying_count): with a linear cost,
-    each while v >= c_tok, that is n_i = floor(ln(c_tok / u_i) / ln(rate_i)), capped at
-    max_budget. A full batch spreads w thin, so drafts shrink to what is all but sure; as it
-    drains to its last few requests, w_i goes to 1 and their drafts grow. Short requests are
-    not excluded, unlike in the closed form: a small w already keeps their drafts short, and
-    where drafts are nearly always accepted (greedy decoding of a prompt seen before) a long
-    request can finish sooner than an undrafted short one, which would then decide the
-    makespan. Vectorised: the whole
+    The batch runs until its last request is done, so a request's accepted token saves a whole
+    step only if that request is the last one; its chance of being last is taken as its share
+    of the batch's predicted remaining tokens, w_i = l_i / sum_j l_j. The n-th draft token of
+    request i is accepted with probability rate_i ** n (each one given the one before), so it
+    is worth v = rate_i ** n * w_i * t_step, t_step = c_base + c_tok * (live requests). The
+    tokens of every request are taken best first for as long as they pay for what they add to
+    the step (paying_count): with a linear cost, each while v >= c_tok, that is
+    n_i = floor(ln(c_tok / (w_i * t_step)) / ln(rate_i)), capped at max_budget. A full batch
+    spreads w thin and makes every step dear, so drafts shrink; as it drains to its last few
+    requests, w_i goes to 1 and their drafts grow. Short requests are not excluded, unlike in
+    the closed form: a small w already keeps their drafts short, and where drafts are nearly
+    always accepted (greedy decoding of a prompt seen before) a long request can finish sooner
+    than an undrafted short one, which would then decide the makespan. Vectorised: the whole
     batch's candidate tokens in one array (hundreds of rows a step)."""
     if len(remaining) != len(rates):
         raise ValueError("need one remaining length and rate per request")
@@ -282,7 +266,7 @@ def marginal_budgets(
         raise ValueError("rates must be in [0, 1]")
     if not length.size or max_budget == 0:
         return [0] * length.size
-    worth = accepted_worth(length, cost)
+    worth = length / length.sum() * cost.step_time(length.size)
     # value[i, n - 1]: request i's n-th draft token; each row falls with n (rate <= 1).
     value = worth[:, None] * rate[:, None] ** np.arange(1, max_budget + 1)
     # Every token worth anything is a candidate (where a measured step is flat, even a tiny
@@ -428,11 +412,13 @@ class ClosedFormRule:
 
 def token_floors(remaining: Sequence[float], cost: CostModel) -> list[float]:
     """The least acceptance chance a draft token of each request must have to pay for itself:
-    c_tok / accepted_worth, as in marginal_budgets."""
+    c_tok / (w_i * t_step), with w_i = l_i / sum_j l_j its chance of being the request the batch
+    waits for and t_step = c_base + c_tok * (live requests), as in marginal_budgets."""
     if any(length <= 0 for length in remaining):
         raise ValueError("remaining lengths must be > 0")
-    floors: list[float] = (cost.c_tok / accepted_worth(np.asarray(remaining), cost)).tolist()
-    return floors
+    total = sum(remaining)
+    step = cost.step_time(len(remaining))
+    return [cost.c_tok * total / (length * step) for length in remaining]
 
 
 def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
@@ -460,12 +446,12 @@ def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
 class MatchRule:
     """das: every request drafts as deep as a token could pay (budgets: at most max_budget;
     with a linear cost, the depths where the calibrator's best chance there reaches the
-    request's floor c_tok / u_i, u_i = accepted_worth; 0 where not even a certain token would
-    pay), then trim() keeps of all drafts together the tokens that pay for what they add to
-    the step (paying_count), each worth p_hat * u_i: the marginal rule's value with p_hat, the
+    request's floor c_tok / (w_i * t_step); 0 where not even a certain token would pay), then
+    trim() keeps of all drafts together the tokens that pay for what they add to the step
+    (paying_count), each worth p_hat * w_i * t_step: the marginal rule's value with p_hat, the
     token's calibrated chance of acceptance (DraftCalibrator, its ancestors' included),
     instead of one rate per group. With a linear cost that cuts each draft at the last token
-    with p_hat * u_i >= c_tok. Its clock is the verify step: the calibrator's
+    with p_hat * w_i * t_step >= c_tok. Its clock is the verify step: the calibrator's
     evidence decays once per budgets() call. observe_drafts() feeds the calibrator what
     verification accepted of each draft."""
 
@@ -561,9 +547,9 @@ class MatchRule:
             for i, parent in enumerate(drafting[row].parents):
                 above = 1.0 if parent < 0 else chance[at + parent]
                 chance[at + i] = min(above, own[at + i])
-        # As the marginal rule's value with `chance` for rate ** n.
-        worth = accepted_worth(np.asarray(remaining, dtype=np.float64), cost)[drafted_rows]
-        value = chance * worth[rows]
+        lengths = np.asarray(remaining, dtype=np.float64)[drafted_rows]
+        # As the marginal rule's value with `chance` for rate ** n, in the same float order.
+        value = chance * lengths[rows] / sum(remaining) * cost.step_time(len(remaining))
         order = np.argsort(-value, kind="stable")
         taken = order[: paying_count(value[order], len(remaining), cost)]
         # A chain keeps a prefix: its values do not grow along it, and on a tie the stable

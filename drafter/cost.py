@@ -29,17 +29,11 @@ class CostModel:
     c_base: float
     c_tok: float
     steps: tuple[float, ...] = ()
-    # The step of one request alone, where this line is one batch size's on a curve (the
-    # curve's 1-row step); None: this line's own step_time(1).
-    lone_step: float | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("c_base", self.c_base), ("c_tok", self.c_tok)):
             if not math.isfinite(value) or value <= 0.0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
-        lone = self.lone_step
-        if lone is not None and not (math.isfinite(lone) and lone > 0.0):
-            raise ValueError(f"lone_step must be a positive number of seconds, got {lone}")
         if any(not math.isfinite(t) or t <= 0.0 for t in self.steps):
             raise ValueError("steps must be positive numbers of seconds")
         if any(b < a for a, b in itertools.pairwise(self.steps)):
@@ -54,11 +48,6 @@ class CostModel:
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
         return self.c_base + self.c_tok * n_tokens
-
-    def lone_step_time(self) -> float:
-        """The step of one request alone, without drafts: the step that a batch's last request
-        runs on its own at the end."""
-        return self.step_time(1) if self.lone_step is None else self.lone_step
 
     def draft_cost(self, n_tokens: int, drafted: int) -> float:
         """What `drafted` draft tokens add to a forward of `n_tokens` tokens: by `steps` within
@@ -139,7 +128,7 @@ class CostCurve:
             step = (1 - share) * below.step_time(low) + share * above.step_time(high)
             c_tok = (1 - share) * below.c_tok + share * above.c_tok
             local = CostModel(max(step - c_tok * rows, 1e-9), c_tok)
-        return replace(local, steps=self.steps, lone_step=self.points[0][1].step_time(1))
+        return replace(local, steps=self.steps)
 
     def step_seconds(self, rows: int, tokens: int) -> float:
         """A step of `rows` requests verifying `tokens` tokens in all (rows <= tokens): the
@@ -279,15 +268,13 @@ class LiveStepCost:
         return min(max(a, low), high), min(max(b, low), high)
 
     def at(self, rows: int) -> CostModel:
-        """The cost model for a live batch of `rows` requests, as it has measured them (its
-        lone step: the 1-row class's, re-timed as well)."""
+        """The cost model for a live batch of `rows` requests, as it has measured them."""
         local = self.calibrated.at(rows)
-        lone = self.calibrated.at(1).step_time(1) * self.scales(1)[0]
         if rows.bit_length() not in self._sums:
-            return replace(local, lone_step=lone)
+            return local
         a, b = self.scales(rows)
         c_tok = local.c_tok * b
-        return CostModel(max(a * local.step_time(rows) - c_tok * rows, 1e-9), c_tok, lone_step=lone)
+        return CostModel(max(a * local.step_time(rows) - c_tok * rows, 1e-9), c_tok)
 
     def to_json(self) -> list[dict[str, float]]:
         """As CostCurve.to_json, each calibrated row count's line as re-timed so far, with

@@ -66,10 +66,6 @@ def test_a_cost_curve_is_the_local_line_at_each_row_count_and_interpolates() -> 
     # Beyond the ends: the end's line.
     assert curve.at(16) == curve.at(8) and curve.at(0) == curve.at(1)
     assert CostCurve.from_json(curve.to_json()) == curve
-    # Every batch size knows the step of one request alone, which its line cannot say.
-    for rows in (1, 3, 8, 16):
-        assert curve.at(rows).lone_step_time() == pytest.approx(_concave(1, 1))
-    assert curve.at(8).step_time(1) != pytest.approx(_concave(1, 1))
 
 
 def test_a_cost_curve_slope_lost_to_noise_takes_its_neighbours() -> None:
@@ -158,13 +154,7 @@ def test_a_live_cost_is_the_calibration_until_timed_then_its_line_while_they_agr
     # Timed, one request's steps as calibrated (CostModel.steps) give way to the timed line.
     line = live.at(1)
     assert (line.c_base, line.c_tok) == pytest.approx((0.040, 0.004)) and line.steps == ()
-    assert _CALIBRATED.at(1).steps and _line(live.at(2)) == _line(_CALIBRATED.at(2))
-    # Every batch size's lone step (the step its last request runs alone) is the 1-row one's.
-    assert live.at(2).lone_step == pytest.approx(live.at(1).step_time(1))
-
-
-def _line(model: CostModel) -> tuple[float, float, tuple[float, ...]]:
-    return model.c_base, model.c_tok, model.steps
+    assert _CALIBRATED.at(1).steps and live.at(2) == _CALIBRATED.at(2)
 
 
 @settings(max_examples=60, deadline=None)
@@ -194,11 +184,7 @@ def test_a_live_cost_learns_what_a_batch_size_and_its_draft_tokens_cost(
         )
     # Each row class learns alone: one request's steps say nothing of 16 rows' and back.
     other = 16 if rows < 8 else 1
-    assert live.scales(other) == (1.0, 1.0)
-    assert _line(live.at(other)) == _line(_CALIBRATED.at(other))
-    # What the lone step learned reaches every batch size.
-    lone = fit_a if rows == 1 else 1.0
-    assert live.at(other).lone_step == pytest.approx(lone * _CALIBRATED.at(1).step_time(1))
+    assert live.scales(other) == (1.0, 1.0) and live.at(other) == _CALIBRATED.at(other)
 
 
 def test_a_live_cost_moves_part_way_on_its_first_steps_and_follows_a_change() -> None:

@@ -345,8 +345,7 @@ def _reference_trim(
     calibrator: DraftCalibrator, drafts: list[Draft], lengths: list[float], cost: CostModel
 ) -> tuple[list[Draft], list[list[int]]]:
     """MatchRule.trim token by token: each token's chance is the least table estimate on its
-    path (itself and its ancestors, each at its depth), worth chance * (w * t_lone + (1 - w) *
-    c_tok); the step's
+    path (itself and its ancestors, each at its depth), worth chance * w * t_step; the step's
     tokens best first (a stable sort), paying_count of them kept; the kept drafts (a draft cut
     to nothing: Draft()) and their cells."""
     table = calibrator.table()
@@ -361,9 +360,7 @@ def _reference_trim(
             cells.append(calibrator.cell(draft.probs[i], depth[i], draft.match_len, draft.source))
             above = 1.0 if parent < 0 else chance[parent]
             chance.append(min(above, float(table[cells[i]])))
-            share = lengths[row] / sum(lengths)
-            saved = share * cost.lone_step_time() + (1 - share) * cost.c_tok
-            worth = chance[i] * saved
+            worth = chance[i] * lengths[row] / sum(lengths) * cost.step_time(len(lengths))
             tokens.append((worth, row, i))
         cells_of.append(cells)
     tokens.sort(key=lambda token: -token[0])
@@ -457,13 +454,9 @@ def test_budgets_with_measured_steps_past_the_batch_only_rule_out_hopeless_reque
     # A lone request: its tokens may be cheaper than c_tok within the measured steps.
     cost = CostModel(0.01, 0.001, steps=(0.01, 0.0101, 0.0102, 0.03))
     assert rule.budgets(["g"], [100.0], [], cost, 16) == [16]
-    # Two rows: a sure token pays for itself whichever of them the batch waits for (it spares
-    # the lone step or its row of a step), so both draft; with a lone step cheaper than a token
-    # (no real curve has one) no chance pays for any.
+    # Two rows, one of which no chance can pay for (its floor is above 1).
     cost = CostModel(0.01, 0.02, steps=(0.01, 0.0101, 0.0102, 0.03))
-    assert rule.budgets(["g", "g"], [1.0, 1000.0], [], cost, 16) == [16, 16]
-    cheap_lone = CostModel(0.01, 0.02, steps=(0.01, 0.0101, 0.0102, 0.03), lone_step=0.01)
-    assert rule.budgets(["g", "g"], [1.0, 1000.0], [], cheap_lone, 16) == [0, 0]
+    assert rule.budgets(["g", "g"], [1.0, 1000.0], [], cost, 16) == [0, 16]
 
 
 def test_trim_draft_drops_descendants_of_dropped_nodes() -> None:
@@ -473,24 +466,16 @@ def test_trim_draft_drops_descendants_of_dropped_nodes() -> None:
     assert trim_draft(tree, [True] * 4) is tree
 
 
-def test_token_floors_follow_the_batch_share_and_the_lone_step() -> None:
+def test_token_floors_follow_the_batch_share_and_step_time() -> None:
     cost = CostModel(0.06, 0.002)
     long, short = token_floors([300.0, 100.0], cost)
-    assert long == pytest.approx(0.002 / (0.75 * 0.062 + 0.25 * 0.002))
-    assert short == pytest.approx(0.002 / (0.25 * 0.062 + 0.75 * 0.002))
-    # The live step's size does not enter: a token of the batch's last request spares the
-    # step it runs alone. A curve's lone step prices it where the line's own would not.
-    assert token_floors([300.0, 100.0], replace(cost, c_base=0.2, lone_step=0.062)) == [
-        pytest.approx(long),
-        pytest.approx(short),
-    ]
-    # A crowd's rows, unlikely to be the one the batch waits for, need tokens all but sure
-    # (their floor is 0.94): each depth's chance halves from 1 at the first, so they draft one
-    # token where the long request drafts to the cap.
-    rule = MatchRule(DraftCalibrator(1.0, 1.0, 1.0, 0.0, position_discount=0.5))
+    assert long == pytest.approx(0.002 / (0.75 * 0.064))
+    assert short == pytest.approx(3 * long)
+    # Where not even a certain token pays, the match rule drafts nothing at all.
+    rule = MatchRule(DraftCalibrator(1.0, 1.0, 1.0, 0.0))
     crowd = [1.0] * 200 + [300.0]
     budgets = rule.budgets(["g"] * len(crowd), crowd, [], cost, 16)
-    assert budgets[0] == 1 and budgets[-1] == 16
+    assert budgets[0] == 0 and budgets[-1] == 16
 
 
 # -- wiring: names, the speculation core and the simulator ---------------------------------

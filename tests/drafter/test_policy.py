@@ -649,19 +649,15 @@ def test_das_rate_drafts_again_after_its_drafts_stopped_paying() -> None:
     assert rejected_steps > 0
 
 
-def _worth(length: float, total: float, cost: CostModel) -> float:
-    """An accepted token's worth, written out for a plain line: with chance w = length / total
-    the lone step, otherwise the request's row of one step."""
-    weight = length / total
-    return weight * (cost.c_base + cost.c_tok) + (1 - weight) * cost.c_tok
-
-
 def _best_by_enumeration(
-    length: float, total: float, rate: float, cost: CostModel, cap: int
+    length: float, total: float, rate: float, cost: CostModel, live: int, cap: int
 ) -> int:
     """The draft size that maximises expected saved time minus verify cost, by trying all."""
-    worth = _worth(length, total, cost)
-    gains = [sum(rate**j * worth - cost.c_tok for j in range(1, n + 1)) for n in range(cap + 1)]
+    weight = length / total
+    step = cost.c_base + cost.c_tok * live
+    gains = [
+        sum(rate**j * weight * step - cost.c_tok for j in range(1, n + 1)) for n in range(cap + 1)
+    ]
     best = max(gains)
     # Ties (zero-gain tokens) go to the larger draft, as the rule includes them.
     return max(n for n, gain in enumerate(gains) if gain >= best - 1e-12)
@@ -682,10 +678,11 @@ def test_marginal_budgets_are_the_best_draft_sizes(
     budgets = marginal_budgets(lengths, rates, cost, cap)
     total = sum(lengths)
     for length, rate, budget in zip(lengths, rates, budgets, strict=True):
-        expected = _best_by_enumeration(length, total, rate, cost, cap)
+        expected = _best_by_enumeration(length, total, rate, cost, len(rows), cap)
         if budget != expected:
             # Only where a token's gain is zero to rounding may the two disagree.
-            edge = rate ** max(budget, expected) * _worth(length, total, cost)
+            weight, step = length / total, cost.step_time(len(rows))
+            edge = rate ** max(budget, expected) * weight * step
             assert edge == pytest.approx(c_tok, rel=1e-6)
 
 
@@ -741,9 +738,9 @@ def test_marginal_budgets_with_measured_steps_gain_the_most_any_budgets_can(
     cost = CostModel(0.03, c_tok, steps)
     lengths, rates = (list(column) for column in zip(*rows, strict=True))
     budgets = marginal_budgets(lengths, rates, cost, cap)
-    total, live = sum(lengths), len(rows)
+    total, step, live = sum(lengths), cost.step_time(len(rows)), len(rows)
     values = [
-        [rate**n * _worth(length, total, cost) for n in range(1, cap + 1)]
+        [rate**n * length / total * step for n in range(1, cap + 1)]
         for length, rate in zip(lengths, rates, strict=True)
     ]
     gain = sum(sum(row[:n]) for row, n in zip(values, budgets, strict=True))
