@@ -271,7 +271,11 @@ class FakeWorker:
             version = self._version
             params = request.params
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-            plans = [self._plan(request, seed, i) for i in range(params.n)]
+            plans = []
+            for i in range(params.n):
+                plans.append(self._plan(request, seed, i))
+                # Planning a long sample takes a while: the loop serves others in between.
+                await asyncio.sleep(0)
             for plan in plans:
                 history.start_request(plan.key, group, prompt[-_PROMPT_TAIL:])
                 started.append(plan.key)
