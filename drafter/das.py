@@ -181,11 +181,16 @@ class DasPolicy:
         return self._remaining(requests, [view.group for view in requests])
 
     def _remaining(self, requests: Sequence[RequestView], groups: list[str]) -> list[float]:
-        if len(requests) < _BATCH_ROWS:
-            return [max(1.0, self.predict(view).length - view.generated) for view in requests]
+        cfg = self.config
+        if len(requests) < _BATCH_ROWS:  # predict()'s length, without its length class
+            q, prior, growth = cfg.length_quantile, cfg.prior_length, cfg.tail_growth
+            recent = self._lengths
+            return [
+                max(1.0, predict_length(recent.get(group, ()), n, q, prior, growth) - n)
+                for n, group in zip((view.generated for view in requests), groups, strict=True)
+            ]
         if self._table is None:
             self._table = LengthTable(self._lengths)
-        cfg = self.config
         generated = np.fromiter((view.generated for view in requests), np.float64, len(requests))
         lengths = self._table.predict(
             groups, generated, cfg.length_quantile, cfg.prior_length, cfg.tail_growth
