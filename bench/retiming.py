@@ -86,11 +86,9 @@ def main() -> None:
     print(f"{'tokens x':>8}  " + "  ".join(f"{name:>10}" for name in PLANNERS))
     for scale in args.token_scales:
         truth = scale_draft_tokens(calibrated, scale)
-        planners: dict[str, CostCurve | LiveStepCost] = {
-            "knowing": truth,
-            "calibrated": calibrated,
-            "re-timed": LiveStepCost(calibrated),
-        }
+        planners: dict[str, CostCurve | LiveStepCost] = dict(
+            zip(PLANNERS, (truth, calibrated, LiveStepCost(calibrated)), strict=True)
+        )
         ratios = {}
         for name, planner in planners.items():
             # Each planner meets the same noise, step for step while they draft alike.
