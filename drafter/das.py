@@ -181,14 +181,13 @@ class DasPolicy:
         return self._remaining(requests, [view.group for view in requests])
 
     def _remaining(self, requests: Sequence[RequestView], groups: list[str]) -> list[float]:
-        cfg = self.config
         if len(requests) < _BATCH_ROWS:  # predict()'s length, without its length class
-            q, prior, growth = cfg.length_quantile, cfg.prior_length, cfg.tail_growth
-            recent = self._lengths
+            length = self._predicted_length
             return [
-                max(1.0, predict_length(recent.get(group, ()), n, q, prior, growth) - n)
-                for n, group in zip((view.generated for view in requests), groups, strict=True)
+                max(1.0, length(group, view.generated) - view.generated)
+                for view, group in zip(requests, groups, strict=True)
             ]
+        cfg = self.config
         if self._table is None:
             self._table = LengthTable(self._lengths)
         generated = np.fromiter((view.generated for view in requests), np.float64, len(requests))
@@ -252,14 +251,21 @@ class DasPolicy:
 
     def predict(self, view: RequestView) -> Prediction:
         lengths = self._group_lengths(view.group)
-        cfg = self.config
-        length = predict_length(
-            lengths, view.generated, cfg.length_quantile, cfg.prior_length, cfg.tail_growth
-        )
         cls = current_class(
-            view.initial_class, view.generated, lengths, self.bounds(), cfg.length_quantile
+            view.initial_class, view.generated, lengths, self.bounds(), self.config.length_quantile
         )
-        return Prediction(length, cls)
+        return Prediction(self._predicted_length(view.group, view.generated), cls)
+
+    def _predicted_length(self, group: str, generated: int) -> float:
+        """predict_length of a request of this group that has generated this many tokens."""
+        cfg = self.config
+        return predict_length(
+            self._group_lengths(group),
+            generated,
+            cfg.length_quantile,
+            cfg.prior_length,
+            cfg.tail_growth,
+        )
 
     def bounds(self) -> ClassBounds | None:
         if self._bounds_stale:
