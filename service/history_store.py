@@ -12,9 +12,10 @@ Redis layout (prefix "das" by default), one stream per prompt group:
                                   last forgotten, below)
     {prefix}:lengths:{group}    list of the newest output lengths (newest first, capped)
     {prefix}:version_starts     hash: policy version -> first stream id seen under it
-    {prefix}:written            hash: writer instance -> sequence number of its last rollout
-                                  written (makes a write sent again a no-op; one field per
-                                  worker process)
+    {prefix}:written:{instance} the sequence number of the last rollout this writer instance
+                                  (one worker process) wrote: makes a write sent again a
+                                  no-op; expires WATERMARK_TTL_S after the instance's last
+                                  write, so the keys of stopped workers go away
 
 Per-group streams make "rebuild a group when this worker takes it over" one XRANGE-like read
 of a short stream, and incremental sync one XREAD over the groups this worker holds, each from
@@ -62,16 +63,22 @@ log = logging.getLogger(__name__)
 _READ_BATCH = 256  # streams per XREAD call
 _FLUSH_BATCH = 256  # rollouts per pipeline
 _READ_COUNT = 1000  # entries per stream per XREAD call
+# A writer's watermark outlives its last write by this much: a batch whose reply was lost is
+# sent again when Redis answers again, so this bounds the outage after which a rollout could be
+# written twice; each worker process started adds one key, so this bounds how many are kept.
+WATERMARK_TTL_S = 7 * 24 * 3600
 
 # One rollout's write, atomic and idempotent: nothing if the writer (ARGV[1]) has written this
-# sequence number (ARGV[2]) or a later one, else its stream entry (fields w, v, p, t), its
-# group's name in the groups set, stats and newest lengths (both capped at ARGV[7]).
-# KEYS: rollouts, groups, stats, lengths, written. ARGV: instance, sequence number, version,
-# prompt, tokens, length, cap, group. Returns 1 if written, else 0.
+# sequence number (ARGV[2]) or a later one, else its watermark (expiring in ARGV[9] s), its
+# stream entry (fields w, v, p, t), its group's name in the groups set, stats and newest
+# lengths (both capped at ARGV[7]).
+# KEYS: rollouts, groups, stats, lengths, the writer's watermark. ARGV: instance, sequence
+# number, version, prompt, tokens, length, cap, group, watermark TTL. Returns 1 if written,
+# else 0.
 _WRITE_ROLLOUT = """
-local last = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+local last = tonumber(redis.call('GET', KEYS[5]) or '0')
 if last >= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[9])
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[7], '*', 'w', ARGV[1], 'v', ARGV[3], 'p', ARGV[4],
     't', ARGV[5])
 redis.call('SADD', KEYS[2], ARGV[8])
@@ -364,7 +371,7 @@ class HistoryStore:
         assert write_rollout is not None  # registered with the client
         written = 0
         cap = self.config.max_rollouts_per_group
-        groups, marks = self._key("groups"), self._key("written")
+        groups, watermark = self._key("groups"), self._key("written", self._instance.decode())
         kinds = ("rollouts", "stats", "lengths")
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(_FLUSH_BATCH, len(self._pending)))]
@@ -373,7 +380,7 @@ class HistoryStore:
                     for item in batch:
                         stream, stats, lengths = (self._key(kind, item.group) for kind in kinds)
                         await write_rollout(
-                            keys=[stream, groups, stats, lengths, marks],
+                            keys=[stream, groups, stats, lengths, watermark],
                             args=[
                                 self._instance,
                                 item.sequence,
@@ -383,6 +390,7 @@ class HistoryStore:
                                 item.length,
                                 cap,
                                 item.group,
+                                WATERMARK_TTL_S,
                             ],
                             client=pipe,
                         )

@@ -11,7 +11,13 @@ import httpx
 import redis
 
 from drafter import DrafterConfig
-from service.history_store import HistoryStore, connect_redis, pack_tokens, unpack_tokens
+from service.history_store import (
+    WATERMARK_TTL_S,
+    HistoryStore,
+    connect_redis,
+    pack_tokens,
+    unpack_tokens,
+)
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -236,6 +242,12 @@ def test_a_flush_sent_again_writes_each_rollout_once(redis_server: RedisServer) 
                 assert int(control.hget(f"das:stats:{group}", "tokens") or 0) == sum(lengths)
                 newest_first = [int(x) for x in control.lrange(f"das:lengths:{group}", 0, -1)]
                 assert newest_first == lengths[::-1]
+        # The writer's watermark: one key, its last sequence number, expiring (a stopped
+        # worker's key goes away); nothing else is kept per writer.
+        (watermark,) = control.keys("das:written*")
+        assert watermark.startswith(b"das:written:w/")
+        assert int(control.get(watermark) or 0) == 17  # 1 + 2 x 8 rollouts
+        assert 0 < control.ttl(watermark) <= WATERMARK_TTL_S
         control.close()
         await store.close()
         await link.close()
