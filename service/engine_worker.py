@@ -57,7 +57,7 @@ from service.worker import (
 
 log = logging.getLogger(__name__)
 
-_TOKENS_REFRESH_S = 0.25  # how stale the history token count may get
+_TOKENS_REFRESH_S = 0.25  # how stale the history token count and the cost curve metric may get
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +189,7 @@ class EngineWorker:
             gauge = self._metrics.cost_model
             gauge.labels(worker=self._settings.worker_name, term="c_base").set(cost.c_base)
             gauge.labels(worker=self._settings.worker_name, term="c_tok").set(cost.c_tok)
+        self._note_cost_curve(engine)
         self._thread = threading.Thread(target=self._run, name="das-engine", daemon=True)
         self._thread.start()
         await self.store.start()
@@ -461,7 +462,7 @@ class EngineWorker:
         while True:
             idle = engine.paused or not engine.has_unfinished()
             if idle:
-                view.note_tokens(engine.history)
+                self._note_state(engine, view)
             commands = [self._commands.get()] if idle else []  # block: nothing else to do
             with contextlib.suppress(queue.Empty):
                 while True:
@@ -477,7 +478,24 @@ class EngineWorker:
             now = time.monotonic()
             if now - self._tokens_at > _TOKENS_REFRESH_S:
                 self._tokens_at = now
-                view.note_tokens(engine.history)
+                self._note_state(engine, view)
+
+    def _note_state(self, engine: Engine, view: HistoryView) -> None:
+        """What the other threads read of the engine's state, every _TOKENS_REFRESH_S while
+        it decodes and whenever it falls idle: the history's token count, the cost curve."""
+        view.note_tokens(engine.history)
+        self._note_cost_curve(engine)
+
+    def _note_cost_curve(self, engine: Engine) -> None:
+        """Export the cost curve's line per calibrated batch size, as re-timed so far."""
+        curve = engine.speculator.cost_curve
+        if curve is None:
+            return
+        gauge, worker = self._metrics.step_cost, self._settings.worker_name
+        for point in curve.to_json():
+            rows = str(int(point["rows"]))
+            gauge.labels(worker=worker, rows=rows, term="c_base").set(point["c_base"])
+            gauge.labels(worker=worker, rows=rows, term="c_tok").set(point["c_tok"])
 
     def _apply(self, engine: Engine, command: _Command) -> None:
         try:

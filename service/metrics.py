@@ -141,6 +141,14 @@ class Metrics:
             ["worker", "term"],
             registry=r,
         )
+        self.step_cost = Gauge(
+            "das_step_cost_seconds",
+            "The calibrated cost curve (engine workers): per calibrated batch size (rows), the "
+            "line c_base + c_tok * n draft budgets are priced with at that size, as the steps "
+            "timed while serving have corrected it",
+            ["worker", "rows", "term"],
+            registry=r,
+        )
         # -- history ------------------------------------------------------------------------
         self.history_tokens = Gauge(
             "das_history_tokens", "Tokens held in the local suffix trees", ["worker"], registry=r

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -99,5 +100,22 @@ def test_a_calibrated_curve_reprices_das_and_the_worker_reports_it(
             {"rows": 2, "c_base": 0.04, "c_tok": 0.002, **calibrated},
         ]
         assert info["steps"] == list(steps)
+        # The metrics export the curve, and follow the steps timed while serving.
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'das_step_cost_seconds{rows="1",term="c_base",worker="w"} 0.03' in metrics
+        assert 'das_step_cost_seconds{rows="2",term="c_tok",worker="w"} 0.002' in metrics
+        body = {
+            "input_ids": [1, 2, 3, 4],
+            "sampling_params": {"max_new_tokens": 20, "temperature": 0.0, "ignore_eos": True},
+        }
+        assert httpx.post(f"{server.url}/generate", json=body, timeout=30).status_code == 200
+        learned = httpx.get(f"{server.url}/get_server_info").json()["cost_model"]
+        one_row = learned["by_batch_size"][0]
+        assert one_row["rows"] == 1 and one_row["step_scale"] < 1.0  # the tiny model is quicker
+        expected = f'das_step_cost_seconds{{rows="1",term="c_base",worker="w"}} {one_row["c_base"]}'
+        deadline = time.monotonic() + 5.0
+        while expected not in httpx.get(f"{server.url}/metrics").text:
+            assert time.monotonic() < deadline, "the metrics never showed the re-timed curve"
+            time.sleep(0.05)
     finally:
         server.stop()
