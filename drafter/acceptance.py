@@ -351,6 +351,17 @@ class DraftCalibrator:
         best = np.minimum(self.table().reshape(self._tried.shape).max(axis=(0, 2, 3)), 1.0)
         return np.minimum.accumulate(best[_depth_bins(depths)])
 
+    def optimistic(self, cells: IntArray) -> npt.NDArray[np.float64]:
+        """Each cell's chance as its own evidence could still have it: one standard deviation
+        above the mean of Beta(1 + accepted, 1 + rejected) over its decayed counts alone (no
+        prior). About 0.79 for a cell never tried; it falls as rejections come in."""
+        accepted = self._accepted.reshape(-1)[cells]
+        a = 1.0 + accepted
+        b = 1.0 + np.maximum(self._tried.reshape(-1)[cells] - accepted, 0.0)
+        n = a + b
+        optimistic: npt.NDArray[np.float64] = a / n + np.sqrt(a * b / (n * n * (n + 1.0)))
+        return optimistic
+
     def observe(self, cells: Sequence[int], accepted: int) -> None:
         """A chain drafted with these cells was verified and its first `accepted` tokens kept:
         those were accepted, the rest were not (each token of it is one tried token)."""

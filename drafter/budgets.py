@@ -75,6 +75,7 @@ from drafter.acceptance import (
     AcceptanceEstimator,
     ContinuationRate,
     DraftCalibrator,
+    IntArray,
     cell_array,
     check_step,
     fit_acceptance,
@@ -453,12 +454,24 @@ class MatchRule:
     instead of one rate per group. With a linear cost that cuts each draft at the last token
     with p_hat * w_i * t_step >= c_tok. Its clock is the verify step: the calibrator's
     evidence decays once per budgets() call. observe_drafts() feeds the calibrator what
-    verification accepted of each draft."""
+    verification accepted of each draft.
+
+    Probes (probe_chance; None: none): the first token of a path whose chance falls below
+    probe_chance is valued at its hope instead, the lesser of its parent's chance and its
+    cell's optimistic estimate on its own evidence (DraftCalibrator.optimistic), so a draft
+    likely right so far is verified one token further while that token could still pay, and
+    the calibrator learns from it. A deeper position's estimate starts from the one before it,
+    discounted; where a request's floor is above that (a CPU's small batches: 0.6-0.8), the
+    deeper cells were never tried, so never learned, and drafts the target took whole were cut
+    to a token or two (the greedy trace's first epoch)."""
 
     uses_length_classes = False
 
-    def __init__(self, calibrator: DraftCalibrator) -> None:
+    def __init__(self, calibrator: DraftCalibrator, probe_chance: float | None = None) -> None:
+        if probe_chance is not None and not 0.0 < probe_chance <= 1.0:
+            raise ValueError(f"probe_chance must be in (0, 1] or None, got {probe_chance}")
         self.calibrator = calibrator
+        self.probe_chance = probe_chance
         # The last trim()'s drafts, and the rows (in it) of those it kept a part of by id()
         # of their request's view (the views are kept with them, so each id stays its own),
         # until observed or the next trim().
@@ -487,8 +500,13 @@ class MatchRule:
         # request's floor: no deeper draft than the calibrator's best chance there allows
         # (a little generous against rounding: trim() cuts what does not pay).
         ceilings = self.calibrator.depth_ceilings(max_budget)
-        reach: list[int] = np.searchsorted(-ceilings, -floors * (1.0 - 1e-6), side="right").tolist()
-        return reach
+        reach = np.searchsorted(-ceilings, -floors * (1.0 - 1e-6), side="right")
+        if self.probe_chance is not None:
+            # One token more for trim() to probe, where its parent could be likely enough.
+            probing = (reach > 0) & (ceilings[np.maximum(reach - 1, 0)] >= self.probe_chance)
+            reach = np.minimum(reach + probing, max_budget)
+        budgets: list[int] = reach.tolist()
+        return budgets
 
     def trim(
         self,
@@ -547,6 +565,14 @@ class MatchRule:
             for i, parent in enumerate(drafting[row].parents):
                 above = 1.0 if parent < 0 else chance[at + parent]
                 chance[at + i] = min(above, own[at + i])
+        if self.probe_chance is not None:
+            parent_at = np.where(index > 0, np.arange(count) - 1, -1)  # along a chain
+            for row in trees:
+                at = first[row]
+                parent_at[at : at + len(drafting[row])] = [
+                    -1 if parent < 0 else at + parent for parent in drafting[row].parents
+                ]
+            chance = self._probed(chance, parent_at, cells)
         lengths = np.asarray(remaining, dtype=np.float64)[drafted_rows]
         # As the marginal rule's value with `chance` for rate ** n, in the same float order.
         value = chance * lengths[rows] / sum(remaining) * cost.step_time(len(remaining))
@@ -582,6 +608,23 @@ class MatchRule:
         )
         self._pending = {id(requests[at_rows[row]]): row for row in np.flatnonzero(kept).tolist()}
         return out
+
+    def _probed(self, chance: FloatArray, parent_at: IntArray, cells: IntArray) -> FloatArray:
+        """The chances with probes: a token below probe_chance whose parent (parent_at: its
+        index, -1 for a root) is at least that likely gets its hope instead, if higher (the
+        lesser of its parent's chance and its cell's optimistic estimate). Its descendants keep
+        their own chances, so a draft gets at most one probe a path, and chances still do not
+        grow along a path."""
+        limit = self.probe_chance
+        assert limit is not None
+        above = np.where(parent_at >= 0, chance[parent_at], 0.0)
+        probes = np.flatnonzero((above >= limit) & (chance < limit))
+        if not probes.size:
+            return chance
+        hope = np.minimum(self.calibrator.optimistic(cells[probes]), above[probes])
+        probed = chance.copy()
+        probed[probes] = np.maximum(chance[probes], hope)
+        return probed
 
     def pending(self, request: object) -> tuple[list[int], Draft | None] | None:
         """The cells of what the last trim() kept of this request's draft (the same view

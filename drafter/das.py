@@ -70,6 +70,9 @@ class DasConfig:
     fine_weight: float = 8.0
     calibration_floor: float = 0.01
     position_discount: float = 0.5
+    # match: the first token of a draft's path below this chance, after a token at least this
+    # likely, is valued at the most its own evidence allows (MatchRule's probes; None: none)
+    probe_chance: float | None = 0.9
 
     def __post_init__(self) -> None:
         if self.rule not in DAS_RULES:
@@ -98,13 +101,7 @@ class DasConfig:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.refit_every < 1:
             raise ValueError(f"refit_every must be >= 1, got {self.refit_every}")
-        DraftCalibrator(  # raises if a knob is out of range
-            self.calibration_decay,
-            self.coarse_weight,
-            self.fine_weight,
-            self.calibration_floor,
-            self.position_discount,
-        )
+        RULES["match"](self)  # raises if a knob of the calibrator or its probes is out of range
 
 
 # Each DasConfig.rule's budget rule, built from the config.
@@ -120,7 +117,8 @@ RULES: dict[str, Callable[[DasConfig], BudgetRule]] = {
             c.fine_weight,
             c.calibration_floor,
             c.position_discount,
-        )
+        ),
+        c.probe_chance,
     ),
 }
 

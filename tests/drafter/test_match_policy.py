@@ -5,6 +5,7 @@ drafter/budgets.py MatchRule, DasPolicy.trim)."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import replace
 
@@ -268,8 +269,11 @@ def test_a_trimming_policy_with_nothing_to_learn_keeps_every_paying_token() -> N
 def test_trimming_with_measured_steps_keeps_what_pays_for_a_kernel_change_together() -> None:
     # Priors of this chain's bins: 1.0, 0.95, 0.525, 0.15, 0.15 (the test above). Worth, alone
     # in a 1.25 s step: 1.25, 1.19, 0.66, 0.19, 0.19 s.
+    # No probe (the third token would be worth its hope, 0.99 s: tested below).
     chain = _chain([1.0, 0.9, 0.5, 0.19, 0.1])
-    config = DasConfig(rule="match", calibration_floor=0.0, position_discount=1.0)
+    config = DasConfig(
+        rule="match", calibration_floor=0.0, position_discount=1.0, probe_chance=None
+    )
     line = CostModel(1.0, 0.25)  # a token pays while worth >= 0.25 s: 3 of them
     jump = replace(line, steps=(1.0, 1.1, 1.2, 2.2, 2.3, 2.4))  # the 3rd token costs 1.0 s
     (kept,) = DasPolicy(line, config).trim([RequestView("g", 0)], [chain])
@@ -341,11 +345,28 @@ def test_trimming_only_shortens_and_keeps_parents_valid(
             j += 1
 
 
+def _reference_optimistic(calibrator: DraftCalibrator, cell: int) -> float:
+    """One standard deviation above the mean of Beta(1 + accepted, 1 + rejected), from the
+    cell's own counts."""
+    accepted = float(calibrator._accepted.reshape(-1)[cell])
+    rejected = max(float(calibrator._tried.reshape(-1)[cell]) - accepted, 0.0)
+    a, b = 1.0 + accepted, 1.0 + rejected
+    mean = a / (a + b)
+    variance = mean * (1.0 - mean) / (a + b + 1.0)
+    return mean + math.sqrt(variance)
+
+
 def _reference_trim(
-    calibrator: DraftCalibrator, drafts: list[Draft], lengths: list[float], cost: CostModel
+    calibrator: DraftCalibrator,
+    drafts: list[Draft],
+    lengths: list[float],
+    cost: CostModel,
+    probe_chance: float | None = None,
 ) -> tuple[list[Draft], list[list[int]]]:
     """MatchRule.trim token by token: each token's chance is the least table estimate on its
-    path (itself and its ancestors, each at its depth), worth chance * w * t_step; the step's
+    path (itself and its ancestors, each at its depth), worth chance * w * t_step; with
+    probe_chance, a token below it whose parent is not is worth its hope instead where that is
+    more (the lesser of its parent's chance and its cell's optimistic estimate); the step's
     tokens best first (a stable sort), paying_count of them kept; the kept drafts (a draft cut
     to nothing: Draft()) and their cells."""
     table = calibrator.table()
@@ -360,7 +381,10 @@ def _reference_trim(
             cells.append(calibrator.cell(draft.probs[i], depth[i], draft.match_len, draft.source))
             above = 1.0 if parent < 0 else chance[parent]
             chance.append(min(above, float(table[cells[i]])))
-            worth = chance[i] * lengths[row] / sum(lengths) * cost.step_time(len(lengths))
+            valued = chance[i]
+            if probe_chance is not None and parent >= 0 and above >= probe_chance > valued:
+                valued = max(valued, min(_reference_optimistic(calibrator, cells[i]), above))
+            worth = valued * lengths[row] / sum(lengths) * cost.step_time(len(lengths))
             tokens.append((worth, row, i))
         cells_of.append(cells)
     tokens.sort(key=lambda token: -token[0])
@@ -388,6 +412,7 @@ def _reference_trim(
     evidence=st.lists(st.tuples(st.integers(0, 1399), st.booleans()), max_size=400),
     c_tok=st.floats(1e-4, 0.5),
     steps=st.booleans(),
+    probe_chance=st.sampled_from([None, 0.5, 0.9]),
 )
 def test_trimming_equals_a_token_by_token_reference(
     drafts: list[Draft],
@@ -396,10 +421,11 @@ def test_trimming_equals_a_token_by_token_reference(
     evidence: list[tuple[int, bool]],
     c_tok: float,
     steps: bool,
+    probe_chance: float | None,
 ) -> None:
     drafts = [replace(d, source=s) for d, s in zip(drafts, sources[: len(drafts)], strict=True)]
     lengths = lengths[: len(drafts)]  # few distinct: ties across rows
-    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5))
+    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5), probe_chance)
     # Evidence in any cells (a deeper token may be estimated above the one before it).
     rule.calibrator.observe_outcomes([c for c, _ in evidence], [hit for _, hit in evidence])
     cost = CostModel(0.01, c_tok)
@@ -409,7 +435,7 @@ def test_trimming_equals_a_token_by_token_reference(
     reference = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5))
     reference.calibrator._accepted = rule.calibrator._accepted.copy()
     reference.calibrator._tried = rule.calibrator._tried.copy()
-    want, want_cells = _reference_trim(reference.calibrator, drafts, lengths, cost)
+    want, want_cells = _reference_trim(reference.calibrator, drafts, lengths, cost, probe_chance)
     got = rule.trim(views, drafts, lengths, cost)
     assert got == want
     for view, draft, cells in zip(views, got, want_cells, strict=True):
@@ -426,6 +452,7 @@ def test_trimming_equals_a_token_by_token_reference(
     evidence=st.lists(st.tuples(st.integers(0, 1399), st.booleans()), max_size=400),
     c_tok=st.floats(1e-4, 0.5),
     max_budget=st.integers(1, 24),
+    probe_chance=st.sampled_from([None, 0.5, 0.9]),
 )
 def test_budgets_never_rule_out_a_token_trim_would_keep(
     drafts: list[Draft],
@@ -433,9 +460,10 @@ def test_budgets_never_rule_out_a_token_trim_would_keep(
     evidence: list[tuple[int, bool]],
     c_tok: float,
     max_budget: int,
+    probe_chance: float | None,
 ) -> None:
     lengths = lengths[: len(drafts)]
-    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5))
+    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5), probe_chance)
     rule.calibrator.observe_outcomes([c for c, _ in evidence], [hit for _, hit in evidence])
     cost = CostModel(0.01, c_tok)
     budgets = rule.budgets(["g"] * len(drafts), lengths, [], cost, max_budget)
@@ -638,3 +666,41 @@ def test_drafts_grow_past_any_fixed_depth_when_every_token_is_accepted() -> None
     assert lengths[0] < 8
     assert lengths[-1] == 16
     assert lengths == sorted(lengths)
+
+
+def _grown_lengths(probe_chance: float | None, accepted_depth: int) -> list[int]:
+    """The lengths das keeps, step by step, of four tied requests' 16-token chains of which the
+    target accepts the first accepted_depth tokens, where a token pays only at a chance
+    >= 4 * 0.3 / (1 + 4 * 0.3) = 0.55: above the 0.5 x (the first position's estimate) that a
+    deeper position's estimate starts from."""
+    cost = CostModel(c_base=1.0, c_tok=0.3)
+    policy = DasPolicy(cost, DasConfig(rule="match", probe_chance=probe_chance))
+    views = [RequestView("g", 0) for _ in range(4)]
+    lengths = []
+    for _ in range(60):
+        drafts = policy.trim(views, [_chain([1.0] * 16, match_len=12)] * 4)
+        lengths.append(len(drafts[0]))
+        hits = [min(len(draft), accepted_depth) for draft in drafts]
+        policy.observe_drafts(views, [len(d) for d in drafts], hits)
+        views = [view.advanced(hit + 1) for view, hit in zip(views, hits, strict=True)]
+    return lengths
+
+
+def test_probes_grow_drafts_past_a_floor_above_the_deeper_positions_prior() -> None:
+    # Without probes the second position is never tried, so never learned: one token a step
+    # however many the target would take.
+    assert set(_grown_lengths(None, accepted_depth=16)) == {1}
+    # With them, each position that is accepted opens the next.
+    lengths = _grown_lengths(0.9, accepted_depth=16)
+    assert lengths[0] == 2 and lengths[-1] == 16
+    assert lengths == sorted(lengths)
+
+
+@pytest.mark.parametrize("accepted_depth", [1, 4, 8])
+def test_probes_stop_where_the_target_rejects_them(accepted_depth: int) -> None:
+    # The target takes the first accepted_depth tokens (a whole position bin: 1, 2, 3-4,
+    # 5-8) and rejects the next: drafts grow to that depth, and the one probe past it, rejected
+    # for all four requests, is dropped (an optimistic 0.31 against the floor of 0.55).
+    lengths = _grown_lengths(0.9, accepted_depth)
+    assert lengths.count(accepted_depth + 1) == 1
+    assert set(lengths[lengths.index(accepted_depth + 1) + 1 :]) == {accepted_depth}
