@@ -447,7 +447,8 @@ def trim_draft(draft: Draft, keep: Sequence[bool]) -> Draft:
 class MatchRule:
     """das: every request drafts as deep as a token could pay (budgets: at most max_budget;
     with a linear cost, the depths where the calibrator's best chance there reaches the
-    request's floor c_tok / (w_i * t_step); 0 where not even a certain token would pay), then
+    request's floor c_tok / (w_i * t_step), and one more where a probe can follow; 0 where not
+    even a certain token would pay), then
     trim() keeps of all drafts together the tokens that pay for what they add to the step
     (paying_count), each worth p_hat * w_i * t_step: the marginal rule's value with p_hat, the
     token's calibrated chance of acceptance (DraftCalibrator, its ancestors' included),
@@ -457,7 +458,8 @@ class MatchRule:
     verification accepted of each draft.
 
     Probes (probe_chance; None: none): the first token of a path whose chance falls below
-    probe_chance is valued at its hope instead, the lesser of its parent's chance and its
+    probe_chance (in a tree, only a parent's first child: siblings cannot all be accepted) is
+    valued at its hope instead where that is more: the lesser of its parent's chance and its
     cell's optimistic estimate on its own evidence (DraftCalibrator.optimistic), so a draft
     likely right so far is verified one token further while that token could still pay, and
     the calibrator learns from it. A deeper position's estimate starts from the one before it,
@@ -498,7 +500,8 @@ class MatchRule:
             return everything
         # Every token costs c_tok, so trim() keeps only tokens whose chance reaches the
         # request's floor: no deeper draft than the calibrator's best chance there allows
-        # (a little generous against rounding: trim() cuts what does not pay).
+        # (a little generous against rounding: trim() cuts what does not pay), but for a
+        # probe's token.
         ceilings = self.calibrator.depth_ceilings(max_budget)
         reach = np.searchsorted(-ceilings, -floors * (1.0 - 1e-6), side="right")
         if self.probe_chance is not None:
@@ -566,12 +569,14 @@ class MatchRule:
                 above = 1.0 if parent < 0 else chance[at + parent]
                 chance[at + i] = min(above, own[at + i])
         if self.probe_chance is not None:
-            parent_at = np.where(index > 0, np.arange(count) - 1, -1)  # along a chain
+            # Each token's parent, as probes see it: along a chain the token before; in a
+            # tree a parent's first (most likely) child only; -1: none (a root).
+            parent_at = np.where(index > 0, np.arange(count) - 1, -1)
             for row in trees:
-                at = first[row]
-                parent_at[at : at + len(drafting[row])] = [
-                    -1 if parent < 0 else at + parent for parent in drafting[row].parents
-                ]
+                at, seen = first[row], set()
+                for i, parent in enumerate(drafting[row].parents):
+                    parent_at[at + i] = -1 if parent < 0 or parent in seen else at + parent
+                    seen.add(parent)
             chance = self._probed(chance, parent_at, cells)
         lengths = np.asarray(remaining, dtype=np.float64)[drafted_rows]
         # As the marginal rule's value with `chance` for rate ** n, in the same float order.

@@ -71,7 +71,8 @@ class DasConfig:
     calibration_floor: float = 0.01
     position_discount: float = 0.5
     # match: the first token of a draft's path below this chance, after a token at least this
-    # likely, is valued at the most its own evidence allows (MatchRule's probes; None: none)
+    # likely, may be valued at its hope: the lesser of its parent's chance and its own
+    # evidence's optimistic estimate (MatchRule's probes; None: none)
     probe_chance: float | None = 0.9
 
     def __post_init__(self) -> None:

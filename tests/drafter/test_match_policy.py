@@ -309,11 +309,16 @@ def _drafts(draw: st.DrawFn) -> Draft:
     lengths=st.lists(st.floats(1.0, 800.0), min_size=6, max_size=6),
     outcomes=st.lists(st.integers(0, 24), max_size=40),
     c_tok=st.floats(1e-4, 0.5),
+    probe_chance=st.sampled_from([None, 0.5, 0.9]),
 )
 def test_trimming_only_shortens_and_keeps_parents_valid(
-    drafts: list[Draft], lengths: list[float], outcomes: list[int], c_tok: float
+    drafts: list[Draft],
+    lengths: list[float],
+    outcomes: list[int],
+    c_tok: float,
+    probe_chance: float | None,
 ) -> None:
-    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0))
+    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0), probe_chance)
     cost = CostModel(0.01, c_tok)
     for accepted in outcomes:  # some evidence first
         cells = rule.calibrator.cells([0.9] * 24, 5)
@@ -346,14 +351,25 @@ def test_trimming_only_shortens_and_keeps_parents_valid(
 
 
 def _reference_optimistic(calibrator: DraftCalibrator, cell: int) -> float:
-    """One standard deviation above the mean of Beta(1 + accepted, 1 + rejected), from the
-    cell's own counts."""
+    """One standard deviation above the mean of Beta(a, b) = Beta(1 + accepted, 1 +
+    rejected), from the cell's own counts (in the implementation's float order: a tie
+    between two tokens' values must break the same way)."""
     accepted = float(calibrator._accepted.reshape(-1)[cell])
     rejected = max(float(calibrator._tried.reshape(-1)[cell]) - accepted, 0.0)
     a, b = 1.0 + accepted, 1.0 + rejected
-    mean = a / (a + b)
-    variance = mean * (1.0 - mean) / (a + b + 1.0)
-    return mean + math.sqrt(variance)
+    n = a + b
+    return a / n + math.sqrt(a * b / (n * n * (n + 1.0)))
+
+
+def test_the_optimistic_estimate_is_one_deviation_above_the_cells_own_mean() -> None:
+    calibrator = DraftCalibrator(1.0, 8.0, 8.0, 0.0)
+    cells = np.asarray([0, 1, 2])
+    calibrator.observe([1, 1, 1], 3)  # cell 1: 3 accepted
+    calibrator.observe([2, 2], 0)  # cell 2: 2 rejected
+    beta = [(1, 1), (4, 1), (1, 3)]  # Beta(a, b): mean a / (a + b)
+    want = [a / (a + b) + math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1))) for a, b in beta]
+    assert calibrator.optimistic(cells).tolist() == pytest.approx(want)
+    assert want[0] == pytest.approx(0.789, abs=1e-3)  # a cell never tried
 
 
 def _reference_trim(
@@ -376,14 +392,23 @@ def _reference_trim(
         depth: list[int] = []
         cells = []
         chance: list[float] = []
+        parents_seen: set[int] = set()  # in a tree, only a parent's first child may probe
         for i, parent in enumerate(draft.parents):
             depth.append(0 if parent < 0 else depth[parent] + 1)
             cells.append(calibrator.cell(draft.probs[i], depth[i], draft.match_len, draft.source))
             above = 1.0 if parent < 0 else chance[parent]
             chance.append(min(above, float(table[cells[i]])))
             valued = chance[i]
-            if probe_chance is not None and parent >= 0 and above >= probe_chance > valued:
-                valued = max(valued, min(_reference_optimistic(calibrator, cells[i]), above))
+            first_child = parent not in parents_seen
+            parents_seen.add(parent)
+            if (
+                probe_chance is not None
+                and parent >= 0
+                and first_child
+                and above >= probe_chance > valued
+            ):
+                hope = min(_reference_optimistic(calibrator, cells[i]), above)
+                valued = max(valued, hope)
             worth = valued * lengths[row] / sum(lengths) * cost.step_time(len(lengths))
             tokens.append((worth, row, i))
         cells_of.append(cells)
