@@ -9,6 +9,7 @@ cost model, or raises where none is given: a GPU worker must never plan with a C
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -91,16 +92,23 @@ def primed_runner(
 
 
 def time_verify_step(
-    runner: Runner, rows: int, per_row: int, context: int, repeats: int, params: SamplingParams
+    runner: Runner,
+    rows: int,
+    per_row: int,
+    context: int,
+    repeats: int,
+    params: SamplingParams,
+    warm_up: bool = True,
 ) -> list[tuple[float, float]]:
     """(forward seconds, sampling seconds) of `repeats` verify steps of `rows` slots x `per_row`
-    tokens, after one untimed warm-up: the runner's forward, then sampling every logits row, as
-    the engine does. Each step is rolled back to `context` cached tokens."""
+    tokens, after one untimed warm-up (unless warm_up is False): the runner's forward, then
+    sampling every logits row, as the engine does. Each step is rolled back to `context` cached
+    tokens."""
     vocab = runner.vocab_size
     slots = list(range(rows))
     chunks = [[3 + (5 * i) % (vocab - 3) for i in range(per_row)]] * rows
     timings = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + 1 if warm_up else repeats):
         start = time.perf_counter()
         logits = runner.forward(slots, chunks, [per_row] * rows)
         _synchronize(runner.device)  # a GPU forward returns before its kernels finish
@@ -111,7 +119,7 @@ def time_verify_step(
         timings.append((middle - start, time.perf_counter() - middle))
         for slot in slots:
             runner.truncate(slot, context)
-    return timings[1:]
+    return timings[1:] if warm_up else timings
 
 
 def _synchronize(device: torch.device) -> None:
@@ -128,26 +136,34 @@ def calibrate_cost(
     *,
     fallback: CostModel | None = SMOLLM2_CPU,
 ) -> Calibration:
-    """Time verify steps at batch 1 and max_batch with 1 and 9 tokens per row over `context`
-    cached tokens, and fit t = c_base + c_tok * tokens; then the curve (CostCurve): steps of 1
-    and 3 tokens per row at 1, 2, 4, ... rows and max_batch; then one request's steps of 1 to
-    16 tokens, which both carry as CostModel.steps (each the most of those timed up to it, so
-    that they never fall). Each point is the fastest of `repeats` timings after one warm-up
-    (the least disturbed by other work on a shared machine). A fit that is not positive
-    returns `fallback` (and no curve), or raises ValueError if it is None; a curve that cannot
-    be fitted is left out."""
+    """Time verify steps over `context` cached tokens: at batch 1 and max_batch with 1 and 9
+    tokens per row, to fit t = c_base + c_tok * tokens; for the curve (CostCurve), 1 and 3
+    tokens per row at 1, 2, 4, ... rows and max_batch; and one request's steps of 1 to 16
+    tokens, which both carry as CostModel.steps (each the most of those timed up to it, so that
+    they never fall). Each point is the fastest of `repeats` timings after one warm-up (the
+    least disturbed by other work on a shared machine), timed in rounds, every round timing
+    each point once: a burst of other work then slows one timing of each point it meets, not
+    every timing of one point. (Timed point after point, one start-up priced a draft token at 4
+    rows at 0.2 ms, where the run before had calibrated 5.1 ms on the same machine.) A fit that
+    is not positive returns `fallback` (and no curve), or raises ValueError if it is None; a
+    curve that cannot be fitted is left out."""
     if max_batch < 1 or context < 1 or repeats < 1:
         raise ValueError("max_batch, context and repeats must be >= 1")
     runner = primed_runner(model, max_batch, context, max(*_TOKENS_PER_ROW, _STEP_TOKENS))
     params = SamplingParams(temperature=temperature)
-
-    def fastest(rows: int, per_row: int) -> tuple[int, int, float]:
-        timings = time_verify_step(runner, rows, per_row, context, repeats, params)
-        return rows, per_row, min(f + s for f, s in timings)
-
-    points = [fastest(rows, n) for rows in sorted({1, max_batch}) for n in _TOKENS_PER_ROW]
+    line_grid = [(rows, n) for rows in sorted({1, max_batch}) for n in _TOKENS_PER_ROW]
     curve_rows = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
-    curve_points = [fastest(rows, n) for rows in curve_rows for n in _CURVE_TOKENS_PER_ROW]
+    curve_grid = [(rows, n) for rows in curve_rows for n in _CURVE_TOKENS_PER_ROW]
+    step_grid = [(1, n) for n in range(1, _STEP_TOKENS + 1)]
+    fastest: dict[tuple[int, int], float] = {}
+    for round_ in range(repeats):
+        for point in dict.fromkeys([*line_grid, *curve_grid, *step_grid]):  # each point once
+            ((forward, sampling),) = time_verify_step(
+                runner, *point, context, 1, params, warm_up=round_ == 0
+            )
+            fastest[point] = min(fastest.get(point, math.inf), forward + sampling)
+    points = [(rows, n, fastest[rows, n]) for rows, n in line_grid]
+    curve_points = [(rows, n, fastest[rows, n]) for rows, n in curve_grid]
     try:
         cost = CostModel.fit([(rows * per_row, seconds) for rows, per_row, seconds in points])
     except ValueError as error:
@@ -156,7 +172,7 @@ def calibrate_cost(
             raise ValueError(f"the calibration fit is unusable ({error}; timed {timed})") from None
         source = f"{cost_model_name(fallback)} (calibration fit unusable)"
         return Calibration(fallback, source, tuple(points), context)
-    step_points = tuple(fastest(1, n)[2] for n in range(1, _STEP_TOKENS + 1))
+    step_points = tuple(fastest[point] for point in step_grid)
     steps = tuple(itertools.accumulate(step_points, max))
     cost = replace(cost, steps=steps)
     try:

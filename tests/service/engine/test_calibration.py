@@ -42,7 +42,13 @@ def _timed_as(
     steps: list[tuple[int, int]] = []
 
     def fake(
-        runner: Runner, rows: int, per_row: int, context: int, repeats: int, _: SamplingParams
+        runner: Runner,
+        rows: int,
+        per_row: int,
+        context: int,
+        repeats: int,
+        _: SamplingParams,
+        warm_up: bool = True,
     ) -> list[tuple[float, float]]:
         steps.append((rows, per_row))
         tokens = rows * per_row
@@ -60,7 +66,9 @@ def test_a_line_of_timings_is_fitted(
     result = calibrate_cost(tiny_model, max_batch=4, context=8, repeats=2, fallback=None)
     curve_steps = [(rows, per_row) for rows in (1, 2, 4) for per_row in (1, 3)]
     one_request = [(1, tokens) for tokens in range(1, 17)]
-    assert steps == [(1, 1), (1, 9), (4, 1), (4, 9), *curve_steps, *one_request]
+    # Two rounds, each timing every distinct point once.
+    grid = list(dict.fromkeys([(1, 1), (1, 9), (4, 1), (4, 9), *curve_steps, *one_request]))
+    assert len(grid) == 21 and steps == grid * 2  # (1, 1), (1, 3), (1, 9) timed once a round
     assert result.source == "calibrated" and result.context == 8
     assert result.cost.c_base == pytest.approx(0.02)
     assert result.cost.c_tok == pytest.approx(0.001)
@@ -75,6 +83,43 @@ def test_a_line_of_timings_is_fitted(
         assert local.draft_cost(rows, 2) == pytest.approx(0.002)
 
 
+@pytest.mark.parametrize("burst_start", [0, 7, 30, 61, 95])
+def test_a_burst_of_other_work_slows_no_point_in_every_round(
+    tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, burst_start: int
+) -> None:
+    # Other work on the machine makes 5 timed steps in a row 3x slower: the rounds give each
+    # point 4 untouched timings, so the calibration is what it would be on a quiet machine.
+    line = CostModel(0.02, 0.001)
+    timed: list[int] = []  # one entry per timed step
+    warm_ups: list[tuple[int, int]] = []
+
+    def fake(
+        runner: Runner,
+        rows: int,
+        per_row: int,
+        context: int,
+        repeats: int,
+        _: SamplingParams,
+        warm_up: bool = True,
+    ) -> list[tuple[float, float]]:
+        if warm_up:
+            warm_ups.append((rows, per_row))
+        out = []
+        for _ in range(repeats):
+            slow = burst_start <= len(timed) < burst_start + 5
+            timed.append(1)
+            out.append((line.step_time(rows * per_row) * (3.0 if slow else 1.0), 0.0))
+        return out
+
+    monkeypatch.setattr(calibration, "time_verify_step", fake)
+    result = calibrate_cost(tiny_model, max_batch=4, context=8, repeats=5, fallback=None)
+    assert len(timed) == 5 * 21 and len(warm_ups) == len(set(warm_ups)) == 21
+    for rows, per_row, seconds in result.points + result.curve_points:
+        assert seconds == pytest.approx(line.step_time(rows * per_row))
+    assert result.curve is not None
+    assert result.curve.at(4).c_tok == pytest.approx(0.001)
+
+
 def test_a_jump_in_one_requests_steps_is_kept_and_dips_are_levelled(
     tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,7 +130,13 @@ def test_a_jump_in_one_requests_steps_is_kept_and_dips_are_levelled(
     dip = {(1, 6): 0.9}  # one noisy timing below its neighbours
 
     def fake(
-        runner: Runner, rows: int, per_row: int, context: int, repeats: int, _: SamplingParams
+        runner: Runner,
+        rows: int,
+        per_row: int,
+        context: int,
+        repeats: int,
+        _: SamplingParams,
+        warm_up: bool = True,
     ) -> list[tuple[float, float]]:
         total = seconds(rows * per_row) * dip.get((rows, per_row), 1.0)
         return [(total, 0.0)] * repeats
