@@ -144,7 +144,7 @@ def calibrate_cost(
     least disturbed by other work on a shared machine), timed in rounds, every round timing
     each point once: a burst of other work then slows one timing of each point it meets, not
     every timing of one point. (Timed point after point, one start-up priced a draft token at 4
-    rows at 0.2 ms, where the run before had calibrated 5.1 ms on the same machine.) A fit that
+    rows at 0.26 ms, where the run before had calibrated 5.1 ms on the same machine.) A fit that
     is not positive returns `fallback` (and no curve), or raises ValueError if it is None; a
     curve that cannot be fitted is left out."""
     if max_batch < 1 or context < 1 or repeats < 1:
