@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -34,12 +35,13 @@ def test_calibration_times_four_points_and_the_curve(tiny_model: torch.nn.Module
     }
 
 
-def _timed_as(
-    monkeypatch: pytest.MonkeyPatch, seconds_of: CostModel | None
-) -> list[tuple[int, int]]:
-    """Replace the timed step: each takes seconds_of's time, or less the more tokens it holds
-    (None: a fit with a negative slope, as noise gives on a tiny model)."""
-    steps: list[tuple[int, int]] = []
+def _fake_timer(
+    monkeypatch: pytest.MonkeyPatch, seconds: Callable[[int, int], float]
+) -> list[tuple[int, int, bool]]:
+    """Replace the timed step: each of a call's `repeats` steps of rows x per_row tokens takes
+    seconds(rows, per_row), asked once a step in the order they are timed. Returns the calls'
+    (rows, per_row, warm_up), as they come."""
+    calls: list[tuple[int, int, bool]] = []
 
     def fake(
         runner: Runner,
@@ -50,20 +52,32 @@ def _timed_as(
         _: SamplingParams,
         warm_up: bool = True,
     ) -> list[tuple[float, float]]:
-        steps.append((rows, per_row))
-        tokens = rows * per_row
-        total = 0.1 - 0.001 * tokens if seconds_of is None else seconds_of.step_time(tokens)
-        return [(total * 0.9, total * 0.1)] * repeats
+        calls.append((rows, per_row, warm_up))
+        return [(seconds(rows, per_row), 0.0) for _ in range(repeats)]
 
     monkeypatch.setattr(calibration, "time_verify_step", fake)
-    return steps
+    return calls
+
+
+def _timed_as(
+    monkeypatch: pytest.MonkeyPatch, seconds_of: CostModel | None
+) -> list[tuple[int, int, bool]]:
+    """Each step takes seconds_of's time, or less the more tokens it holds (None: a fit with a
+    negative slope, as noise gives on a tiny model)."""
+
+    def seconds(rows: int, per_row: int) -> float:
+        tokens = rows * per_row
+        return 0.1 - 0.001 * tokens if seconds_of is None else seconds_of.step_time(tokens)
+
+    return _fake_timer(monkeypatch, seconds)
 
 
 def test_a_line_of_timings_is_fitted(
     tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    steps = _timed_as(monkeypatch, CostModel(0.02, 0.001))
+    calls = _timed_as(monkeypatch, CostModel(0.02, 0.001))
     result = calibrate_cost(tiny_model, max_batch=4, context=8, repeats=2, fallback=None)
+    steps = [(rows, per_row) for rows, per_row, _ in calls]
     curve_steps = [(rows, per_row) for rows in (1, 2, 4) for per_row in (1, 3)]
     one_request = [(1, tokens) for tokens in range(1, 17)]
     # Two rounds, each timing every distinct point once.
@@ -90,30 +104,18 @@ def test_a_burst_of_other_work_slows_no_point_in_every_round(
     # Other work on the machine makes 5 timed steps in a row 3x slower: the rounds give each
     # point 4 untouched timings, so the calibration is what it would be on a quiet machine.
     line = CostModel(0.02, 0.001)
-    timed: list[int] = []  # one entry per timed step
-    warm_ups: list[tuple[int, int]] = []
+    timed = 0
 
-    def fake(
-        runner: Runner,
-        rows: int,
-        per_row: int,
-        context: int,
-        repeats: int,
-        _: SamplingParams,
-        warm_up: bool = True,
-    ) -> list[tuple[float, float]]:
-        if warm_up:
-            warm_ups.append((rows, per_row))
-        out = []
-        for _ in range(repeats):
-            slow = burst_start <= len(timed) < burst_start + 5
-            timed.append(1)
-            out.append((line.step_time(rows * per_row) * (3.0 if slow else 1.0), 0.0))
-        return out
+    def seconds(rows: int, per_row: int) -> float:
+        nonlocal timed
+        slow = burst_start <= timed < burst_start + 5
+        timed += 1
+        return line.step_time(rows * per_row) * (3.0 if slow else 1.0)
 
-    monkeypatch.setattr(calibration, "time_verify_step", fake)
+    calls = _fake_timer(monkeypatch, seconds)
     result = calibrate_cost(tiny_model, max_batch=4, context=8, repeats=5, fallback=None)
-    assert len(timed) == 5 * 21 and len(warm_ups) == len(set(warm_ups)) == 21
+    warm_ups = [(rows, per_row) for rows, per_row, warm_up in calls if warm_up]
+    assert timed == 5 * 21 and len(warm_ups) == len(set(warm_ups)) == 21
     for rows, per_row, seconds in result.points + result.curve_points:
         assert seconds == pytest.approx(line.step_time(rows * per_row))
     assert result.curve is not None
@@ -128,20 +130,9 @@ def test_a_jump_in_one_requests_steps_is_kept_and_dips_are_levelled(
         return 0.034 + 0.003 * tokens + (0.015 if tokens >= 4 else 0.0)
 
     dip = {(1, 6): 0.9}  # one noisy timing below its neighbours
-
-    def fake(
-        runner: Runner,
-        rows: int,
-        per_row: int,
-        context: int,
-        repeats: int,
-        _: SamplingParams,
-        warm_up: bool = True,
-    ) -> list[tuple[float, float]]:
-        total = seconds(rows * per_row) * dip.get((rows, per_row), 1.0)
-        return [(total, 0.0)] * repeats
-
-    monkeypatch.setattr(calibration, "time_verify_step", fake)
+    _fake_timer(
+        monkeypatch, lambda rows, per_row: seconds(rows * per_row) * dip.get((rows, per_row), 1.0)
+    )
     result = calibrate_cost(tiny_model, max_batch=2, context=8, repeats=1, fallback=None)
     assert result.step_points[5] == pytest.approx(0.9 * seconds(6))
     assert result.cost.steps[5] == pytest.approx(seconds(5))  # levelled to the one before
