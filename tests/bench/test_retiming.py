@@ -51,9 +51,10 @@ def test_it_replays_each_planner_and_writes_json(
     runs = json.loads(out.read_text())["runs"]
     assert [run["token_scale"] for run in runs] == [1.0, 2.0]
     same, doubled = (run["makespan_ratio"] for run in runs)
-    # Calibrated right, the three plan alike (re-timed by the line it times, not one request's
-    # steps: within 1%); wrong, re-timing recovers most of the loss.
+    # Calibrated right, re-timing costs nothing (it plans by the line it times, not one
+    # request's steps, so its drafts differ a little: no more than 1% slower); wrong, it
+    # recovers most of the loss.
     assert same["knowing"] == pytest.approx(same["calibrated"])
-    assert same["re-timed"] == pytest.approx(same["knowing"], rel=0.01)
+    assert same["re-timed"] <= same["knowing"] * 1.01
     lost = doubled["calibrated"] - doubled["knowing"]
     assert lost > 0 and doubled["re-timed"] - doubled["knowing"] < lost / 2
