@@ -563,21 +563,21 @@ class MatchRule:
         padded = np.ones((rows_in, int(sizes.max())))
         padded[rows, index] = own
         chance = np.minimum.accumulate(padded, axis=1)[rows, index]
+        # With probes, each token's parent as probes see it: along a chain the token before; in
+        # a tree a parent's first (most likely) child only; -1: none (a root).
+        probe_parent = None
+        if self.probe_chance is not None:
+            probe_parent = np.where(index > 0, np.arange(count) - 1, -1)
         for row in trees:
-            at = first[row]
+            at, seen = first[row], set()
             for i, parent in enumerate(drafting[row].parents):
                 above = 1.0 if parent < 0 else chance[at + parent]
                 chance[at + i] = min(above, own[at + i])
-        if self.probe_chance is not None:
-            # Each token's parent, as probes see it: along a chain the token before; in a
-            # tree a parent's first (most likely) child only; -1: none (a root).
-            parent_at = np.where(index > 0, np.arange(count) - 1, -1)
-            for row in trees:
-                at, seen = first[row], set()
-                for i, parent in enumerate(drafting[row].parents):
-                    parent_at[at + i] = -1 if parent < 0 or parent in seen else at + parent
+                if probe_parent is not None:
+                    probe_parent[at + i] = -1 if parent < 0 or parent in seen else at + parent
                     seen.add(parent)
-            chance = self._probed(chance, parent_at, cells)
+        if probe_parent is not None:
+            chance = self._probed(chance, probe_parent, cells)
         lengths = np.asarray(remaining, dtype=np.float64)[drafted_rows]
         # As the marginal rule's value with `chance` for rate ** n, in the same float order.
         value = chance * lengths[rows] / sum(remaining) * cost.step_time(len(remaining))
@@ -616,7 +616,7 @@ class MatchRule:
 
     def _probed(self, chance: FloatArray, parent_at: IntArray, cells: IntArray) -> FloatArray:
         """The chances with probes: a token below probe_chance whose parent (parent_at: its
-        index, -1 for a root) is at least that likely gets its hope instead, if higher (the
+        index, -1 for none) is at least that likely gets its hope instead, if higher (the
         lesser of its parent's chance and its cell's optimistic estimate). Its descendants keep
         their own chances, so a draft gets at most one probe a path, and chances still do not
         grow along a path."""

@@ -155,9 +155,10 @@ def calibrate_cost(
     curve_rows = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
     curve_grid = [(rows, n) for rows in curve_rows for n in _CURVE_TOKENS_PER_ROW]
     step_grid = [(1, n) for n in range(1, _STEP_TOKENS + 1)]
+    grid = list(dict.fromkeys([*line_grid, *curve_grid, *step_grid]))  # each point once
     fastest: dict[tuple[int, int], float] = {}
     for round_ in range(repeats):
-        for point in dict.fromkeys([*line_grid, *curve_grid, *step_grid]):  # each point once
+        for point in grid:
             ((forward, sampling),) = time_verify_step(
                 runner, *point, context, 1, params, warm_up=round_ == 0
             )
