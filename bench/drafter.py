@@ -30,7 +30,9 @@ suffix policy: global cache, per-request trees, capped drafts); drafts() under d
 (priced for a 7B on an H100: das drafts each row as deep as its calibrated chances could pay
 and then cuts the drafts, das-rate sets budgets first); recording what a verify step appended
 (2 tokens a row into the request's own tree and, with live siblings, its group's two trees):
-Speculator.extend per row, and Speculator.extend_batch (one native call for every row's trees);
+Speculator.extend per row, and Speculator.extend_batch (one native call for every row's trees,
+the trees spread over this machine's CPUs past 256 appended tokens; the same timed on a twin
+workload that grows them on one thread, the two taking turns step by step);
 and das's whole step: drafts(), then extend_batch recording each draft's first token as accepted
 (its evidence included) and one more token, as an engine's verify step would. Medians over
 repeated steps.
@@ -280,21 +282,23 @@ class BatchRow:
     das_rate_drafts_us_per_row: float  # the same under das-rate
     extend_loop_us_per_row: float  # Speculator.extend per row (2 tokens each)
     extend_batch_us_per_row: float  # Speculator.extend_batch (one native call for the trees)
+    extend_one_thread_us_per_row: float  # the same with every tree grown on one thread
     das_step_us_per_row: float  # das's drafts() and extend_batch of what it accepted
     mean_draft_len: float
     steps_timed: int
 
 
 def batch_workload(
-    rows: int,
+    rows: int, extend_threads: int = 0
 ) -> tuple[
     RolloutHistory, SuffixDecodingCache, Speculator, list[SpecRequest], list[tuple[str, int]]
 ]:
     """The step of the module docstring: a history and a suffix cache holding the same
-    rollouts and live requests, and the speculation core's handles of the requests."""
+    rollouts and live requests, and the speculation core's handles of the requests (the
+    history grows its trees on extend_threads threads: RolloutHistory)."""
     rng = np.random.default_rng(SEED + 5)
     generate = WORKLOADS["realistic"]
-    history = RolloutHistory(DrafterConfig(max_depth=MAX_DEPTH))
+    history = RolloutHistory(DrafterConfig(max_depth=MAX_DEPTH), extend_threads=extend_threads)
     cache = SuffixDecodingCache()
     bases = generate(rng, BATCH_GROUPS)
     prompts = generate(rng, BATCH_GROUPS)[:, :PROMPT_LEN]
@@ -337,6 +341,20 @@ def _median_us_per_row(step: Callable[[], object], rows: int, steps: int) -> flo
     return float(np.median(times)) / 1e3 / rows
 
 
+def _medians_us_per_row_in_turns(
+    first: Callable[[], object], second: Callable[[], object], rows: int, steps: int
+) -> tuple[float, float]:
+    """_median_us_per_row of two steps timed alternately, so that both see the same load."""
+    times = np.empty((steps, 2))
+    for i in range(steps):
+        for j, step in enumerate((first, second)):
+            start = time.perf_counter_ns()
+            step()
+            times[i, j] = time.perf_counter_ns() - start
+    first_us, second_us = np.median(times, axis=0) / 1e3 / rows
+    return float(first_us), float(second_us)
+
+
 def run_batch_case(rows: int, steps: int) -> BatchRow:
     history, cache, speculator, handles, keys = batch_workload(rows)
     budgets = [MAX_TOKENS] * rows
@@ -358,8 +376,13 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
             speculator.extend(handle, tokens, 2, 1)
 
     extend_loop_us = _median_us_per_row(extend_loop, rows, steps)
-    extend_batch_us = _median_us_per_row(
-        lambda: speculator.extend_batch(handles, appended, drafted, accepted), rows, steps
+    # The twin grows its trees on one thread; the two take turns, step by step.
+    _, _, one_thread, twin_handles, _ = batch_workload(rows, extend_threads=1)
+    extend_batch_us, extend_one_thread_us = _medians_us_per_row_in_turns(
+        lambda: speculator.extend_batch(handles, appended, drafted, accepted),
+        lambda: one_thread.extend_batch(twin_handles, appended, drafted, accepted),
+        rows,
+        steps,
     )
 
     def das_step() -> None:
@@ -390,6 +413,7 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
         das_rate_drafts_us_per_row=das_rate_drafts,
         extend_loop_us_per_row=extend_loop_us,
         extend_batch_us_per_row=extend_batch_us,
+        extend_one_thread_us_per_row=extend_one_thread_us,
         das_step_us_per_row=das_step_us,
         mean_draft_len=float(np.mean([len(d) for d in drafts])),
         steps_timed=steps,
@@ -400,7 +424,7 @@ def print_batch_table(rows: list[BatchRow]) -> None:
     header = (
         f"{'rows':>5} {'loop':>8} {'batch':>8} {'drafts()':>9} {'speedup':>8} "
         f"{'sfx loop':>9} {'sfx batch':>9} {'das':>7} {'das-rate':>8} {'ext loop':>8} "
-        f"{'ext batch':>9} {'das step':>8} "
+        f"{'ext batch':>9} {'ext 1 thr':>9} {'das step':>8} "
         f"{'draft len':>9}"
     )
     print(header)
@@ -412,7 +436,8 @@ def print_batch_table(rows: list[BatchRow]) -> None:
             f"{r.suffix_loop_us_per_row:>9.2f} {r.suffix_batch_us_per_row:>9.2f} "
             f"{r.das_drafts_us_per_row:>7.2f} {r.das_rate_drafts_us_per_row:>8.2f} "
             f"{r.extend_loop_us_per_row:>8.2f} "
-            f"{r.extend_batch_us_per_row:>9.2f} {r.das_step_us_per_row:>8.2f} "
+            f"{r.extend_batch_us_per_row:>9.2f} {r.extend_one_thread_us_per_row:>9.2f} "
+            f"{r.das_step_us_per_row:>8.2f} "
             f"{r.mean_draft_len:>9.1f}"
         )
     print(
@@ -420,8 +445,8 @@ def print_batch_table(rows: list[BatchRow]) -> None:
         "batch = speculate_batch, drafts() = the speculation core's whole call; sfx = the "
         "suffix policy's cache; das, das-rate = drafts() under each (priced for a 7B on an "
         "H100); ext = recording a step's 2 tokens a row: Speculator.extend per row (loop) or "
-        "extend_batch (one native call); das step = das's drafts() and extend_batch of what "
-        "it accepted."
+        "extend_batch (one native call; ext 1 thr: its trees grown on one thread); das step "
+        "= das's drafts() and extend_batch of what it accepted."
     )
 
 

@@ -47,5 +47,7 @@ def speculate_batch(
     source_names: tuple[str, str, str, str, str],
 ) -> list[Draft]: ...
 def extend_batch(
-    rows: Sequence[tuple[SuffixTreeCore | int, ...]], tokens: Sequence[Sequence[int]]
+    rows: Sequence[tuple[SuffixTreeCore | int, ...]],
+    tokens: Sequence[Sequence[int]],
+    threads: int = 0,
 ) -> None: ...

@@ -180,9 +180,18 @@ def extend_row(*targets: tuple[SuffixTree, int]) -> ExtendRow:
     return tuple(item for tree, seq_id in targets for item in (tree._core, seq_id))
 
 
-def extend_batch(rows: Sequence[ExtendRow], tokens: Sequence[Sequence[int]]) -> None:
+def extend_batch(
+    rows: Sequence[ExtendRow], tokens: Sequence[Sequence[int]], threads: int = 0
+) -> None:
     """Row i's tokens appended to each of its sequences (extend_row), for every row in one
     native call, the trees growing with the GIL released; equal to the extend() calls one by
     one. An empty row of tokens changes nothing (no sequence is created). ValueError, before
-    any tree changes, for a token that is not an int32 integer."""
-    _core.extend_batch(rows, tokens)
+    any tree changes, for a token that is not an int32 integer.
+
+    Distinct trees grow on `threads` threads (at most 8; each tree on one of them, its
+    sequences in row order): 0 picks one per CPU this process may run on, once the step
+    appends 256 tokens or more in all (below that, starting a thread costs more than it
+    saves); 1 grows every tree on the calling thread."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    _core.extend_batch(rows, tokens, threads)

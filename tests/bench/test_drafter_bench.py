@@ -25,5 +25,7 @@ def test_batch_case_reports_every_figure() -> None:
         row.das_rate_drafts_us_per_row,
         row.extend_loop_us_per_row,
         row.extend_batch_us_per_row,
+        row.extend_one_thread_us_per_row,
+        row.das_step_us_per_row,
     )
     assert all(figure > 0 for figure in figures)

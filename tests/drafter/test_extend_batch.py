@@ -45,10 +45,13 @@ def fingerprint(tree: SuffixTree) -> tuple[object, ...]:
     ),
     steps=st.integers(1, 3),
     max_depth=st.integers(2, 8),
+    threads=st.sampled_from([0, 1, 2, 3]),
 )
 def test_extend_batch_equals_extending_one_by_one(
-    rows: list[tuple[list[tuple[int, int]], list[int]]], steps: int, max_depth: int
+    rows: list[tuple[list[tuple[int, int]], list[int]]], steps: int, max_depth: int, threads: int
 ) -> None:
+    """On any number of threads (0: automatic, one thread for so few tokens; 2 and 3 spread
+    the three trees over threads however few tokens they get)."""
     batched = [SuffixTree(max_depth) for _ in range(3)]
     single = [SuffixTree(max_depth) for _ in range(3)]
     for tree in (*batched, *single):  # some sequences exist before, some start in the batch
@@ -57,6 +60,7 @@ def test_extend_batch_equals_extending_one_by_one(
         extend_batch(
             [extend_row(*((batched[t], seq) for t, seq in targets)) for targets, _ in rows],
             [tokens for _, tokens in rows],
+            threads,
         )
         for targets, tokens in rows:
             for t, seq in targets:
@@ -65,6 +69,23 @@ def test_extend_batch_equals_extending_one_by_one(
     for a, b in zip(batched, single, strict=True):
         assert fingerprint(a) == fingerprint(b)
         assert len(a) == len(b)
+
+
+@pytest.mark.parametrize("threads", [0, 2, 5])
+def test_a_big_step_grows_its_trees_on_threads_as_on_one(threads: int) -> None:
+    """Past 256 appended tokens, threads = 0 spreads the trees over this machine's CPUs too:
+    48 rows, each into its own tree and one of 4 shared ones, 8 tokens a row a step."""
+    rng = np.random.default_rng(7)
+    steps = [rng.integers(0, VOCAB, size=(48, 8)).tolist() for _ in range(3)]
+    grown = []
+    for run_threads in (1, threads):
+        own = [SuffixTree(16) for _ in range(48)]
+        shared = [SuffixTree(16) for _ in range(4)]
+        rows = [extend_row((own[i], 0), (shared[i % 4], i)) for i in range(48)]
+        for step in steps:
+            extend_batch(rows, step, run_threads)
+        grown.append([fingerprint(tree) for tree in (*own, *shared)])
+    assert grown[0] == grown[1]
 
 
 def test_extend_batch_checks_everything_before_it_changes_a_tree() -> None:
@@ -83,16 +104,21 @@ def test_extend_batch_checks_everything_before_it_changes_a_tree() -> None:
         extend_row((tree, -1))
     with pytest.raises(ValueError):
         extend_row()
+    with pytest.raises(ValueError, match="threads"):
+        extend_batch([row], [[1]], -1)
+    with pytest.raises(ValueError, match="extend_threads"):
+        RolloutHistory(extend_threads=-1)
+    assert fingerprint(tree) == before
     extend_batch([row], [np.array([3, 4], dtype=np.int64)])  # numpy's integers are ints
     assert tree.count([3, 4]) == 1
     extend_batch([], [])
 
 
-def _histories(live_siblings: bool) -> list[RolloutHistory]:
+def _histories(live_siblings: bool, threads: int = 0) -> list[RolloutHistory]:
     """A native history and one of the Python reference trees (the per-row fallback)."""
     config = DrafterConfig(max_depth=8, live_siblings=live_siblings)
     factories: list[Callable[[int], TokenTree]] = [SuffixTree, ReferenceSuffixTree]
-    return [RolloutHistory(config, tree_factory=factory) for factory in factories]
+    return [RolloutHistory(config, factory, threads) for factory in factories]
 
 
 @settings(max_examples=60, deadline=None)
@@ -103,11 +129,12 @@ def _histories(live_siblings: bool) -> list[RolloutHistory]:
         max_size=6,
     ),
     live_siblings=st.booleans(),
+    threads=st.sampled_from([0, 2]),
 )
 def test_the_history_drafts_alike_after_batched_and_single_extends(
-    steps: list[list[list[int]]], live_siblings: bool
+    steps: list[list[list[int]]], live_siblings: bool, threads: int
 ) -> None:
-    for history in _histories(live_siblings):
+    for history in _histories(live_siblings, threads):
         twin = RolloutHistory(history.config, tree_factory=history._new_tree)
         ids = ["a", "b", "c", "d"]
         for h in (history, twin):
