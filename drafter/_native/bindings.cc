@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -262,7 +263,8 @@ void grow_trees(const std::vector<Growth>& growths, int64_t threads) {
   }
   std::vector<size_t> order(by_tree.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return work[a] > work[b]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return work[a] > work[b]; });
   std::vector<std::vector<size_t>> share(wanted);  // the trees each thread grows
   std::vector<size_t> load(wanted, 0);
   for (size_t tree : order) {
@@ -281,8 +283,15 @@ void grow_trees(const std::vector<Growth>& growths, int64_t threads) {
   };
   std::vector<std::thread> helpers;
   helpers.reserve(wanted - 1);
-  for (unsigned t = 1; t < wanted; ++t) helpers.emplace_back(grow_share, t);
-  grow_share(0);
+  std::vector<unsigned> here = {0};  // the shares this thread grows
+  for (unsigned t = 1; t < wanted; ++t) {
+    try {
+      helpers.emplace_back(grow_share, t);
+    } catch (const std::system_error&) {  // no thread to be had: this one grows the share
+      here.push_back(t);
+    }
+  }
+  for (unsigned t : here) grow_share(t);
   for (std::thread& helper : helpers) helper.join();
   for (const std::exception_ptr& error : errors)
     if (error) std::rethrow_exception(error);
