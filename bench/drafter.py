@@ -31,8 +31,9 @@ suffix policy: global cache, per-request trees, capped drafts); drafts() under d
 and then cuts the drafts, das-rate sets budgets first); recording what a verify step appended
 (2 tokens a row into the request's own tree and, with live siblings, its group's two trees):
 Speculator.extend per row, and Speculator.extend_batch (one native call for every row's trees,
-the trees spread over this machine's CPUs past 256 appended tokens; the same timed on a twin
-workload that grows them on one thread, the two taking turns step by step);
+here with the trees spread over this machine's CPUs past 256 appended tokens, extend_threads 0;
+the same timed on a twin workload that grows them on one thread, the default, the two taking
+turns step by step);
 and das's whole step: drafts(), then extend_batch recording each draft's first token as accepted
 (its evidence included) and one more token, as an engine's verify step would. Medians over
 repeated steps.
@@ -281,7 +282,7 @@ class BatchRow:
     das_drafts_us_per_row: float  # Speculator.drafts under das (h100-7b prices), batched call
     das_rate_drafts_us_per_row: float  # the same under das-rate
     extend_loop_us_per_row: float  # Speculator.extend per row (2 tokens each)
-    extend_batch_us_per_row: float  # Speculator.extend_batch (one native call for the trees)
+    extend_batch_us_per_row: float  # Speculator.extend_batch, trees over the CPUs (threads 0)
     extend_one_thread_us_per_row: float  # the same with every tree grown on one thread
     das_step_us_per_row: float  # das's drafts() and extend_batch of what it accepted
     mean_draft_len: float
@@ -295,10 +296,10 @@ def batch_workload(
 ]:
     """The step of the module docstring: a history and a suffix cache holding the same
     rollouts and live requests, and the speculation core's handles of the requests (the
-    history grows its trees on extend_threads threads: RolloutHistory)."""
+    history grows its trees on extend_threads threads, DrafterConfig.extend_threads)."""
     rng = np.random.default_rng(SEED + 5)
     generate = WORKLOADS["realistic"]
-    history = RolloutHistory(DrafterConfig(max_depth=MAX_DEPTH), extend_threads=extend_threads)
+    history = RolloutHistory(DrafterConfig(max_depth=MAX_DEPTH, extend_threads=extend_threads))
     cache = SuffixDecodingCache()
     bases = generate(rng, BATCH_GROUPS)
     prompts = generate(rng, BATCH_GROUPS)[:, :PROMPT_LEN]
@@ -356,7 +357,7 @@ def _medians_us_per_row_in_turns(
 
 
 def run_batch_case(rows: int, steps: int) -> BatchRow:
-    history, cache, speculator, handles, keys = batch_workload(rows)
+    history, cache, speculator, handles, keys = batch_workload(rows, extend_threads=0)
     budgets = [MAX_TOKENS] * rows
     caps = [MAX_TOKENS] * rows
     drafts = history.speculate_batch(keys, budgets)
@@ -371,12 +372,8 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
     appended = [list(draft.token_ids[:2]) if len(draft) >= 2 else [0, 0] for draft in drafts]
     drafted, accepted = [2] * rows, [1] * rows
 
-    def extend_loop() -> None:
-        for handle, tokens in zip(handles, appended, strict=True):
-            speculator.extend(handle, tokens, 2, 1)
-
-    extend_loop_us = _median_us_per_row(extend_loop, rows, steps)
-    # The twin grows its trees on one thread; the two take turns, step by step.
+    # A twin workload grows its trees on one thread; the two take turns step by step, from
+    # the same trees (nothing has grown them yet).
     _, _, one_thread, twin_handles, _ = batch_workload(rows, extend_threads=1)
     extend_batch_us, extend_one_thread_us = _medians_us_per_row_in_turns(
         lambda: speculator.extend_batch(handles, appended, drafted, accepted),
@@ -384,6 +381,12 @@ def run_batch_case(rows: int, steps: int) -> BatchRow:
         rows,
         steps,
     )
+
+    def extend_loop() -> None:
+        for handle, tokens in zip(handles, appended, strict=True):
+            speculator.extend(handle, tokens, 2, 1)
+
+    extend_loop_us = _median_us_per_row(extend_loop, rows, steps)
 
     def das_step() -> None:
         step = das.drafts(handles, caps)
@@ -445,7 +448,8 @@ def print_batch_table(rows: list[BatchRow]) -> None:
         "batch = speculate_batch, drafts() = the speculation core's whole call; sfx = the "
         "suffix policy's cache; das, das-rate = drafts() under each (priced for a 7B on an "
         "H100); ext = recording a step's 2 tokens a row: Speculator.extend per row (loop) or "
-        "extend_batch (one native call; ext 1 thr: its trees grown on one thread); das step "
+        "extend_batch (one native call, trees over the CPUs; ext 1 thr: on one thread, the "
+        "default); das step "
         "= das's drafts() and extend_batch of what it accepted."
     )
 

@@ -49,5 +49,5 @@ def speculate_batch(
 def extend_batch(
     rows: Sequence[tuple[SuffixTreeCore | int, ...]],
     tokens: Sequence[Sequence[int]],
-    threads: int = 0,
+    threads: int = 1,
 ) -> None: ...

@@ -23,6 +23,11 @@ class DrafterConfig:
     # stored rollouts of every group (one more tree holding each rollout once more). Off: it
     # doubles the stored rollouts' memory for at most 0.8% in the replays (README, Measured).
     other_groups: bool = False
+    # Threads that grow a verify step's trees (suffix_tree.extend_batch): 1, the caller's; 0,
+    # one per CPU (at most 8) once a step appends 256 tree tokens or more. 1 by default: on a
+    # CPU engine torch's OpenMP threads still spin when the step is recorded, and helper
+    # threads made the growth slower there (README, "Trees grown on threads").
+    extend_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.max_depth < 2:
@@ -35,5 +40,7 @@ class DrafterConfig:
             )
         if self.max_groups < 1:
             raise ValueError(f"max_groups must be >= 1, got {self.max_groups}")
+        if self.extend_threads < 0:
+            raise ValueError(f"extend_threads must be >= 0, got {self.extend_threads}")
         if not 0.0 <= self.min_prob <= 1.0:
             raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")

@@ -139,7 +139,7 @@ def extend_rows(
     contexts: Sequence[list[int]],
     tokens: Sequence[list[int]],
     max_depth: int,
-    threads: int = 0,
+    threads: int = 1,
 ) -> None:
     """A step's tokens into every row's native trees in one call (suffix_tree.extend_batch,
     on `threads` threads), then into each row's context (grow_context)."""
@@ -173,15 +173,9 @@ class RolloutHistory:
         self,
         config: DrafterConfig | None = None,
         tree_factory: TreeFactory = SuffixTree,
-        extend_threads: int = 0,
     ) -> None:
-        """`extend_threads`: the threads that grow a verify step's native trees
-        (suffix_tree.extend_batch; 0: one per CPU once a step appends 256 tokens or more)."""
-        if extend_threads < 0:
-            raise ValueError(f"extend_threads must be >= 0, got {extend_threads}")
         self.config = config or DrafterConfig()
         self._new_tree = tree_factory
-        self.extend_threads = extend_threads
         self._groups: dict[str, _Group] = {}
         # other_groups: every group's stored rollouts, under the same sequence ids as in
         # their group's tree (a rollout leaves both together).
@@ -307,7 +301,7 @@ class RolloutHistory:
         requests = [self._requests[request_id] for request_id in request_ids]
         rows = [cast(ExtendRow, request.extend_row) for request in requests]
         contexts = [request.context for request in requests]
-        extend_rows(rows, contexts, tokens, self.config.max_depth, self.extend_threads)
+        extend_rows(rows, contexts, tokens, self.config.max_depth, self.config.extend_threads)
 
     def stop_request(self, request_id: Hashable) -> None:
         """The request left: its output so far leaves its group's trees too (a finished one

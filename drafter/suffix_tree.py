@@ -181,7 +181,7 @@ def extend_row(*targets: tuple[SuffixTree, int]) -> ExtendRow:
 
 
 def extend_batch(
-    rows: Sequence[ExtendRow], tokens: Sequence[Sequence[int]], threads: int = 0
+    rows: Sequence[ExtendRow], tokens: Sequence[Sequence[int]], threads: int = 1
 ) -> None:
     """Row i's tokens appended to each of its sequences (extend_row), for every row in one
     native call, the trees growing with the GIL released; equal to the extend() calls one by
@@ -189,9 +189,11 @@ def extend_batch(
     any tree changes, for a token that is not an int32 integer.
 
     Distinct trees grow on `threads` threads (at most 8; each tree on one of them, its
-    sequences in row order): 0 picks one per CPU this process may run on, once the step
-    appends 256 tokens or more in all (below that, starting a thread costs more than it
-    saves); 1 grows every tree on the calling thread."""
+    sequences in row order): 1, the calling thread; 0, one per CPU this process may run on,
+    once the step appends 256 tokens or more in all (below that, starting a thread costs more
+    than it saves). Not where a CPU engine calls it between torch's ops: torch's OpenMP
+    threads spin for a while after each op, and a helper thread competing with them made a
+    step's growth 2-4x slower here (README, "Trees grown on threads")."""
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
     _core.extend_batch(rows, tokens, threads)

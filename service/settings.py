@@ -191,6 +191,14 @@ class Settings(BaseSettings):
         "from the stored rollouts of every group (they are held twice: once more in one tree "
         "of all groups)",
     )
+    history_extend_threads: Annotated[int, WORKER] = Field(
+        1,
+        ge=0,
+        le=8,
+        description="threads that grow a verify step's suffix trees: 1, the engine's own; 0, "
+        "one per CPU (at most 8) once a step appends 256 tree tokens (for a GPU worker with "
+        "idle cores; on a CPU engine torch's threads still spin then, and it was slower)",
+    )
     history_buffer_size: Annotated[int, WORKER] = Field(
         10_000, ge=1, description="rollouts held for Redis while it is down"
     )
@@ -307,4 +315,5 @@ class Settings(BaseSettings):
             max_groups=self.history_max_groups,
             live_siblings=self.history_live_siblings,
             other_groups=self.history_other_groups,
+            extend_threads=self.history_extend_threads,
         )

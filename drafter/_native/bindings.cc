@@ -393,5 +393,5 @@ NB_MODULE(_core, m) {
   m.def("speculate_batch", &speculate_batch, "rows"_a, "max_tokens"_a,
         "context_len"_a, "min_prob"_a, "tree"_a, "spec_factor"_a, "spec_offset"_a,
         "own_wins_ties"_a, "draft_type"_a, "source_names"_a);
-  m.def("extend_batch", &extend_batch, "rows"_a, "tokens"_a, "threads"_a = 0);
+  m.def("extend_batch", &extend_batch, "rows"_a, "tokens"_a, "threads"_a = 1);
 }

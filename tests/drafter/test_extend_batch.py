@@ -107,7 +107,7 @@ def test_extend_batch_checks_everything_before_it_changes_a_tree() -> None:
     with pytest.raises(ValueError, match="threads"):
         extend_batch([row], [[1]], -1)
     with pytest.raises(ValueError, match="extend_threads"):
-        RolloutHistory(extend_threads=-1)
+        DrafterConfig(extend_threads=-1)
     assert fingerprint(tree) == before
     extend_batch([row], [np.array([3, 4], dtype=np.int64)])  # numpy's integers are ints
     assert tree.count([3, 4]) == 1
@@ -116,9 +116,9 @@ def test_extend_batch_checks_everything_before_it_changes_a_tree() -> None:
 
 def _histories(live_siblings: bool, threads: int = 0) -> list[RolloutHistory]:
     """A native history and one of the Python reference trees (the per-row fallback)."""
-    config = DrafterConfig(max_depth=8, live_siblings=live_siblings)
+    config = DrafterConfig(max_depth=8, live_siblings=live_siblings, extend_threads=threads)
     factories: list[Callable[[int], TokenTree]] = [SuffixTree, ReferenceSuffixTree]
-    return [RolloutHistory(config, factory, threads) for factory in factories]
+    return [RolloutHistory(config, factory) for factory in factories]
 
 
 @settings(max_examples=60, deadline=None)
@@ -129,7 +129,7 @@ def _histories(live_siblings: bool, threads: int = 0) -> list[RolloutHistory]:
         max_size=6,
     ),
     live_siblings=st.booleans(),
-    threads=st.sampled_from([0, 2]),
+    threads=st.sampled_from([0, 1, 2]),
 )
 def test_the_history_drafts_alike_after_batched_and_single_extends(
     steps: list[list[list[int]]], live_siblings: bool, threads: int

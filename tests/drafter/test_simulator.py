@@ -218,6 +218,7 @@ def test_result_serialises_every_figure() -> None:
         "tree_drafts": False,
         "live_siblings": True,
         "other_groups": False,
+        "extend_threads": 1,
     }
     epochs = data["epochs"]
     assert isinstance(epochs, list)

@@ -121,6 +121,7 @@ def test_simulate_defaults_to_das(
         "tree_drafts": False,
         "live_siblings": True,
         "other_groups": False,
+        "extend_threads": 1,
     }
 
 

@@ -138,6 +138,7 @@ def test_every_setting_is_exercised_through_its_flag() -> None:
         "max_batch": "3", "max_model_len": "99", "worker_id": "w", "fake_step_delay_s": "0.5",
         "redis_url": "redis://r:1/0", "history_window": "2", "history_max_groups": "77",
         "history_max_rollouts_per_group": "5", "history_buffer_size": "6",
+        "history_extend_threads": "0",
         "history_sync_interval_s": "0.25", "redis_timeout_s": "0.125", "worker_api_key": "w-k",
         "routing_load_factor": "0.5", "routing_vnodes": "8", "health_interval_s": "2.5",
         "health_failures": "4", "upstream_timeout_s": "30",
