@@ -31,6 +31,7 @@ class DasVllmOptions:
     min_prob: float = 0.1
     live_siblings: bool = True  # draft from the group's running requests' outputs too
     other_groups: bool = False  # where nothing of the group matches, every group's rollouts
+    extend_threads: int = 1  # threads growing a step's trees (DrafterConfig.extend_threads)
     calibration_steps: int = 32  # timed steps before the fit
 
     def __post_init__(self) -> None:

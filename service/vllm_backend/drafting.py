@@ -120,6 +120,7 @@ class EngineDrafter:
                 min_prob=options.min_prob,
                 live_siblings=options.live_siblings,
                 other_groups=options.other_groups,
+                extend_threads=options.extend_threads,
             )
         )
         cost = parse_cost_model(options.cost_model)

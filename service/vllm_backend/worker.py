@@ -174,6 +174,7 @@ class VllmWorker:
                 min_prob=store.config.min_prob,
                 live_siblings=store.config.live_siblings,
                 other_groups=store.config.other_groups,
+                extend_threads=store.config.extend_threads,
             )
             if self._speculation
             else None

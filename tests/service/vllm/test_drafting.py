@@ -152,3 +152,8 @@ def test_options_refuse_what_vllm_cannot_run() -> None:
         DasVllmOptions(cost_model="fast")
     options = DasVllmOptions(policy="fixed:4", max_draft=8)
     assert DasVllmOptions.from_dict({**options.to_dict(), "unknown": 1}) == options
+    # The history knobs reach the engine core's history (here the threads growing its trees).
+    threaded = EngineDrafter(
+        DasVllmOptions(policy="fixed:4", cost_model="smollm2-cpu", extend_threads=0)
+    )
+    assert threaded.history.config.extend_threads == 0
