@@ -24,9 +24,9 @@ class DrafterConfig:
     # doubles the stored rollouts' memory for at most 0.8% in the replays (README, Measured).
     other_groups: bool = False
     # Threads that grow a verify step's trees (suffix_tree.extend_batch): 1, the caller's; 0,
-    # one per CPU (at most 8) once a step appends 256 tree tokens or more. 1 by default: on a
-    # CPU engine torch's OpenMP threads still spin when the step is recorded, and helper
-    # threads made the growth slower there (README, "Trees grown on threads").
+    # one per CPU (at most 8) once a step appends 256 tree tokens or more. 1 by default: right
+    # after torch's CPU ops, as a CPU engine records a step, helper threads made the growth
+    # no faster or slower (README, "Trees grown on threads").
     extend_threads: int = 1
 
     def __post_init__(self) -> None:

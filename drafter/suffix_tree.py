@@ -191,9 +191,9 @@ def extend_batch(
     Distinct trees grow on `threads` threads (at most 8; each tree on one of them, its
     sequences in row order): 1, the calling thread; 0, one per CPU this process may run on,
     once the step appends 256 tokens or more in all (below that, starting a thread costs more
-    than it saves). Not where a CPU engine calls it between torch's ops: torch's OpenMP
-    threads spin for a while after each op, and a helper thread competing with them made a
-    step's growth 2-4x slower here (README, "Trees grown on threads")."""
+    than it saves). 1.2-1.8x faster on two idle cores here, but no faster, or up to 15%
+    slower, right after torch's CPU ops, as a CPU engine records a step (README, "Trees grown
+    on threads")."""
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
     _core.extend_batch(rows, tokens, threads)

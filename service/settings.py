@@ -197,7 +197,7 @@ class Settings(BaseSettings):
         le=8,
         description="threads that grow a verify step's suffix trees: 1, the engine's own; 0, "
         "one per CPU (at most 8) once a step appends 256 tree tokens (for a GPU worker with "
-        "idle cores; on a CPU engine torch's threads still spin then, and it was slower)",
+        "idle cores; on a CPU engine, right after torch's ops, it was no faster or slower)",
     )
     history_buffer_size: Annotated[int, WORKER] = Field(
         10_000, ge=1, description="rollouts held for Redis while it is down"
