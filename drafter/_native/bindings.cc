@@ -236,14 +236,6 @@ void grow_trees(const std::vector<Growth>& growths, int64_t threads) {
   unsigned wanted = threads > 0 ? unsigned(std::min<int64_t>(threads, kMaxThreads))
                     : total >= kParallelTokens ? std::min(usable_cpus(), kMaxThreads)
                                                : 1u;
-  if (wanted > 1) {
-    std::vector<SuffixTreeCore*> seen;  // the distinct trees, at most as many as needed
-    for (const Growth& g : growths) {
-      if (std::find(seen.begin(), seen.end(), g.tree) == seen.end()) seen.push_back(g.tree);
-      if (seen.size() >= wanted) break;
-    }
-    wanted = unsigned(seen.size());
-  }
   if (wanted <= 1) {
     for (const Growth& g : growths) g.tree->extend(g.seq_id, g.tokens, g.count);
     return;
@@ -261,6 +253,8 @@ void grow_trees(const std::vector<Growth>& growths, int64_t threads) {
     by_tree[it->second].push_back(&g);
     work[it->second] += g.count;
   }
+  // No thread without a tree (and one, this one, for none).
+  wanted = unsigned(std::clamp<size_t>(by_tree.size(), 1, wanted));
   std::vector<size_t> order(by_tree.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),
