@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from service.engine.sampling import (
+    RACE_BLOCK,
     exponential_race,
     position_keys,
     processed_logits,
@@ -93,6 +94,37 @@ def test_draws_follow_the_processed_distribution() -> None:
     frequencies = np.bincount(drawn, minlength=5) / len(drawn)
     expected = processed_logits(logits[:1], params).softmax(-1)[0].numpy()
     assert np.abs(frequencies - expected).max() < 0.015
+
+
+def test_the_two_round_race_draws_each_token_with_its_probability() -> None:
+    # A vocabulary over three blocks of RACE_BLOCK ids, the last one partial, with a filtered
+    # stretch across a block boundary and one whole block filtered: the block round and the
+    # token round together must give every token its probability, and never a filtered one.
+    assert RACE_BLOCK == 256
+    log_weights = torch.randn(1, 700, generator=torch.Generator().manual_seed(5)) * 1.5
+    log_weights[0, 240:520] = float("-inf")
+    draws = 60_000
+    drawn = exponential_race(log_weights.expand(draws, -1), position_keys(3, 0, np.arange(draws)))
+    frequencies = np.bincount(drawn.numpy(), minlength=700) / draws
+    assert len(frequencies) == 700
+    expected = log_weights.softmax(-1)[0].numpy()
+    assert frequencies[240:520].sum() == 0
+    bound = 4.5 * np.sqrt(expected * (1 - expected) / draws) + 1e-4
+    assert (np.abs(frequencies - expected) <= bound).all()
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_a_token_of_negligible_probability_is_never_drawn(filtered: bool) -> None:
+    # Racing one float32 exponential per token of a 49k vocabulary, a draw of exactly 0 (about
+    # once in 10 million) made its token win whatever its probability, a filtered one too
+    # (-inf - -inf is NaN, which argmax takes): 18 of 4,000 such positions drew a token of
+    # probability e^-100, and 18 a filtered one.
+    positions, vocab = 2000, 49152
+    logits = torch.full((positions, vocab), float("-inf") if filtered else -100.0)
+    logits[:, [7, 9]] = 0.0
+    params = SamplingParams(temperature=1.0, top_k=2 if filtered else -1)
+    drawn = np.array(sample(logits, params, seed=0, sample_index=0, first_position=0).token_ids)
+    assert set(drawn.tolist()) == {7, 9}
 
 
 def test_logprobs_raw_and_processed() -> None:
