@@ -215,10 +215,10 @@ def _race_along(processed: Tensor, keys: npt.NDArray[np.uint64], draft: Sequence
     start, size = 0, 1
     while start < len(processed):
         stop = min(start + size, len(processed))
-        for token in exponential_race(processed[start:stop], keys[start:stop]).tolist():
-            tokens.append(token)
-            if len(tokens) > len(draft) or token != draft[len(tokens) - 1]:
-                return tokens
+        tokens += exponential_race(processed[start:stop], keys[start:stop]).tolist()
+        drawn = _accepted(tokens, draft) + 1
+        if drawn <= len(tokens):
+            return tokens[:drawn]
         start, size = stop, 2 * size
     return tokens
 
