@@ -8,3 +8,6 @@ def linear(x: Tensor, w: Tensor, y: Tensor, threads: int, avx512: bool) -> None:
 def attention(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, chunks: Tensor, scale: float, threads: int
 ) -> None: ...
+def block_logsumexp(
+    x: Tensor, index: Tensor, scale: float, out: Tensor, block: int, threads: int
+) -> None: ...

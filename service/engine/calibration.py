@@ -18,7 +18,7 @@ import torch
 
 from drafter.cost import COST_PRESETS, SMOLLM2_CPU, CostCurve, CostModel
 from service.engine.runner import Runner
-from service.engine.sampling import sample
+from service.engine.sampling import Span, sample_spans
 from service.worker import SamplingParams
 
 CALIBRATED = "calibrated"
@@ -113,8 +113,7 @@ def time_verify_step(
         logits = runner.forward(slots, chunks, [per_row] * rows)
         _synchronize(runner.device)  # a GPU forward returns before its kernels finish
         middle = time.perf_counter()
-        for row in range(rows):
-            sample(logits[row * per_row : (row + 1) * per_row], params, 0, row, 0)
+        sample_spans(logits, [Span(row * per_row, per_row, params, 0, row, 0) for row in slots])
         _synchronize(runner.device)
         timings.append((middle - start, time.perf_counter() - middle))
         for slot in slots:

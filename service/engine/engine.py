@@ -47,7 +47,7 @@ from service.engine.calibration import calibrate_cost
 from service.engine.config import EngineConfig
 from service.engine.models import Tokenizer, load_model
 from service.engine.runner import Runner
-from service.engine.sampling import Sampled, sample
+from service.engine.sampling import Sampled, Span, sample, sample_spans
 from service.worker import (
     FinishReason,
     GenerateRequest,
@@ -379,12 +379,7 @@ class Engine:
         prefilled = self.stats.prefill_tokens
         logits = self._verify(batch, drafts)
         start = _lap(seconds, "forward", start)
-        outcomes = []
-        offset = 0
-        for sequence, draft in zip(batch, drafts, strict=True):
-            rows = logits[offset : offset + len(draft) + 1]
-            offset += len(draft) + 1
-            outcomes.append(self._accept(sequence, draft, rows))
+        outcomes = self._accept(batch, drafts, logits)
         start = _lap(seconds, "sample", start)
         if self.stats.prefill_tokens == prefilled:  # a prefill's step prices no draft
             tokens = len(batch) + sum(len(draft) for draft in drafts)
@@ -470,29 +465,49 @@ class Engine:
         self.stats.prefill_tokens += sum(len(s.tokens) - s.computed - 1 for s in batch)
         return logits
 
-    def _accept(self, sequence: _Sequence, draft: Draft, rows: Tensor) -> tuple[Sampled, int]:
-        """The target's tokens at the drafted positions: the accepted draft prefix (a tree's:
+    def _accept(
+        self, batch: list[_Sequence], drafts: list[Draft], logits: Tensor
+    ) -> list[tuple[Sampled, int]]:
+        """Per sequence, the target's tokens at its drafted positions (logits: its draft's
+        rows, after the rows of the sequences before it): the accepted draft prefix (a tree's:
         the accepted root-to-node path) and the bonus token after it; and how many draft
-        tokens were accepted."""
-        if not draft.is_chain():
-            return self._accept_tree(sequence, draft, rows)
-        tokens = draft.token_ids
-        state = sequence.request
-        sampled = sample(
-            rows,
-            state.params,
-            state.seed,
-            sequence.index,
-            sequence.generated,
-            self.config.logprobs_mode,
-            draft=tokens,  # drawn up to the first rejected position only
-        )
-        accepted = len(sampled.token_ids) - 1
-        # The cache now holds the tokens and the whole draft: roll back the rejected part.
-        # The bonus token is not cached yet; it is fed with the next step's draft.
-        sequence.computed = len(sequence.tokens) + accepted
-        self.runner.truncate(sequence.slot, sequence.computed)
-        return sampled, accepted
+        tokens were accepted. The chains' rows are sampled together (sample_spans)."""
+        outcomes: list[tuple[Sampled, int] | None] = [None] * len(batch)
+        spans: list[Span] = []
+        chains: list[int] = []
+        offset = 0
+        for i, (sequence, draft) in enumerate(zip(batch, drafts, strict=True)):
+            rows = len(draft) + 1
+            if draft.is_chain():
+                state = sequence.request
+                spans.append(
+                    Span(
+                        offset,
+                        rows,
+                        state.params,
+                        state.seed,
+                        sequence.index,
+                        sequence.generated,
+                        draft.token_ids,  # drawn up to the first rejected position only
+                    )
+                )
+                chains.append(i)
+            else:
+                outcomes[i] = self._accept_tree(sequence, draft, logits[offset : offset + rows])
+            offset += rows
+        for i, sampled in zip(
+            chains, sample_spans(logits, spans, self.config.logprobs_mode), strict=True
+        ):
+            sequence = batch[i]
+            accepted = len(sampled.token_ids) - 1
+            # The cache now holds the tokens and the whole draft: roll back the rejected part.
+            # The bonus token is not cached yet; it is fed with the next step's draft.
+            sequence.computed = len(sequence.tokens) + accepted
+            self.runner.truncate(sequence.slot, sequence.computed)
+            outcomes[i] = (sampled, accepted)
+        done = [outcome for outcome in outcomes if outcome is not None]
+        assert len(done) == len(batch), "every sequence's rows were sampled"
+        return done
 
     def _accept_tree(self, sequence: _Sequence, draft: Draft, rows: Tensor) -> tuple[Sampled, int]:
         """_accept for a tree: rows[0] predicts the token after the sequence, rows[j + 1]

@@ -19,6 +19,7 @@ rounding shift of the cumulative sum: one rollout in 64 on SmolLM2 at temperatur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,11 +29,10 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from service.engine import _kernels
 from service.worker import SamplingParams
 
 LogprobsMode = Literal["raw", "processed"]
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(slots=True)
@@ -53,10 +53,13 @@ def splitmix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
         return x ^ (x >> np.uint64(31))
 
 
-def position_keys(seed: int, sample_index: int, positions: npt.ArrayLike) -> npt.NDArray[np.uint64]:
-    """One 64-bit key per position, a pure function of (seed, sample_index, position)."""
-    key = splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
-    key = splitmix64(key ^ np.uint64(sample_index & _MASK64))
+def position_keys(
+    seed: npt.ArrayLike, sample_index: npt.ArrayLike, positions: npt.ArrayLike
+) -> npt.NDArray[np.uint64]:
+    """One 64-bit key per position, a pure function of (seed, sample_index, position); seed and
+    sample_index (each in [0, 2**64)) are one for all positions or one per position."""
+    key = splitmix64(np.asarray(seed, dtype=np.uint64))
+    key = splitmix64(key ^ np.asarray(sample_index, dtype=np.uint64))
     counters = np.asarray(positions, dtype=np.uint64)
     return splitmix64(key ^ splitmix64(counters))
 
@@ -86,32 +89,64 @@ def race_noise(keys: npt.NDArray[np.uint64], blocks: int) -> tuple[Tensor, Tenso
     return logged[:, :blocks], logged[:, blocks:]
 
 
-def exponential_race(log_weights: Tensor, keys: npt.NDArray[np.uint64]) -> Tensor:
-    """Row i's token, drawn with probability softmax(log_weights[i]) exactly, in two rounds of
-    the race argmax(log w - log E): the blocks of RACE_BLOCK token ids race with their total
-    weights (logsumexp), then the tokens of the winning block race with their own. A token
-    wins with probability (its block's share) * (its share within the block). A -inf
+def exponential_race(
+    log_weights: Tensor,
+    keys: npt.NDArray[np.uint64],
+    rows: Tensor | None = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """Row i's token, drawn with probability softmax(scale * log_weights[rows[i]]) exactly
+    (rows: a long tensor, default every row; keys: one per drawn row), in two rounds of the
+    race argmax(log w - log E): the blocks of RACE_BLOCK token ids race with their total
+    weights (block_logsumexp), then the tokens of the winning block race with their own. A
+    token wins with probability (its block's share) * (its share within the block). A -inf
     (filtered) token never wins, nor does a block of them. Two short races draw a few hundred
     exponentials a row instead of one per token of the vocabulary, whose noise alone took
     0.45 ms a 49k-token row on a 2-core CPU, most of a step's sampling."""
-    rows, vocab = log_weights.shape
-    blocks = -(-vocab // RACE_BLOCK)
-    padded = torch.nn.functional.pad(
-        log_weights, (0, blocks * RACE_BLOCK - vocab), value=float("-inf")
-    ).view(rows, blocks, RACE_BLOCK)
-    block_noise, token_noise = race_noise(keys, blocks)
     device = log_weights.device
-    block = (padded.logsumexp(dim=-1) - block_noise.to(device)).argmax(dim=-1)
-    within = padded[torch.arange(rows, device=device), block]
+    if rows is None:
+        rows = torch.arange(len(log_weights), device=device)
+    vocab = log_weights.shape[1]
+    weights = block_logsumexp(log_weights, RACE_BLOCK, rows, scale)
+    block_noise, token_noise = race_noise(keys, weights.shape[1])
+    block = (weights - block_noise.to(device)).argmax(dim=-1)
+    # The winning block's tokens, the ids past the vocabulary (a last, partial block) filtered.
+    ids = block[:, None] * RACE_BLOCK + torch.arange(RACE_BLOCK, device=device)
+    within = log_weights[rows[:, None], ids.clamp(max=vocab - 1)].float() * scale
+    within = within.masked_fill(ids >= vocab, -math.inf)
     token = (within - token_noise.to(device)).argmax(dim=-1)
     return block * RACE_BLOCK + token
+
+
+def block_logsumexp(
+    x: Tensor, block: int, rows: Tensor | None = None, scale: float = 1.0
+) -> Tensor:
+    """float32 [len(rows), ceil(vocab / block)]: the log-sum-exp of each block of `block`
+    consecutive columns of scale * x[rows] (x [rows, vocab]; rows a long tensor, default
+    every row; the last block partial), -inf for a block of -inf only. On a CPU with AVX2 the
+    engine's native kernel, which reads the rows where they are (24-38 us a 49k-token row in
+    256-token blocks on a 2-core CPU, against torch's 83-190), else torch. Each row's values
+    are its own alone. The kernel runs on the calling thread: handing half a step's rows to
+    the kernels' helper thread right after torch's own threads made a call 5 ms slower."""
+    vocab = x.shape[1]
+    blocks = -(-vocab // block)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _kernels.available():
+        index = torch.arange(len(x)) if rows is None else rows
+        out = torch.empty(len(index), blocks)
+        _kernels.block_logsumexp(x.contiguous(), index.contiguous(), scale, out, block, 1)
+        return out
+    taken = (x if rows is None else x[rows]).float() * scale
+    padded = torch.nn.functional.pad(taken, (0, blocks * block - vocab), value=-math.inf)
+    return padded.view(len(taken), blocks, block).logsumexp(dim=-1)
 
 
 def processed_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """float32 [rows, vocab]: the logits of the distribution sampled from (its softmax):
     temperature, then top-k, then top-p (the smallest set of most likely tokens whose mass
     reaches top_p; ties at the boundary are kept); filtered tokens are -inf."""
-    scaled = logits.float() / params.temperature
+    scaled = logits.float()
+    if params.temperature != 1.0:  # x / 1.0 is x: no copy
+        scaled = scaled / params.temperature
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
         kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
@@ -156,6 +191,22 @@ def _threshold_in(sorted_probs: Tensor, top_p: float) -> Tensor:
     return sorted_probs.gather(-1, kept - 1)
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One sample's rows of a verify step's logits, to draw tokens from: `rows` rows from row
+    `start`, predicting its positions first_position, first_position + 1, ...; `draft`: the
+    tokens drafted at those positions (drawing stops at the first row whose token differs from
+    the draft's, or the row after the draft), None: draw every row."""
+
+    start: int
+    rows: int
+    params: SamplingParams
+    seed: int
+    sample_index: int
+    first_position: int
+    draft: Sequence[int] | None = None
+
+
 def sample(
     logits: Tensor,
     params: SamplingParams,
@@ -174,53 +225,162 @@ def sample(
     token differs from the draft's, or the row after the draft: the rows after it would be
     thrown away (each row's draw is a function of that row alone, so the rows drawn are the
     same as without `draft`)."""
-    processed = None
-    if params.temperature == 0.0:
-        token_ids = logits.argmax(dim=-1)
-        if draft is not None:
-            token_ids = token_ids[: _accepted(token_ids.tolist(), draft) + 1]
-    else:
-        processed = processed_logits(logits, params)
-        keys = position_keys(seed, sample_index, first_position + np.arange(len(processed)))
-        if draft is None:
-            token_ids = exponential_race(processed, keys)
+    span = Span(0, len(logits), params, seed, sample_index, first_position, draft)
+    return sample_spans(logits, [span], logprobs_mode)[0]
+
+
+def sample_spans(
+    logits: Tensor, spans: Sequence[Span], logprobs_mode: LogprobsMode = "raw"
+) -> list[Sampled]:
+    """sample() for each span of one forward's logits, all spans' rows in a few calls: a
+    step's samples share each vocabulary-sized operation instead of one call each (a call's
+    fixed cost was most of a one-row sample() on a 2-core CPU). Each row's draw and logprobs
+    are a function of that row alone, whatever the other spans.
+
+    Drafted rows are drawn in rounds of 1, 2, 4, ... rows a span, every span still agreeing
+    with its draft in the same round, so rows after a rejection are not raced."""
+    drawn: list[list[int]] = [[] for _ in spans]
+    greedy = [i for i, span in enumerate(spans) if span.params.temperature == 0.0]
+    if greedy:
+        tokens = logits[_index(logits, spans, greedy, None)].argmax(dim=-1).tolist()
+        at = 0
+        for i in greedy:
+            span = spans[i]
+            drawn[i] = tokens[at : at + span.rows]
+            at += span.rows
+            if span.draft is not None:
+                drawn[i] = drawn[i][: _accepted(drawn[i], span.draft) + 1]
+    racing = [i for i, span in enumerate(spans) if span.params.temperature > 0.0]
+    size = 1
+    while racing:
+        for members in _by_processing(spans, racing).values():
+            counts = []
+            for i in members:  # a span without a draft draws all its rows at once
+                span = spans[i]
+                left = span.rows - len(drawn[i])
+                counts.append(left if span.draft is None else min(size, left))
+            index = _index(logits, spans, members, counts, [len(drawn[i]) for i in members])
+            keys = position_keys(
+                np.repeat([spans[i].seed for i in members], counts),
+                np.repeat([spans[i].sample_index for i in members], counts),
+                np.concatenate(
+                    [
+                        spans[i].first_position + len(drawn[i]) + np.arange(count)
+                        for i, count in zip(members, counts, strict=True)
+                    ]
+                ),
+            )
+            params = spans[members[0]].params
+            if _filters(params, logits.shape[1]):
+                tokens = exponential_race(processed_logits(logits[index], params), keys).tolist()
+            else:  # the rows raced where they are, scaled by 1 / temperature
+                tokens = exponential_race(logits, keys, index, 1.0 / params.temperature).tolist()
+            at = 0
+            for i, count in zip(members, counts, strict=True):
+                drawn[i] += tokens[at : at + count]
+                at += count
+        still = []
+        for i in racing:
+            draft = spans[i].draft
+            if draft is not None:
+                kept = _accepted(drawn[i], draft) + 1
+                if kept <= len(drawn[i]):
+                    drawn[i] = drawn[i][:kept]
+                elif len(drawn[i]) < spans[i].rows:
+                    still.append(i)
+        racing, size = still, 2 * size
+    return _with_logprobs(logits, spans, drawn, logprobs_mode)
+
+
+def _index(
+    logits: Tensor,
+    spans: Sequence[Span],
+    members: Sequence[int],
+    counts: Sequence[int] | None,
+    skip: Sequence[int] | None = None,
+) -> Tensor:
+    """The indices of these spans' logits rows, in order: counts[j] rows of span members[j]
+    after its first skip[j] (default: all its rows)."""
+    index: list[int] = []
+    for j, i in enumerate(members):
+        first = spans[i].start + (0 if skip is None else skip[j])
+        index += range(first, first + (spans[i].rows if counts is None else counts[j]))
+    return torch.tensor(index, dtype=torch.long, device=logits.device)
+
+
+def _filters(params: SamplingParams, vocab: int) -> bool:
+    """True if processed_logits filters tokens (top-k or top-p), not only scales them."""
+    return 0 < params.top_k < vocab or params.top_p < 1.0
+
+
+# What processed_logits does to a row: temperature, top_k, top_p.
+_Processing = tuple[float, int, float]
+
+
+def _by_processing(spans: Sequence[Span], members: Sequence[int]) -> dict[_Processing, list[int]]:
+    """The spans grouped by what processed_logits does to their rows."""
+    groups: dict[_Processing, list[int]] = {}
+    for i in members:
+        params = spans[i].params
+        groups.setdefault((params.temperature, params.top_k, params.top_p), []).append(i)
+    return groups
+
+
+def _with_logprobs(
+    logits: Tensor, spans: Sequence[Span], drawn: Sequence[list[int]], mode: LogprobsMode
+) -> list[Sampled]:
+    """Each span's drawn tokens with their logprobs (and top logprobs where its params ask):
+    raw, of the logits' softmax; processed, of the distribution sampled from (greedy: a point
+    mass). A logprob is the token's logit less its row's log-sum-exp (block_logsumexp), a
+    row's top logprobs from its log_softmax."""
+    counts = [len(tokens) for tokens in drawn]
+    groups: dict[tuple[_Processing | None, bool], list[int]] = {}
+    for i, span in enumerate(spans):
+        params = span.params
+        # Raw logprobs do not depend on the params.
+        processing = None if mode == "raw" else (params.temperature, params.top_k, params.top_p)
+        groups.setdefault((processing, params.top_logprobs > 0), []).append(i)
+    chosen: list[list[float]] = [[] for _ in spans]
+    tops: list[list[dict[int, float]] | None] = [None] * len(spans)
+    vocab = logits.shape[1]
+    for (processing, top), group in groups.items():
+        index = _index(logits, spans, group, [counts[i] for i in group])
+        token_ids = torch.tensor(
+            [t for i in group for t in drawn[i]], dtype=torch.long, device=logits.device
+        )[:, None]
+        params = spans[group[0]].params
+        # The distribution: the logits rows where they are, times `scale` (raw: 1), or made
+        # (a greedy point mass; filtered rows).
+        dist, rows, scale = logits, index, 1.0
+        if processing is not None and processing[0] == 0.0:
+            dist = torch.full((len(index), vocab), -math.inf, device=logits.device)
+            dist.scatter_(-1, token_ids, 0.0)
+            rows = torch.arange(len(index), device=logits.device)
+        elif processing is not None and _filters(params, vocab):
+            dist = processed_logits(logits[index], params)
+            rows = torch.arange(len(index), device=logits.device)
+        elif processing is not None:
+            scale = 1.0 / params.temperature
+        if top:
+            logprobs = (dist[rows].float() * scale).log_softmax(dim=-1)
+            values = logprobs.gather(-1, token_ids)[:, 0].tolist()
         else:
-            raced = _race_along(processed, keys, draft)
-            token_ids = torch.tensor(raced, dtype=torch.long, device=logits.device)
-            processed = processed[: len(raced)]
-    logits = logits[: len(token_ids)]
-    if logprobs_mode == "raw":
-        logprobs = logits.float().log_softmax(dim=-1)
-    elif processed is None:  # greedy: the processed distribution is a point mass
-        logprobs = torch.full_like(logits, float("-inf"), dtype=torch.float32)
-        logprobs.scatter_(-1, token_ids[:, None], 0.0)
-    else:
-        logprobs = processed.log_softmax(dim=-1)
-    chosen = logprobs.gather(-1, token_ids[:, None])[:, 0]
-    top = None
-    if params.top_logprobs > 0:
-        values, indices = logprobs.topk(min(params.top_logprobs, logprobs.shape[-1]), dim=-1)
-        top = [
-            dict(zip(row_ids, row_values, strict=True))
-            for row_ids, row_values in zip(indices.tolist(), values.tolist(), strict=True)
-        ]
-    return Sampled(token_ids.tolist(), chosen.tolist(), top)
-
-
-def _race_along(processed: Tensor, keys: npt.NDArray[np.uint64], draft: Sequence[int]) -> list[int]:
-    """The race's tokens of the rows up to the first that differs from the draft's (or the row
-    after the draft), raced in chunks of 1, 2, 4, ... rows: a few calls where drafts are
-    rejected early, without racing the rows after the rejection."""
-    tokens: list[int] = []
-    start, size = 0, 1
-    while start < len(processed):
-        stop = min(start + size, len(processed))
-        tokens += exponential_race(processed[start:stop], keys[start:stop]).tolist()
-        drawn = _accepted(tokens, draft) + 1
-        if drawn <= len(tokens):
-            return tokens[:drawn]
-        start, size = stop, 2 * size
-    return tokens
+            normaliser = block_logsumexp(dist, RACE_BLOCK, rows, scale).logsumexp(dim=-1)
+            picked = dist[rows[:, None], token_ids][:, 0].float() * scale
+            values = (picked - normaliser).tolist()
+        at = 0
+        for i in group:
+            chosen[i] = values[at : at + counts[i]]
+            if top:
+                k = min(spans[i].params.top_logprobs, logprobs.shape[-1])
+                top_values, top_ids = logprobs[at : at + counts[i]].topk(k, dim=-1)
+                pairs = zip(top_ids.tolist(), top_values.tolist(), strict=True)
+                tops[i] = [dict(zip(ids, row, strict=True)) for ids, row in pairs]
+            at += counts[i]
+    return [
+        Sampled(tokens, values, top)
+        for tokens, values, top in zip(drawn, chosen, tops, strict=True)
+    ]
 
 
 def _accepted(token_ids: Sequence[int], draft: Sequence[int]) -> int:

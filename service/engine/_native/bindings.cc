@@ -1,13 +1,16 @@
 // Python bindings of the engine's CPU kernels (service.engine._kernels): the small-batch
-// matmul (small_gemm.cc) and ragged attention (ragged_attention.cc). Shapes are checked here;
+// matmul (small_gemm.cc), ragged attention (ragged_attention.cc) and the sampler's block
+// log-sum-exp (block_logsumexp.cc). Shapes are checked here;
 // the kernels run without the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 
+#include "block_logsumexp.h"
 #include "ragged_attention.h"
 #include "small_gemm.h"
 
@@ -68,10 +71,31 @@ void attention(Tokens q, Cache k, Cache v, OutTokens out, Chunks chunks, float s
   das::ragged_attention(a, threads);
 }
 
+using Index = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+void block_logsumexp(Matrix x, Index index, float scale, OutMatrix out, int64_t block,
+                     int threads) {
+  if (!das::cpu_supported())
+    throw std::runtime_error("block_logsumexp needs a CPU with AVX2 and FMA");
+  const int64_t rows = int64_t(index.shape(0)), cols = int64_t(x.shape(1));
+  if (block < 1) throw std::invalid_argument("block must be >= 1");
+  if (!(scale > 0.0f) || !std::isfinite(scale)) throw std::invalid_argument("scale must be > 0");
+  if (int64_t(out.shape(0)) != rows || int64_t(out.shape(1)) != (cols + block - 1) / block)
+    throw std::invalid_argument("out must be [index rows, ceil(x cols / block)]");
+  const int64_t* rows_of = index.data();
+  for (int64_t i = 0; i < rows; ++i)
+    if (rows_of[i] < 0 || rows_of[i] >= int64_t(x.shape(0)))
+      throw std::invalid_argument("an index is out of x's rows");
+  if (threads < 1) throw std::invalid_argument("threads must be >= 1");
+  const das::BlockLogsumexp a{x.data(), rows_of, out.data(), rows, cols, block, scale};
+  nb::gil_scoped_release release;
+  das::block_logsumexp(a, threads);
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
-  m.doc() = "The engine's CPU kernels: small-batch matmul and ragged attention.";
+  m.doc() = "The engine's CPU kernels: small-batch matmul, ragged attention, block log-sum-exp.";
   m.def("available", &das::cpu_supported,
         "True where this CPU can run the kernels (AVX2 and FMA).");
   m.def("has_avx512", &das::cpu_has_avx512,
@@ -89,4 +113,10 @@ NB_MODULE(_kernels, m) {
         "out [T, heads, dim] = each chunk's causal attention over its slot's cache k, v "
         "[slots, kv_heads, max_len, dim]; chunks [n, 4] int64 rows (offset, slot, start, "
         "size): tokens offset.. of q, cached at start.. of slot (float32, C-contiguous).");
+  m.def("block_logsumexp", &block_logsumexp, nb::arg("x").noconvert(),
+        nb::arg("index").noconvert(), nb::arg("scale"), nb::arg("out").noconvert(),
+        nb::arg("block"), nb::arg("threads"),
+        "out [n, ceil(cols / block)] = the log-sum-exp of each block of `block` columns of "
+        "scale * x[index[i]] (x [rows, cols] float32, index [n] int64, both C-contiguous; "
+        "the last block partial; -inf where all are -inf).");
 }

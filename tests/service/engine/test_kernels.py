@@ -181,3 +181,37 @@ def test_attention_rejects_bad_shapes() -> None:
         call([], out=torch.empty(2, 4, 16))
     with pytest.raises(TypeError):  # never a hidden copy
         call([], k=torch.randn(2, 8, 2, 16).transpose(1, 2))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cols, block", [(49152, 256), (700, 256), (37, 8), (5, 16)])
+def test_block_logsumexp_matches_torch(cols: int, block: int, threads: int) -> None:
+    """Each block's log-sum-exp of scale * x[index[i]] as torch computes it (rows picked in any
+    order and repeated, a last partial block, -inf entries and a block of -inf only), and a
+    row's values the same whatever rows come with it."""
+    x = torch.randn(6, cols, generator=torch.Generator().manual_seed(cols)) * 4
+    x[1, : block + 3] = float("-inf")  # the first block filtered, the second partly
+    x[2, -2:] = -200.0  # far below the rest of its block
+    index = torch.tensor([4, 1, 1, 2, 0])
+    blocks = -(-cols // block)
+    out = torch.empty(len(index), blocks)
+    _kernels.block_logsumexp(x, index, 0.7, out, block, threads)
+    padded = F.pad(x[index] * 0.7, (0, blocks * block - cols), value=float("-inf"))
+    expected = padded.view(len(index), blocks, block).logsumexp(dim=-1)
+    assert torch.equal(out.isinf(), expected.isinf())
+    assert out[1, 0] == float("-inf")
+    finite = expected.isfinite()
+    assert torch.allclose(out[finite], expected[finite], rtol=1e-6, atol=1e-5)
+    alone = torch.empty(1, blocks)
+    _kernels.block_logsumexp(x, torch.tensor([2]), 0.7, alone, block, threads)
+    assert torch.equal(alone[0], out[3])
+
+
+def test_block_logsumexp_checks_its_arguments() -> None:
+    x, out = torch.zeros(2, 8), torch.empty(1, 1)
+    with pytest.raises(ValueError, match="out of x's rows"):
+        _kernels.block_logsumexp(x, torch.tensor([2]), 1.0, out, 8, 1)
+    with pytest.raises(ValueError, match="scale"):
+        _kernels.block_logsumexp(x, torch.tensor([0]), 0.0, out, 8, 1)
+    with pytest.raises(ValueError, match="out must be"):
+        _kernels.block_logsumexp(x, torch.tensor([0]), 1.0, torch.empty(1, 2), 8, 1)

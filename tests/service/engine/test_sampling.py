@@ -6,10 +6,12 @@ import torch
 
 from service.engine.sampling import (
     RACE_BLOCK,
+    Span,
     exponential_race,
     position_keys,
     processed_logits,
     sample,
+    sample_spans,
     splitmix64,
 )
 from service.worker import SamplingParams
@@ -217,3 +219,39 @@ def test_a_draft_stops_the_draws_at_its_first_rejected_token(
         assert cut.logprobs == full.logprobs[:drawn]
         expected_top = None if full.top_logprobs is None else full.top_logprobs[:drawn]
         assert cut.top_logprobs == expected_top
+
+
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+def test_sample_spans_equals_sample_per_span(mode: str) -> None:
+    """One call for many samples' rows (greedy and sampled, other top-k / top-p / top
+    logprobs, drafts cut anywhere, in any order) draws each span's tokens, logprobs and top
+    logprobs exactly as sample() on its rows alone."""
+    kinds = [
+        SAMPLED,
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2),
+    ]
+    rng = np.random.default_rng(4)
+    for trial in range(12):
+        logits = logits_rows(48, vocab=600, seed=trial)  # the race's blocks: 3, one partial
+        spans, expected = [], []
+        start = 0
+        while start < len(logits):
+            rows = min(int(rng.integers(1, 7)), len(logits) - start)
+            params = kinds[int(rng.integers(len(kinds)))]
+            seed, index, position = int(rng.integers(2**63)), int(rng.integers(8)), start * 7
+            mine = logits[start : start + rows]
+            draft = None
+            if rng.random() < 0.8:  # a draft agreeing with the draws for a while, then not
+                full = sample(mine, params, seed, index, position, mode)  # type: ignore[arg-type]
+                agree = int(rng.integers(0, rows))
+                draft = full.token_ids[:agree] + [(t + 1) % 600 for t in full.token_ids[agree:]]
+                draft = draft[: rows - 1]
+            spans.append(Span(start, rows, params, seed, index, position, draft))
+            expected.append(sample(mine, params, seed, index, position, mode, draft))  # type: ignore[arg-type]
+            start += rows
+        order = rng.permutation(len(spans)).tolist()
+        drawn = sample_spans(logits, [spans[i] for i in order], mode)  # type: ignore[arg-type]
+        assert [drawn[order.index(i)] for i in range(len(spans))] == expected
+        assert any(len(e.token_ids) > 1 for e in expected)  # some drafts were accepted
