@@ -145,8 +145,8 @@ def processed_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     temperature, then top-k, then top-p (the smallest set of most likely tokens whose mass
     reaches top_p; ties at the boundary are kept); filtered tokens are -inf."""
     scaled = logits.float()
-    if params.temperature != 1.0:  # x / 1.0 is x: no copy
-        scaled = scaled / params.temperature
+    if params.temperature != 1.0:  # times 1 / T, as the race scales unfiltered rows in place
+        scaled = scaled * (1.0 / params.temperature)
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
         kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
