@@ -7,6 +7,7 @@ import torch
 from service.engine.sampling import (
     RACE_BLOCK,
     Span,
+    block_logsumexp,
     exponential_race,
     position_keys,
     processed_logits,
@@ -255,3 +256,17 @@ def test_sample_spans_equals_sample_per_span(mode: str) -> None:
         drawn = sample_spans(logits, [spans[i] for i in order], mode)  # type: ignore[arg-type]
         assert [drawn[order.index(i)] for i in range(len(spans))] == expected
         assert any(len(e.token_ids) > 1 for e in expected)  # some drafts were accepted
+
+
+def test_block_logsumexp_torch_path_matches_the_kernels() -> None:
+    """The torch path (any logits but float32 on a CPU: a GPU's, or bf16) gives what the native
+    kernel gives on this CPU (or, where it has no kernel, itself): rows picked, scaled, a last
+    partial block, a block of -inf only."""
+    x = logits_rows(5, vocab=700, seed=9)
+    x[2, :256] = float("-inf")
+    rows = torch.tensor([3, 2, 0])
+    native = block_logsumexp(x, RACE_BLOCK, rows, 1 / 0.7)
+    torch_path = block_logsumexp(x.double(), RACE_BLOCK, rows, 1 / 0.7)
+    assert native.shape == torch_path.shape == (3, 3)
+    assert native[1, 0] == torch_path[1, 0] == float("-inf")
+    assert torch.allclose(native[:, 1:], torch_path[:, 1:].float(), rtol=1e-6, atol=1e-5)
