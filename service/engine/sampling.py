@@ -317,12 +317,15 @@ def _filters(params: SamplingParams, vocab: int) -> bool:
 _Processing = tuple[float, int, float]
 
 
+def _processing(params: SamplingParams) -> _Processing:
+    return params.temperature, params.top_k, params.top_p
+
+
 def _by_processing(spans: Sequence[Span], members: Sequence[int]) -> dict[_Processing, list[int]]:
     """The spans grouped by what processed_logits does to their rows."""
     groups: dict[_Processing, list[int]] = {}
     for i in members:
-        params = spans[i].params
-        groups.setdefault((params.temperature, params.top_k, params.top_p), []).append(i)
+        groups.setdefault(_processing(spans[i].params), []).append(i)
     return groups
 
 
@@ -336,10 +339,9 @@ def _with_logprobs(
     counts = [len(tokens) for tokens in drawn]
     groups: dict[tuple[_Processing | None, bool], list[int]] = {}
     for i, span in enumerate(spans):
-        params = span.params
         # Raw logprobs do not depend on the params.
-        processing = None if mode == "raw" else (params.temperature, params.top_k, params.top_p)
-        groups.setdefault((processing, params.top_logprobs > 0), []).append(i)
+        processing = None if mode == "raw" else _processing(span.params)
+        groups.setdefault((processing, span.params.top_logprobs > 0), []).append(i)
     chosen: list[list[float]] = [[] for _ in spans]
     tops: list[list[dict[int, float]] | None] = [None] * len(spans)
     vocab = logits.shape[1]
