@@ -411,14 +411,20 @@ class ClosedFormRule:
 # -- the per-token rule (das) --------------------------------------------------------------
 
 
-def token_floors(remaining: Sequence[float], cost: CostModel) -> list[float]:
+def token_floors(
+    remaining: Sequence[float], cost: CostModel, refunded: bool = False
+) -> list[float]:
     """The least acceptance chance a draft token of each request must have to pay for itself:
     c_tok / (w_i * t_step), with w_i = l_i / sum_j l_j its chance of being the request the batch
-    waits for and t_step = c_base + c_tok * (live requests), as in marginal_budgets."""
+    waits for and t_step = c_base + c_tok * (live requests), as in marginal_budgets. refunded:
+    for a token whose acceptance also saves the request computing it in a later step
+    (MatchRule's refund), c_tok / (w_i * t_step + c_tok)."""
     if any(length <= 0 for length in remaining):
         raise ValueError("remaining lengths must be > 0")
     total = sum(remaining)
     step = cost.step_time(len(remaining))
+    if refunded:
+        return [cost.c_tok / (length / total * step + cost.c_tok) for length in remaining]
     return [cost.c_tok * total / (length * step) for length in remaining]
 
 
@@ -465,15 +471,32 @@ class MatchRule:
     the calibrator learns from it. A deeper position's estimate starts from the one before it,
     discounted; where a request's floor is above that (a CPU's small batches: 0.6-0.8), the
     deeper cells were never tried, so never learned, and drafts the target took whole were cut
-    to a token or two (the greedy trace's first epoch)."""
+    to a token or two (the greedy trace's first epoch).
+
+    Refunds (refund_chance; None: none): an accepted draft token is one its request would
+    otherwise compute as its own token in a later step, so under a linear cost it costs only
+    when rejected, (1 - p) * c_tok, not c_tok. A token whose chance is at least refund_chance
+    is worth p * c_tok more (its value p * (w_i * t_step + c_tok)). Below it the refund is not
+    counted: there the calibrator's chances ran above what was accepted (replaying the T = 1.0
+    trace, tokens given 0.4-0.6 were accepted 41-45% of the time), and with w_i spread over
+    rollouts that were never the one the batch waited for, refunding them drafted 4x the
+    tokens at a 2% loss; on the greedy trace, where drafts are near-certain, the refund let
+    every rollout draft them whole, as the oracle does."""
 
     uses_length_classes = False
 
-    def __init__(self, calibrator: DraftCalibrator, probe_chance: float | None = None) -> None:
-        if probe_chance is not None and not 0.0 < probe_chance <= 1.0:
-            raise ValueError(f"probe_chance must be in (0, 1] or None, got {probe_chance}")
+    def __init__(
+        self,
+        calibrator: DraftCalibrator,
+        probe_chance: float | None = None,
+        refund_chance: float | None = None,
+    ) -> None:
+        for name, chance in (("probe_chance", probe_chance), ("refund_chance", refund_chance)):
+            if chance is not None and not 0.0 < chance <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1] or None, got {chance}")
         self.calibrator = calibrator
         self.probe_chance = probe_chance
+        self.refund_chance = refund_chance
         # The last trim()'s drafts, and the rows (in it) of those it kept a part of by id()
         # of their request's view (the views are kept with them, so each id stays its own),
         # until observed or the next trim().
@@ -493,6 +516,9 @@ class MatchRule:
     ) -> list[int]:
         self.calibrator.tick()  # a verify step: older evidence weighs less
         floors = np.asarray(token_floors(remaining, cost))
+        if self.refund_chance is not None:  # a token at least refund_chance likely may pay less
+            refunded = np.asarray(token_floors(remaining, cost, refunded=True))
+            floors = np.minimum(floors, np.maximum(refunded, self.refund_chance))
         if len(cost.steps) > len(remaining):
             # The measured steps reach past the batch's own tokens, where a draft token may
             # cost less than c_tok: only a token no chance pays for is ruled out.
@@ -581,6 +607,8 @@ class MatchRule:
         lengths = np.asarray(remaining, dtype=np.float64)[drafted_rows]
         # As the marginal rule's value with `chance` for rate ** n, in the same float order.
         value = chance * lengths[rows] / sum(remaining) * cost.step_time(len(remaining))
+        if self.refund_chance is not None:  # and the compute an accepted token saves
+            value += np.where(chance >= self.refund_chance, chance * cost.c_tok, 0.0)
         order = np.argsort(-value, kind="stable")
         taken = order[: paying_count(value[order], len(remaining), cost)]
         # A chain keeps a prefix: its values do not grow along it, and on a tie the stable

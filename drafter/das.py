@@ -74,6 +74,10 @@ class DasConfig:
     # likely, may be valued at its hope: the lesser of its parent's chance and its own
     # evidence's optimistic estimate (MatchRule's probes; None: none)
     probe_chance: float | None = 0.9
+    # match: a token at least this likely to be accepted is priced at what its rejection
+    # costs, (1 - chance) * c_tok: accepted, it saves its request computing it later
+    # (MatchRule's refunds; None: every token costs c_tok)
+    refund_chance: float | None = 0.9
 
     def __post_init__(self) -> None:
         if self.rule not in DAS_RULES:
@@ -120,6 +124,7 @@ RULES: dict[str, Callable[[DasConfig], BudgetRule]] = {
             c.position_discount,
         ),
         c.probe_chance,
+        c.refund_chance,
     ),
 }
 

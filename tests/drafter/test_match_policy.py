@@ -531,6 +531,37 @@ def test_token_floors_follow_the_batch_share_and_step_time() -> None:
     assert budgets[0] == 0 and budgets[-1] == 16
 
 
+@pytest.mark.parametrize("refund_chance", [None, 0.9, 0.99])
+def test_a_likely_token_is_priced_at_what_its_rejection_costs(refund_chance: float | None) -> None:
+    # Two requests, 1 and 19 tokens left: the short one is the one the batch waits for with
+    # chance w = 0.05, in a 0.11 s step, so a token of it saves w * t_step * p = 0.0055 * p,
+    # less than c_tok even when certain. Accepted, it also saves computing it later (c_tok * p):
+    # with the refund, a token at least refund_chance likely pays while p >= 0.01 / 0.0155.
+    cost = CostModel(0.09, 0.01)
+    rule = MatchRule(DraftCalibrator(1.0, 1.0, 1.0, 0.0, 1.0), refund_chance=refund_chance)
+    remaining = [1.0, 19.0]
+    views = [RequestView("g", 0), RequestView("g", 5)]
+    budgets = rule.budgets(["g", "g"], remaining, [], cost, 16)
+    # Priors of the chain's bins: 1.0, 0.95, 0.525 (the running minimum, each token's chance).
+    short, long = rule.trim(
+        views, [_chain([1.0, 0.9, 0.5]), _chain([1.0, 0.9, 0.5])], remaining, cost
+    )
+    assert len(long) == 3  # 0.95 * 0.11 * 0.525 >= 0.01 with or without the refund
+    refunded = {None: 0, 0.9: 2, 0.99: 1}[refund_chance]  # the tokens at least that likely
+    assert len(short) == refunded
+    assert (budgets[0] > 0) == (refund_chance is not None)
+    floors = token_floors(remaining, cost, refunded=True)
+    assert floors[0] == pytest.approx(0.01 / (0.05 * 0.11 + 0.01))
+    assert floors[1] == pytest.approx(0.01 / (0.95 * 0.11 + 0.01))
+
+
+def test_refund_chance_is_checked() -> None:
+    with pytest.raises(ValueError, match="refund_chance"):
+        MatchRule(DraftCalibrator(1.0, 1.0, 1.0, 0.0), refund_chance=0.0)
+    with pytest.raises(ValueError, match="refund_chance"):
+        DasConfig(refund_chance=1.5)
+
+
 # -- wiring: names, the speculation core and the simulator ---------------------------------
 
 
