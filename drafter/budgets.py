@@ -411,20 +411,16 @@ class ClosedFormRule:
 # -- the per-token rule (das) --------------------------------------------------------------
 
 
-def token_floors(
-    remaining: Sequence[float], cost: CostModel, refunded: bool = False
-) -> list[float]:
+def token_floors(remaining: Sequence[float], cost: CostModel) -> list[float]:
     """The least acceptance chance a draft token of each request must have to pay for itself:
     c_tok / (w_i * t_step), with w_i = l_i / sum_j l_j its chance of being the request the batch
-    waits for and t_step = c_base + c_tok * (live requests), as in marginal_budgets. refunded:
-    for a token whose acceptance also saves the request computing it in a later step
-    (MatchRule's refund), c_tok / (w_i * t_step + c_tok)."""
+    waits for and t_step = c_base + c_tok * (live requests), as in marginal_budgets. (For a
+    token whose acceptance also saves computing it later, MatchRule's refund, the floor f
+    becomes c_tok / (w_i * t_step + c_tok) = f / (1 + f).)"""
     if any(length <= 0 for length in remaining):
         raise ValueError("remaining lengths must be > 0")
     total = sum(remaining)
     step = cost.step_time(len(remaining))
-    if refunded:
-        return [cost.c_tok / (length / total * step + cost.c_tok) for length in remaining]
     return [cost.c_tok * total / (length * step) for length in remaining]
 
 
@@ -517,7 +513,7 @@ class MatchRule:
         self.calibrator.tick()  # a verify step: older evidence weighs less
         floors = np.asarray(token_floors(remaining, cost))
         if self.refund_chance is not None:  # a token at least refund_chance likely may pay less
-            refunded = np.asarray(token_floors(remaining, cost, refunded=True))
+            refunded = floors / (1.0 + floors)  # c_tok / (w * t_step + c_tok)
             floors = np.minimum(floors, np.maximum(refunded, self.refund_chance))
         if len(cost.steps) > len(remaining):
             # The measured steps reach past the batch's own tokens, where a draft token may

@@ -550,7 +550,8 @@ def test_a_likely_token_is_priced_at_what_its_rejection_costs(refund_chance: flo
     refunded = {None: 0, 0.9: 2, 0.99: 1}[refund_chance]  # the tokens at least that likely
     assert len(short) == refunded
     assert (budgets[0] > 0) == (refund_chance is not None)
-    floors = token_floors(remaining, cost, refunded=True)
+    # The refunded floor, f / (1 + f) of the floor f, is c_tok / (w * t_step + c_tok).
+    floors = [f / (1 + f) for f in token_floors(remaining, cost)]
     assert floors[0] == pytest.approx(0.01 / (0.05 * 0.11 + 0.01))
     assert floors[1] == pytest.approx(0.01 / (0.95 * 0.11 + 0.01))
 
