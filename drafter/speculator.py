@@ -96,6 +96,7 @@ class SpecRequest:
 
 
 _KEY = attrgetter("key")
+_NO_DRAFT = Draft()  # the draft of a row whose budget is 0 (shared: a Draft is not changed)
 
 
 class Speculator:
@@ -177,8 +178,18 @@ class Speculator:
         ]
         if min(sizes) < 0:  # a cap below 0 (nothing left to generate): no draft
             sizes = [max(0, size) for size in sizes]
-        # One native call for the whole step.
-        drafts = self.source.speculate_batch(list(map(_KEY, requests)), sizes)
+        # One native call for the whole step, over the rows that draft (a step where das's
+        # budgets give most rows nothing, a CPU's at T = 1.0, skips building their empty drafts).
+        drafting = [row for row, size in enumerate(sizes) if size]
+        if len(drafting) == len(sizes):
+            drafts = self.source.speculate_batch(list(map(_KEY, requests)), sizes)
+        else:
+            drafts = [_NO_DRAFT] * len(sizes)
+            if drafting:
+                keys = [requests[row].key for row in drafting]
+                some = self.source.speculate_batch(keys, [sizes[row] for row in drafting])
+                for row, draft in zip(drafting, some, strict=True):
+                    drafts[row] = draft
         if self._trimmer is not None:
             drafts = self._trimmer.trim(views, drafts)
         for request, draft in zip(requests, drafts, strict=True):

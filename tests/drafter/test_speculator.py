@@ -120,6 +120,35 @@ def test_max_draft_caps_every_draft_and_zero_turns_drafting_off() -> None:
     assert not _core(FixedPolicy(8), max_draft=0)[0].drafting
 
 
+class ScriptedPolicy(FixedPolicy):
+    """Each row's budget from a script, in row order."""
+
+    def __init__(self, budgets: list[int]) -> None:
+        super().__init__(max(budgets))
+        self.script = budgets
+
+    def budgets(self, requests: Sequence[RequestView]) -> list[int]:
+        return list(self.script)
+
+
+@pytest.mark.parametrize(
+    "budgets", [[0, 3, 0, 5, 2], [4, 4, 4, 4, 4], [0, 0, 0, 0, 7], [2, 0, 0, 0, 0]]
+)
+def test_rows_without_a_budget_get_no_draft_and_the_others_their_own(budgets: list[int]) -> None:
+    core, _ = _core(ScriptedPolicy(budgets))
+    # Requests at different points of the stored answer, so every row's draft is its own.
+    requests = [core.start(f"r{i}", "g", PROMPT) for i in range(len(budgets))]
+    for i, request in enumerate(requests):
+        core.extend(request, ANSWER[:i], drafted=0, accepted=0)
+    drafts = core.drafts(requests, [16] * len(requests))
+    expected = [
+        core.history.speculate(request.key, budget) if budget else Draft()
+        for request, budget in zip(requests, budgets, strict=True)
+    ]
+    assert drafts == expected
+    assert [len(d) for d in drafts] == [min(b, len(ANSWER) - i) for i, b in enumerate(budgets)]
+
+
 def test_das_reports_the_length_class_predicted_before_the_request_ran() -> None:
     history = RolloutHistory(DrafterConfig(max_depth=8))
     core = Speculator(history, DasPolicy(SMOLLM2_CPU))
