@@ -213,9 +213,13 @@ class LiveStepCost:
     batch size), E its c_tok times the draft tokens; a and b by least squares over the class's
     recent steps (each step's weight halving after LIVE_HALF_LIFE_STEPS more), held toward 1 by
     LIVE_PRIOR_STEPS steps' worth of the calibration (module constants). at(rows) is the
-    calibration's line at that batch size with its step scaled by a and its token price by b;
-    a class not yet timed keeps the calibration as it is (with one request's steps,
-    CostModel.steps)."""
+    calibration's line at that batch size with its step scaled by a and its token price by b,
+    and one request's steps (CostModel.steps) scaled by a: a line cannot learn where the matmul
+    changes kernels, and the steps can (on an Intel Xeon here a forward of 13 tokens took 83
+    ms against 62 for 12, the native kernel's last row count; priced by the line alone, das
+    drafted past that step in batches of 8-15 rows, and a replay planned that way ran 1.9%
+    slower at T = 1.0 and 2.6% at T = 0.7, README "Cost model"). A class not yet timed keeps
+    the calibration as it is."""
 
     def __init__(
         self,
@@ -274,7 +278,8 @@ class LiveStepCost:
             return local
         a, b = self.scales(rows)
         c_tok = local.c_tok * b
-        return CostModel(max(a * local.step_time(rows) - c_tok * rows, 1e-9), c_tok)
+        steps = tuple(a * seconds for seconds in local.steps)
+        return CostModel(max(a * local.step_time(rows) - c_tok * rows, 1e-9), c_tok, steps)
 
     def to_json(self) -> list[dict[str, float]]:
         """As CostCurve.to_json, each calibrated row count's line as re-timed so far, with

@@ -151,10 +151,27 @@ def test_a_live_cost_is_the_calibration_until_timed_then_its_line_while_they_agr
         live.observe(1, tokens, _CALIBRATED.at(1).step_time(tokens))
     assert live.scales(1) == pytest.approx((1.0, 1.0), abs=1e-9)
     assert live.timed_steps == 5
-    # Timed, one request's steps as calibrated (CostModel.steps) give way to the timed line.
+    # Timed, the line and one request's steps as calibrated (CostModel.steps) at a = 1.
     line = live.at(1)
-    assert (line.c_base, line.c_tok) == pytest.approx((0.040, 0.004)) and line.steps == ()
-    assert _CALIBRATED.at(1).steps and live.at(2) == _CALIBRATED.at(2)
+    assert (line.c_base, line.c_tok) == pytest.approx((0.040, 0.004))
+    assert line.steps == pytest.approx(_CALIBRATED.steps)
+    assert live.at(2) == _CALIBRATED.at(2)
+
+
+def test_a_timed_class_keeps_the_kernel_step_of_one_requests_steps_scaled_by_its_step() -> None:
+    # One request's steps jump at 4 tokens (a matmul changing kernels), which no line can say.
+    calibrated = CostCurve(((1, CostModel(0.040, 0.004)),), (0.044, 0.047, 0.050, 0.075))
+    live = LiveStepCost(calibrated, prior_steps=0.01)
+    for step in range(200):  # the machine runs 1.5x slower than at start-up
+        tokens = 1 + step % 3
+        live.observe(1, tokens, 1.5 * calibrated.at(1).step_time(tokens))
+    a, _ = live.scales(1)
+    assert a == pytest.approx(1.5, rel=0.01)
+    learned = live.at(1)
+    assert learned.steps == pytest.approx(tuple(a * t for t in calibrated.steps))
+    # The third draft token of a lone request crosses the jump and costs what it scaled to.
+    assert learned.draft_cost(1, 3) - learned.draft_cost(1, 2) == pytest.approx(a * 0.025)
+    assert learned.draft_cost(1, 3) > 3 * learned.c_tok
 
 
 @settings(max_examples=60, deadline=None)
@@ -178,10 +195,18 @@ def test_a_live_cost_learns_what_a_batch_size_and_its_draft_tokens_cost(
         assert learned.step_time(rows) == pytest.approx(fit_a * calibrated.step_time(rows))
     else:  # a line cannot price the rows' own tokens at b x c_tok within a x the step
         assert learned.c_base == 1e-9
+    steps = len(calibrated.steps)  # one request's steps, scaled by a, price up to them
+    assert learned.steps == pytest.approx(tuple(fit_a * t for t in calibrated.steps))
     for drafted in (1, 3, rows, 3 * rows):
-        assert learned.draft_cost(rows, drafted) == pytest.approx(
-            b * calibrated.c_tok * drafted, rel=0.02
+        expected = (
+            fit_a * (calibrated.steps[rows + drafted - 1] - calibrated.steps[rows - 1])
+            if rows + drafted <= steps
+            else b * calibrated.c_tok * drafted
+            if rows >= steps
+            else None  # partly each: CostModel's own tests
         )
+        if expected is not None:
+            assert learned.draft_cost(rows, drafted) == pytest.approx(expected, rel=0.02)
     # Each row class learns alone: one request's steps say nothing of 16 rows' and back.
     other = 16 if rows < 8 else 1
     assert live.scales(other) == (1.0, 1.0) and live.at(other) == _CALIBRATED.at(other)
