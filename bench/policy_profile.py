@@ -61,14 +61,13 @@ def timers(targets: Sequence[tuple[str, str, str]] = TARGETS) -> Iterator[dict[s
             owner: Any = getattr(module, owner_name) if owner_name else module
             label = f"{owner_name or module_name}.{attribute}"
             timing = timings.setdefault(label, Timing())
-            own = attribute in vars(owner)  # else inherited: remove the wrapper after
-            original = vars(owner)[attribute] if own else getattr(owner, attribute)
+            undo: Callable[[], None]
+            if attribute in vars(owner):  # its own: put it back after
+                undo = functools.partial(setattr, owner, attribute, vars(owner)[attribute])
+            else:  # inherited: remove the wrapper after
+                undo = functools.partial(delattr, owner, attribute)
             setattr(owner, attribute, _timed(getattr(owner, attribute), timing))
-            restore.append(
-                functools.partial(setattr, owner, attribute, original)
-                if own
-                else functools.partial(delattr, owner, attribute)
-            )
+            restore.append(undo)
         yield timings
     finally:
         for undo in reversed(restore):

@@ -82,7 +82,7 @@ from drafter.acceptance import (
     source_bins,
 )
 from drafter.cost import CostModel
-from drafter.draft import Draft
+from drafter.draft import NO_DRAFT, Draft
 from drafter.lengths import LengthClass
 
 FloatArray = npt.NDArray[np.float64]
@@ -616,7 +616,7 @@ class MatchRule:
         for row in np.flatnonzero(kept != sizes).tolist():  # the drafts cut
             draft = drafting[row]
             if not kept[row]:
-                out[at_rows[row]] = _EMPTY
+                out[at_rows[row]] = NO_DRAFT
             elif row in is_tree:
                 at = first[row]
                 out[at_rows[row]] = trim_draft(draft, kept_tokens[at : at + len(draft)].tolist())
@@ -758,9 +758,6 @@ def _tree_depths(draft: Draft) -> list[int]:
     for parent in draft.parents:
         depth.append(0 if parent < 0 else depth[parent] + 1)
     return depth
-
-
-_EMPTY = Draft()  # a draft cut to nothing
 
 
 def _chain_prefix(draft: Draft, count: int) -> Draft:

@@ -57,6 +57,11 @@ class Draft:
         return replace(self, source=source) if self.token_ids else self
 
 
+# The empty draft, shared by every row that drafts nothing (a Draft is never changed after it
+# is made).
+NO_DRAFT = Draft()
+
+
 def as_token_array(tokens: Tokens) -> TokenArray:
     """Tokens as a contiguous int32 array; ValueError for anything that is not one."""
     if (

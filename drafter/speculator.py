@@ -24,7 +24,7 @@ from operator import attrgetter
 from typing import Protocol
 
 from drafter.cost import CostCurve, LiveStepCost
-from drafter.draft import Draft, Tokens, as_token_array
+from drafter.draft import NO_DRAFT, Draft, Tokens, as_token_array
 from drafter.history import RolloutHistory
 from drafter.policy import Policy, RequestView, trimmer
 from drafter.suffix_decoding import SuffixPolicy
@@ -96,7 +96,6 @@ class SpecRequest:
 
 
 _KEY = attrgetter("key")
-_NO_DRAFT = Draft()  # the draft of a row whose budget is 0 (shared: a Draft is not changed)
 
 
 class Speculator:
@@ -163,7 +162,7 @@ class Speculator:
         if len(max_draft) != len(requests):
             raise ValueError("need one max_draft per request")
         if not self.drafting or not requests:
-            return [Draft() for _ in requests]
+            return [NO_DRAFT] * len(requests)
         views = [request.view for request in requests]
         if self.cost_curve is not None and len(requests) != self._priced_rows:
             self.policy.reprice(self.cost_curve.at(len(requests)))
@@ -184,7 +183,7 @@ class Speculator:
         if len(drafting) == len(sizes):
             drafts = self.source.speculate_batch(list(map(_KEY, requests)), sizes)
         else:
-            drafts = [_NO_DRAFT] * len(sizes)
+            drafts = [NO_DRAFT] * len(sizes)
             if drafting:
                 keys = [requests[row].key for row in drafting]
                 some = self.source.speculate_batch(keys, [sizes[row] for row in drafting])
