@@ -51,3 +51,30 @@ def extend_batch(
     tokens: Sequence[Sequence[int]],
     threads: int = 1,
 ) -> None: ...
+def cut_drafts(
+    sizes: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.float64],
+    match_lens: npt.NDArray[np.int64],
+    source_bins: npt.NDArray[np.int64],
+    parents: npt.NDArray[np.int64],
+    probs: npt.NDArray[np.float64],
+    binning: tuple[npt.NDArray[np.float64], int, int, int],
+    table: npt.NDArray[np.float64],
+    accepted: npt.NDArray[np.float64],
+    tried: npt.NDArray[np.float64],
+    total_remaining: float,
+    step_time: float,
+    c_tok: float,
+    refund_chance: float,
+    probe_chance: float,
+    draft_costs: npt.NDArray[np.float64],
+    past_steps: int,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.uint8]
+]: ...
+def paying_count(
+    values: npt.NDArray[np.float64],
+    draft_costs: npt.NDArray[np.float64],
+    past_steps: int,
+    c_tok: float,
+) -> int: ...

@@ -231,36 +231,15 @@ def source_bins(sources: Sequence[object]) -> IntArray:
     return np.fromiter(map(source_bin, sources), np.int64, len(sources))
 
 
-_PROB_EDGES_ASCENDING = np.asarray(_PROB_EDGES[::-1])
+# The binning of DraftCalibrator.cell, as the native cut (drafter._core.cut_drafts) takes it.
+CELL_BINNING = (np.asarray(_PROB_EDGES), _POSITION_BINS, _MATCH_BINS, _SOURCE_BINS)
 
 
 @functools.cache
 def _depth_bins(depths: int) -> IntArray:
-    """The position bin of each depth 0, 1, ..., depths - 1."""
-    return _capped_bit_length(np.arange(depths), _POSITION_BINS - 1)
-
-
-def _capped_bit_length(values: IntArray, cap: int) -> IntArray:
-    """min(cap, v.bit_length()) of each v >= 0: how many of 1, 2, 4, ..., 2 ** (cap - 1) are
-    <= v."""
-    return np.searchsorted(1 << np.arange(cap), values, side="right")
-
-
-def cell_array(
-    probs: npt.NDArray[np.float64],
-    positions: IntArray,
-    match_lens: IntArray,
-    source_bins: IntArray,
-) -> IntArray:
-    """DraftCalibrator.cell of many tokens at once (one per element; source_bins already
-    binned by source_bin)."""
-    at_or_below = np.searchsorted(_PROB_EDGES_ASCENDING, probs, side="right")
-    probability = np.clip(_PROB_BINS - at_or_below, 0, _PROB_BINS - 1)
-    position = _capped_bit_length(positions, _POSITION_BINS - 1)
-    match = _capped_bit_length(np.maximum(match_lens - 1, 0), _MATCH_BINS - 1)
-    return ((probability * _POSITION_BINS + position) * _MATCH_BINS + match) * _SOURCE_BINS + (
-        source_bins
-    )
+    """The position bin of each depth 0, 1, ..., depths - 1: min(4, depth.bit_length()),
+    how many of 1, 2, 4, 8 are <= depth."""
+    return np.searchsorted(1 << np.arange(_POSITION_BINS - 1), np.arange(depths), side="right")
 
 
 # observe_runs loops in Python up to this many tokens (numpy's fixed cost, about 15 us a call
@@ -351,16 +330,9 @@ class DraftCalibrator:
         best = np.minimum(self.table().reshape(self._tried.shape).max(axis=(0, 2, 3)), 1.0)
         return np.minimum.accumulate(best[_depth_bins(depths)])
 
-    def optimistic(self, cells: IntArray) -> npt.NDArray[np.float64]:
-        """Each cell's chance as its own evidence could still have it: one standard deviation
-        above the mean of Beta(1 + accepted, 1 + rejected) over its decayed counts alone (no
-        prior). About 0.79 for a cell never tried; it falls as rejections come in."""
-        accepted = self._accepted.reshape(-1)[cells]
-        a = 1.0 + accepted
-        b = 1.0 + np.maximum(self._tried.reshape(-1)[cells] - accepted, 0.0)
-        n = a + b
-        optimistic: npt.NDArray[np.float64] = a / n + np.sqrt(a * b / (n * n * (n + 1.0)))
-        return optimistic
+    def evidence(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Every cell's decayed (accepted, tried) counts, flat (index with cells()); views."""
+        return self._accepted.reshape(-1), self._tried.reshape(-1)
 
     def observe(self, cells: Sequence[int], accepted: int) -> None:
         """A chain drafted with these cells was verified and its first `accepted` tokens kept:

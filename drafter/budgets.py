@@ -70,13 +70,13 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from drafter import _core
 from drafter.acceptance import (
+    CELL_BINNING,
     Acceptance,
     AcceptanceEstimator,
     ContinuationRate,
     DraftCalibrator,
-    IntArray,
-    cell_array,
     check_step,
     fit_acceptance,
     source_bins,
@@ -220,19 +220,9 @@ def paying_count(values: Sequence[float] | FloatArray, live_tokens: int, cost: C
     least c_tok; where a measured step jumps (a CPU's matmul changing kernels), the tokens past
     the jump must pay for it together. Past the measured steps no token worth less than c_tok
     is taken, nor any after it."""
-    value = np.asarray(values, dtype=np.float64)
-    slack = 1e-9 * cost.c_tok  # a value exactly at the price is drafted
-    past_steps = max(len(cost.steps) - live_tokens, 0)  # beyond: c_tok a token
-    cheap = np.flatnonzero(value[past_steps:] < cost.c_tok - slack)
-    value = value[: past_steps + int(cheap[0])] if cheap.size else value
-    if not value.size:
-        return 0
-    counts = np.arange(1, value.size + 1)
-    net = np.cumsum(value) - cost.draft_costs(live_tokens, counts)
-    # A count is taken if its net is at least the best of every smaller count's (0: none).
-    best_before = np.maximum.accumulate(np.concatenate(([0.0], net[:-1])))
-    taken = np.flatnonzero(net >= best_before - slack)
-    return int(taken[-1]) + 1 if taken.size else 0
+    value = np.ascontiguousarray(values, dtype=np.float64)
+    costs = cost.draft_costs(live_tokens, np.arange(1, value.size + 1))
+    return int(_core.paying_count(value, costs, len(cost.steps) - live_tokens, cost.c_tok))
 
 
 def marginal_budgets(
@@ -462,12 +452,13 @@ class MatchRule:
     Probes (probe_chance; None: none): the first token of a path whose chance falls below
     probe_chance (in a tree, only a parent's first child: siblings cannot all be accepted) is
     valued at its hope instead where that is more: the lesser of its parent's chance and its
-    cell's optimistic estimate on its own evidence (DraftCalibrator.optimistic), so a draft
-    likely right so far is verified one token further while that token could still pay, and
-    the calibrator learns from it. A deeper position's estimate starts from the one before it,
-    discounted; where a request's floor is above that (a CPU's small batches: 0.6-0.8), the
-    deeper cells were never tried, so never learned, and drafts the target took whole were cut
-    to a token or two (the greedy trace's first epoch).
+    cell's optimistic estimate on its own evidence (one standard deviation above the mean of
+    Beta(1 + accepted, 1 + rejected) over its decayed counts alone: about 0.79 for a cell never
+    tried), so a draft likely right so far is verified one token further while that token could
+    still pay, and the calibrator learns from it. A deeper position's estimate starts from the
+    one before it, discounted; where a request's floor is above that (a CPU's small batches:
+    0.6-0.8), the deeper cells were never tried, so never learned, and drafts the target took
+    whole were cut to a token or two (the greedy trace's first epoch).
 
     Refunds (refund_chance; None: none): an accepted draft token is one its request would
     otherwise compute as its own token in a later step, so under a linear cost it costs only
@@ -540,14 +531,15 @@ class MatchRule:
         remaining: Sequence[float],
         cost: CostModel,
     ) -> list[Draft]:
-        """The step's drafts cut to the tokens that pay, in one pass over all their tokens
-        (numpy; hundreds of rows a step): each token's calibrated chance of acceptance (its
+        """The step's drafts cut to the tokens that pay, in one native call over all their
+        tokens (drafter/_native/pricing.cc; before it, about 80 numpy calls a step, each slow
+        right after a CPU forward): each token's calibrated chance of acceptance (its
         ancestors' included), its value, then paying_count over the whole step's tokens, best
-        first (a stable order: a token never before its parent). A draft cut to nothing is
-        the empty Draft(). Each kept draft's cells wait for observe_drafts."""
+        first (a stable order: a token never before its parent, so a chain keeps a prefix and
+        a tree every kept node's parent). A draft cut to nothing is the empty Draft(). Each
+        kept draft's cells wait for observe_drafts."""
         if not len(requests) == len(drafts) == len(remaining):
             raise ValueError("need one request, draft and remaining length per row")
-        calibrator = self.calibrator
         self._pending = {}
         sizes = np.fromiter(map(len, drafts), dtype=np.int64, count=len(drafts))
         count = int(sizes.sum())
@@ -558,60 +550,27 @@ class MatchRule:
         at_rows = drafted_rows.tolist()
         drafting = [drafts[row] for row in at_rows]
         sizes = sizes[drafted_rows]
-        rows_in = len(drafting)
-        # Every token of every draft in one array, row by row: its row, its index in its draft
-        # and its depth (a chain's index; a tree node's depth on its path).
-        starts = np.cumsum(sizes) - sizes
-        rows = np.repeat(np.arange(rows_in), sizes)
-        index = np.arange(count) - starts[rows]
-        parents = np.fromiter(
-            chain.from_iterable(draft.parents for draft in drafting), dtype=np.int64, count=count
+        live = len(remaining)
+        cells, kept_tokens, kept, tree_rows = _core.cut_drafts(
+            sizes,
+            np.asarray(remaining, dtype=np.float64)[drafted_rows],
+            np.fromiter((draft.match_len for draft in drafting), np.int64, len(drafting)),
+            source_bins([draft.source for draft in drafting]),
+            np.fromiter(chain.from_iterable(d.parents for d in drafting), np.int64, count),
+            np.fromiter(chain.from_iterable(d.probs for d in drafting), np.float64, count),
+            CELL_BINNING,
+            self.calibrator.table(),
+            *self.calibrator.evidence(),
+            total_remaining=sum(remaining),
+            step_time=cost.step_time(live),
+            c_tok=cost.c_tok,
+            refund_chance=self.refund_chance or 0.0,
+            probe_chance=self.probe_chance or 0.0,
+            draft_costs=cost.draft_costs(live, np.arange(1, count + 1)),
+            past_steps=len(cost.steps) - live,
         )
-        trees = np.unique(rows[parents != index - 1]).tolist()  # the drafts that are not chains
-        is_tree = set(trees)
-        first = starts.tolist()
-        depth = index.copy()
-        for row in trees:
-            depth[first[row] : first[row] + len(drafting[row])] = _tree_depths(drafting[row])
-        probs = np.fromiter(
-            chain.from_iterable(draft.probs for draft in drafting), dtype=np.float64, count=count
-        )
-        match_lens = np.fromiter((draft.match_len for draft in drafting), np.int64, rows_in)
-        sources = source_bins([draft.source for draft in drafting])
-        cells = cell_array(probs, depth, match_lens[rows], sources[rows])
-        own = np.minimum(calibrator.table()[cells], 1.0)
-        # The chance with its ancestors': along a chain, the running minimum (one padded row
-        # per draft); in a tree, the minimum with its parent's.
-        padded = np.ones((rows_in, int(sizes.max())))
-        padded[rows, index] = own
-        chance = np.minimum.accumulate(padded, axis=1)[rows, index]
-        # With probes, each token's parent as probes see it: along a chain the token before; in
-        # a tree a parent's first (most likely) child only; -1: none (a root).
-        probe_parent = None
-        if self.probe_chance is not None:
-            probe_parent = np.where(index > 0, np.arange(count) - 1, -1)
-        for row in trees:
-            at, seen = first[row], set()
-            for i, parent in enumerate(drafting[row].parents):
-                above = 1.0 if parent < 0 else chance[at + parent]
-                chance[at + i] = min(above, own[at + i])
-                if probe_parent is not None:
-                    probe_parent[at + i] = -1 if parent < 0 or parent in seen else at + parent
-                    seen.add(parent)
-        if probe_parent is not None:
-            chance = self._probed(chance, probe_parent, cells)
-        lengths = np.asarray(remaining, dtype=np.float64)[drafted_rows]
-        # As the marginal rule's value with `chance` for rate ** n, in the same float order.
-        value = chance * lengths[rows] / sum(remaining) * cost.step_time(len(remaining))
-        if self.refund_chance is not None:  # and the compute an accepted token saves
-            value += np.where(chance >= self.refund_chance, chance * cost.c_tok, 0.0)
-        order = np.argsort(-value, kind="stable")
-        taken = order[: paying_count(value[order], len(remaining), cost)]
-        # A chain keeps a prefix: its values do not grow along it, and on a tie the stable
-        # order puts the parent first. So does a tree's kept part hold every kept node's parent.
-        kept = np.bincount(rows[taken], minlength=rows_in)
-        kept_tokens = np.zeros(count, dtype=bool)
-        kept_tokens[taken] = True
+        first = (np.cumsum(sizes) - sizes).tolist()
+        is_tree = set(np.flatnonzero(tree_rows).tolist())
         out = list(drafts)
         for row in np.flatnonzero(kept != sizes).tolist():  # the drafts cut
             draft = drafting[row]
@@ -637,23 +596,6 @@ class MatchRule:
         )
         self._pending = {id(requests[at_rows[row]]): row for row in np.flatnonzero(kept).tolist()}
         return out
-
-    def _probed(self, chance: FloatArray, parent_at: IntArray, cells: IntArray) -> FloatArray:
-        """The chances with probes: a token below probe_chance whose parent (parent_at: its
-        index, -1 for none) is at least that likely gets its hope instead, if higher (the
-        lesser of its parent's chance and its cell's optimistic estimate). Its descendants keep
-        their own chances, so a draft gets at most one probe a path, and chances still do not
-        grow along a path."""
-        limit = self.probe_chance
-        assert limit is not None
-        above = np.where(parent_at >= 0, chance[parent_at], 0.0)
-        probes = np.flatnonzero((above >= limit) & (chance < limit))
-        if not probes.size:
-            return chance
-        hope = np.minimum(self.calibrator.optimistic(cells[probes]), above[probes])
-        probed = chance.copy()
-        probed[probes] = np.maximum(chance[probes], hope)
-        return probed
 
     def pending(self, request: object) -> tuple[list[int], Draft | None] | None:
         """The cells of what the last trim() kept of this request's draft (the same view
@@ -740,7 +682,7 @@ class _Trimmed:
     sizes: list[int]  # its draft's tokens
     kept: list[int]  # how many of them trim() kept
     cells: list[int]  # every drafted token's calibrator cell
-    kept_tokens: npt.NDArray[np.bool_]  # whether trim() kept it
+    kept_tokens: npt.NDArray[np.uint8]  # whether trim() kept it (1) or not (0)
     trees: set[int]  # the drafting rows whose drafts are trees
 
     def kept_cells(self, row: int) -> list[int]:
@@ -750,14 +692,6 @@ class _Trimmed:
             return self.cells[at : at + self.kept[row]]
         kept = np.flatnonzero(self.kept_tokens[at : at + self.sizes[row]]).tolist()
         return [self.cells[at + i] for i in kept]
-
-
-def _tree_depths(draft: Draft) -> list[int]:
-    """Each node's depth: its position on its path from the context."""
-    depth: list[int] = []
-    for parent in draft.parents:
-        depth.append(0 if parent < 0 else depth[parent] + 1)
-    return depth
 
 
 def _chain_prefix(draft: Draft, count: int) -> Draft:

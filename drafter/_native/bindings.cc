@@ -16,6 +16,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "batch.h"
+#include "pricing.h"
 #include "suffix_tree.h"
 
 namespace nb = nanobind;
@@ -350,6 +351,68 @@ void extend_batch(nb::sequence rows_in, nb::sequence tokens_in, int64_t threads)
   grow_trees(growths, threads);
 }
 
+
+using Doubles = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Int64s = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+template <class T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(std::vector<T>&& values) {
+  auto* owned = new std::vector<T>(std::move(values));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<1>>(owned->data(), {owned->size()}, owner);
+}
+
+// MatchRule.trim's arithmetic (pricing.h), its arrays checked against each other here.
+nb::tuple cut_drafts(Int64s sizes, Doubles lengths, Int64s match_lens, Int64s source_bins,
+                     Int64s parents, Doubles probs, nb::tuple binning, Doubles table,
+                     Doubles accepted, Doubles tried, double total_remaining, double step_time,
+                     double c_tok, double refund_chance, double probe_chance,
+                     Doubles draft_costs, int64_t past_steps) {
+  const size_t rows = sizes.shape(0), count = parents.shape(0);
+  if (lengths.shape(0) != rows || match_lens.shape(0) != rows || source_bins.shape(0) != rows)
+    throw nb::value_error("need a size, length, match length and source per row");
+  if (probs.shape(0) != count || draft_costs.shape(0) < count)
+    throw nb::value_error("need a probability per token and a draft cost per count");
+  const auto prob_edges = nb::cast<Doubles>(binning[0]);
+  drafter::Calibration calibration{prob_edges.data(),
+                                   int64_t(prob_edges.shape(0)),
+                                   nb::cast<int64_t>(binning[1]),
+                                   nb::cast<int64_t>(binning[2]),
+                                   nb::cast<int64_t>(binning[3]),
+                                   table.data(),
+                                   accepted.data(),
+                                   tried.data()};
+  const int64_t cells = calibration.prob_bins * calibration.position_bins *
+                        calibration.match_bins * calibration.source_bins;
+  if (calibration.prob_bins < 1 || calibration.position_bins < 1 || calibration.match_bins < 1 ||
+      cells < 1 || table.shape(0) != size_t(cells) || accepted.shape(0) != size_t(cells) ||
+      tried.shape(0) != size_t(cells))
+    throw nb::value_error("need an estimate and counts per cell");
+  for (size_t r = 0; r < rows; ++r) {
+    if (source_bins.data()[r] < 0 || source_bins.data()[r] >= calibration.source_bins)
+      throw nb::value_error("source bin out of range");
+  }
+  drafter::StepCut cut;
+  {
+    nb::gil_scoped_release release;
+    drafter::cut_drafts({sizes.data(), lengths.data(), match_lens.data(), source_bins.data(),
+                         rows, parents.data(), probs.data(), count},
+                        calibration,
+                        {total_remaining, step_time, c_tok, refund_chance, probe_chance,
+                         draft_costs.data(), past_steps},
+                        &cut);
+  }
+  return nb::make_tuple(to_numpy(std::move(cut.cells)), to_numpy(std::move(cut.kept)),
+                        to_numpy(std::move(cut.kept_per_row)), to_numpy(std::move(cut.tree_rows)));
+}
+
+size_t paying_count(Doubles values, Doubles draft_costs, int64_t past_steps, double c_tok) {
+  if (draft_costs.shape(0) < values.shape(0))
+    throw nb::value_error("need a draft cost per count");
+  return drafter::paying_count(values.data(), values.shape(0), draft_costs.data(), past_steps,
+                               c_tok);
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -388,4 +451,9 @@ NB_MODULE(_core, m) {
         "context_len"_a, "min_prob"_a, "tree"_a, "spec_factor"_a, "spec_offset"_a,
         "own_wins_ties"_a, "draft_type"_a, "source_names"_a);
   m.def("extend_batch", &extend_batch, "rows"_a, "tokens"_a, "threads"_a = 1);
+  m.def("cut_drafts", &cut_drafts, "sizes"_a, "lengths"_a, "match_lens"_a, "source_bins"_a,
+        "parents"_a, "probs"_a, "binning"_a, "table"_a, "accepted"_a, "tried"_a,
+        "total_remaining"_a, "step_time"_a, "c_tok"_a, "refund_chance"_a, "probe_chance"_a,
+        "draft_costs"_a, "past_steps"_a);
+  m.def("paying_count", &paying_count, "values"_a, "draft_costs"_a, "past_steps"_a, "c_tok"_a);
 }

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drafter import DrafterConfig, RolloutHistory
+from drafter import DrafterConfig, RolloutHistory, _core
 from drafter.acceptance import (
+    CELL_BINNING,
     DraftCalibrator,
-    cell_array,
     match_bin,
     position_bin,
     prob_bin,
@@ -117,30 +117,6 @@ def test_calibrator_matches_a_brute_force_recount(seed: int, decay: float, disco
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    tokens=st.lists(
-        st.tuples(
-            st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.999, 0.9, 0.45, 0.05, 0.0, 1.0])),
-            st.integers(0, 200),
-            st.integers(0, 300),
-            st.sampled_from(["", "history", "siblings", "context", "other"]),
-        ),
-        min_size=1,
-        max_size=50,
-    )
-)
-def test_cell_array_bins_as_cell_does(tokens: list[tuple[float, int, int, str]]) -> None:
-    calibrator = DraftCalibrator(1.0, 1.0, 1.0, 0.0)
-    probs, positions, match_lens, sources = zip(*tokens, strict=True)
-    cells = cell_array(
-        np.array(probs),
-        np.array(positions),
-        np.array(match_lens),
-        np.array([source_bin(source) for source in sources]),
-    )
-    assert cells.tolist() == [calibrator.cell(*token) for token in tokens]
-
-
 def _chain_estimate(calibrator: DraftCalibrator, probs: list[float], match_len: int) -> list[float]:
     """Each chain token's chance of acceptance, its own estimate or the least before it (as
     MatchRule.trim prices a chain)."""
@@ -361,28 +337,19 @@ def _reference_optimistic(calibrator: DraftCalibrator, cell: int) -> float:
     return a / n + math.sqrt(a * b / (n * n * (n + 1.0)))
 
 
-def test_the_optimistic_estimate_is_one_deviation_above_the_cells_own_mean() -> None:
-    calibrator = DraftCalibrator(1.0, 8.0, 8.0, 0.0)
-    cells = np.asarray([0, 1, 2])
-    calibrator.observe([1, 1, 1], 3)  # cell 1: 3 accepted
-    calibrator.observe([2, 2], 0)  # cell 2: 2 rejected
-    beta = [(1, 1), (4, 1), (1, 3)]  # Beta(a, b): mean a / (a + b)
-    want = [a / (a + b) + math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1))) for a, b in beta]
-    assert calibrator.optimistic(cells).tolist() == pytest.approx(want)
-    assert want[0] == pytest.approx(0.789, abs=1e-3)  # a cell never tried
-
-
 def _reference_trim(
     calibrator: DraftCalibrator,
     drafts: list[Draft],
     lengths: list[float],
     cost: CostModel,
     probe_chance: float | None = None,
+    refund_chance: float | None = None,
 ) -> tuple[list[Draft], list[list[int]]]:
     """MatchRule.trim token by token: each token's chance is the least table estimate on its
     path (itself and its ancestors, each at its depth), worth chance * w * t_step; with
     probe_chance, a token below it whose parent is not is worth its hope instead where that is
-    more (the lesser of its parent's chance and its cell's optimistic estimate); the step's
+    more (the lesser of its parent's chance and its cell's optimistic estimate); with
+    refund_chance, a token at least that likely is worth chance * c_tok more; the step's
     tokens best first (a stable sort), paying_count of them kept; the kept drafts (a draft cut
     to nothing: Draft()) and their cells."""
     table = calibrator.table()
@@ -410,6 +377,8 @@ def _reference_trim(
                 hope = min(_reference_optimistic(calibrator, cells[i]), above)
                 valued = max(valued, hope)
             worth = valued * lengths[row] / sum(lengths) * cost.step_time(len(lengths))
+            if refund_chance is not None and valued >= refund_chance:
+                worth += valued * cost.c_tok
             tokens.append((worth, row, i))
         cells_of.append(cells)
     tokens.sort(key=lambda token: -token[0])
@@ -432,12 +401,16 @@ def _reference_trim(
 @settings(max_examples=200, deadline=None)
 @given(
     drafts=st.lists(_drafts(), min_size=1, max_size=8),
-    sources=st.lists(st.sampled_from(["", "history", "siblings", "context"]), min_size=8),
+    sources=st.lists(
+        st.sampled_from(["", "history", "siblings", "context", "other_groups", "unknown"]),
+        min_size=8,
+    ),
     lengths=st.lists(st.sampled_from([1.0, 50.0, 50.0, 120.5, 400.0]), min_size=8, max_size=8),
-    evidence=st.lists(st.tuples(st.integers(0, 1399), st.booleans()), max_size=400),
+    evidence=st.lists(st.tuples(st.integers(0, 1749), st.booleans()), max_size=400),
     c_tok=st.floats(1e-4, 0.5),
     steps=st.booleans(),
     probe_chance=st.sampled_from([None, 0.5, 0.9]),
+    refund_chance=st.sampled_from([None, 0.5, 0.9]),
 )
 def test_trimming_equals_a_token_by_token_reference(
     drafts: list[Draft],
@@ -447,10 +420,11 @@ def test_trimming_equals_a_token_by_token_reference(
     c_tok: float,
     steps: bool,
     probe_chance: float | None,
+    refund_chance: float | None,
 ) -> None:
     drafts = [replace(d, source=s) for d, s in zip(drafts, sources[: len(drafts)], strict=True)]
     lengths = lengths[: len(drafts)]  # few distinct: ties across rows
-    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5), probe_chance)
+    rule = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5), probe_chance, refund_chance)
     # Evidence in any cells (a deeper token may be estimated above the one before it).
     rule.calibrator.observe_outcomes([c for c, _ in evidence], [hit for _, hit in evidence])
     cost = CostModel(0.01, c_tok)
@@ -460,7 +434,9 @@ def test_trimming_equals_a_token_by_token_reference(
     reference = MatchRule(DraftCalibrator(0.9, 2.0, 2.0, 0.0, 0.5))
     reference.calibrator._accepted = rule.calibrator._accepted.copy()
     reference.calibrator._tried = rule.calibrator._tried.copy()
-    want, want_cells = _reference_trim(reference.calibrator, drafts, lengths, cost, probe_chance)
+    want, want_cells = _reference_trim(
+        reference.calibrator, drafts, lengths, cost, probe_chance, refund_chance
+    )
     got = rule.trim(views, drafts, lengths, cost)
     assert got == want
     for view, draft, cells in zip(views, got, want_cells, strict=True):
@@ -761,3 +737,78 @@ def test_probes_stop_where_the_target_rejects_them(accepted_depth: int) -> None:
     lengths = _grown_lengths(0.9, accepted_depth)
     assert lengths.count(accepted_depth + 1) == 1
     assert set(lengths[lengths.index(accepted_depth + 1) + 1 :]) == {accepted_depth}
+
+
+def _reference_paying_count(values: list[float], live_tokens: int, cost: CostModel) -> int:
+    """paying_count by its definition, count by count: the largest count whose summed values
+    less what it adds to the step are at least every smaller count's (and 0), within 1e-9
+    c_tok; past the measured steps a value below c_tok ends the counts."""
+    slack = 1e-9 * cost.c_tok
+    limit = len(values)
+    for i in range(max(len(cost.steps) - live_tokens, 0), len(values)):
+        if values[i] < cost.c_tok - slack:
+            limit = i
+            break
+    taken, best, total = 0, 0.0, 0.0
+    for count in range(1, limit + 1):
+        total += values[count - 1]
+        net = total - cost.draft_cost(live_tokens, count)
+        if net >= best - slack:
+            taken = count
+        best = max(best, net)
+    return taken
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.floats(0.0, 0.05), max_size=40),
+    live_tokens=st.integers(1, 8),
+    c_tok=st.floats(1e-4, 0.02),
+    steps=st.lists(st.floats(0.001, 0.05), max_size=12),
+)
+def test_paying_count_equals_its_definition(
+    values: list[float], live_tokens: int, c_tok: float, steps: list[float]
+) -> None:
+    values = sorted(values, reverse=True)
+    cost = CostModel(0.01, c_tok, steps=tuple(sorted(steps)))
+    assert paying_count(values, live_tokens, cost) == _reference_paying_count(
+        values, live_tokens, cost
+    )
+
+
+def test_the_native_cut_rejects_arrays_that_do_not_match() -> None:
+    rule = MatchRule(DraftCalibrator(1.0, 1.0, 1.0, 0.0))
+    view = RequestView("g", 0)
+    broken = Draft([1, 2], [-1, 1], [0.9, 0.8], 1.7, 3)  # a parent after its child
+    with pytest.raises(ValueError, match="parent"):
+        rule.trim([view], [broken], [10.0], LONE)
+    table = rule.calibrator.table()
+    accepted, tried = rule.calibrator.evidence()
+    one_row = np.ones(1, dtype=np.int64)
+    arrays = dict(
+        sizes=one_row,
+        lengths=np.ones(2),  # two rows' lengths for one row
+        match_lens=one_row,
+        source_bins=np.zeros(1, dtype=np.int64),
+        parents=-one_row,
+        probs=np.ones(1),
+        binning=CELL_BINNING,
+        table=table,
+        accepted=accepted,
+        tried=tried,
+        total_remaining=1.0,
+        step_time=1.0,
+        c_tok=0.1,
+        refund_chance=0.0,
+        probe_chance=0.0,
+        draft_costs=np.ones(1),
+        past_steps=0,
+    )
+    with pytest.raises(ValueError, match="per row"):
+        _core.cut_drafts(**arrays)
+    arrays["lengths"] = np.ones(1)
+    assert _core.cut_drafts(**arrays)[1].tolist() == [1]  # a certain token worth 1 s: kept
+    with pytest.raises(ValueError, match="cell"):
+        _core.cut_drafts(**{**arrays, "table": table[:-1]})
+    with pytest.raises(ValueError, match="source"):
+        _core.cut_drafts(**{**arrays, "source_bins": np.full(1, 99, dtype=np.int64)})
