@@ -247,10 +247,14 @@ class LiveStepCost:
         base = local.step_time(rows)
         extra = local.c_tok * (tokens - rows)
         terms = (1.0, base * base, base * extra, extra * extra, base * seconds, extra * seconds)
-        sums = self._sums.setdefault(rows.bit_length(), [0.0] * len(terms))
+        sums = self._sums.get(rows.bit_length(), [0.0] * len(terms))
         keep = self._keep
-        for i, term in enumerate(terms):
-            sums[i] = sums[i] * keep + term
+        # A new list put in place in one assignment: a reader on another thread (the worker's
+        # cost-model endpoint, scales()) sees the class's sums before this step or after it,
+        # never half updated.
+        self._sums[rows.bit_length()] = [
+            total * keep + term for total, term in zip(sums, terms, strict=True)
+        ]
         self.timed_steps += 1
 
     def scales(self, rows: int) -> tuple[float, float]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from drafter.draft import Draft
+from drafter.draft import NO_DRAFT, Draft
 from drafter.groups import group_of
 from drafter.speculator import SpecRequest, Speculator
 
@@ -114,7 +114,7 @@ class BatchDrafter:
             specs.append(tracked.spec)
             generated = len(output) + len(extra)
             caps.append(max(0, min(width - 1, _remaining(req, generated) - 1)))
-        drafts = [Draft() for _ in reqs]
+        drafts = [NO_DRAFT] * len(reqs)
         for i, spec, draft in zip(live, specs, self.speculator.drafts(specs, caps), strict=True):
             drafts[i] = draft
             self._tracked[spec.request_id].drafted = len(draft)
