@@ -78,3 +78,13 @@ def paying_count(
     past_steps: int,
     c_tok: float,
 ) -> int: ...
+def calibration_table(
+    accepted: npt.NDArray[np.float64],
+    tried: npt.NDArray[np.float64],
+    shape: tuple[int, ...],
+    priors: npt.NDArray[np.float64],
+    coarse_weight: float,
+    fine_weight: float,
+    position_discount: float,
+    floor: float,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

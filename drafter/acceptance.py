@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from drafter import _core
 from drafter.draft import DRAFT_SOURCES
 
 
@@ -192,6 +193,7 @@ _PROB_EDGES = (0.999, 0.9, 0.75, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05, 0.0)
 _PROB_BINS = len(_PROB_EDGES)
 # What a bin's tokens are expected to do before any evidence: its middle path probability.
 _PROB_PRIORS = (1.0, 0.95, 0.825, 0.675, 0.525, 0.375, 0.25, 0.15, 0.075, 0.025)
+_PROB_PRIORS_ARRAY = np.asarray(_PROB_PRIORS)
 _POSITION_BINS = 5  # position i in the chain: 0, 1, 2-3, 4-7, 8+ (bit length, capped)
 _MATCH_BINS = 7  # the draft's match length: 1, 2, 3-4, 5-8, 9-16, 17-32, 33+
 
@@ -290,6 +292,7 @@ class DraftCalibrator:
         self._tried = np.zeros(shape)
         self.position_discount = position_discount
         self._table: npt.NDArray[np.float64] | None = None  # estimates, until the next change
+        self._best_by_position = np.ones(_POSITION_BINS)  # set with each new table
 
     def tick(self) -> None:
         """One verify step has passed: older evidence weighs `decay` times less."""
@@ -308,27 +311,31 @@ class DraftCalibrator:
         return [self.cell(p, i, match_len, source) for i, p in enumerate(probs)]
 
     def table(self) -> npt.NDArray[np.float64]:
-        """Every cell's estimate, flat (index with cells())."""
+        """Every cell's estimate, flat (index with cells()): in one native call
+        (drafter/_native/pricing.cc, equal to the numpy formula to the bit: each (probability,
+        position) bin's coarse estimate, (accepted + coarse_weight * prior) / (tried +
+        coarse_weight) over the bin's summed counts, with the prior as the class docstring
+        says; each cell's, (accepted + fine_weight * coarse) / (tried + fine_weight), at least
+        floor)."""
         if self._table is None:
-            coarse_acc = self._accepted.sum(axis=(2, 3))
-            coarse_tried = self._tried.sum(axis=(2, 3))
-            w = self.coarse_weight
-            coarse = np.empty((_PROB_BINS, _POSITION_BINS))
-            prior = np.asarray(_PROB_PRIORS)
-            for j in range(_POSITION_BINS):  # each position bin's prior: the one before it
-                coarse[:, j] = (coarse_acc[:, j] + w * prior) / (coarse_tried[:, j] + w)
-                prior = coarse[:, j] * self.position_discount
-            v = self.fine_weight
-            fine = (self._accepted + v * coarse[:, :, None, None]) / (self._tried + v)
-            self._table = np.maximum(fine, self.floor).ravel()
+            self._table, self._best_by_position = _core.calibration_table(
+                self._accepted.reshape(-1),
+                self._tried.reshape(-1),
+                self._tried.shape,
+                _PROB_PRIORS_ARRAY,
+                self.coarse_weight,
+                self.fine_weight,
+                self.position_discount,
+                self.floor,
+            )
         return self._table
 
     def depth_ceilings(self, depths: int) -> npt.NDArray[np.float64]:
         """The most any draft token at depth 0, 1, ..., depths - 1 can be given as its chance
         with its ancestors' (the running minimum along its path, capped at 1): the best cell
         of each depth's position bin, minimised over the depths above it. Non-increasing."""
-        best = np.minimum(self.table().reshape(self._tried.shape).max(axis=(0, 2, 3)), 1.0)
-        return np.minimum.accumulate(best[_depth_bins(depths)])
+        self.table()  # and with it each position bin's best cell, capped at 1
+        return np.minimum.accumulate(self._best_by_position[_depth_bins(depths)])
 
     def evidence(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Every cell's decayed (accepted, tried) counts, flat (index with cells()); views."""

@@ -406,6 +406,25 @@ nb::tuple cut_drafts(Int64s sizes, Doubles lengths, Int64s match_lens, Int64s so
                         to_numpy(std::move(cut.kept_per_row)), to_numpy(std::move(cut.tree_rows)));
 }
 
+// DraftCalibrator.table's estimates and each position bin's best (pricing.h), as numpy arrays.
+nb::tuple calibration_table(Doubles accepted, Doubles tried, nb::tuple shape, Doubles priors,
+                            double coarse_weight, double fine_weight, double position_discount,
+                            double floor) {
+  const size_t prob_bins = nb::cast<size_t>(shape[0]), position_bins = nb::cast<size_t>(shape[1]);
+  const size_t rest = nb::cast<size_t>(shape[2]) * nb::cast<size_t>(shape[3]);
+  const size_t cells = prob_bins * position_bins * rest;
+  if (cells == 0 || accepted.shape(0) != cells || tried.shape(0) != cells ||
+      priors.shape(0) != prob_bins)
+    throw nb::value_error("need counts per cell and a prior per probability bin");
+  if (rest > 128)  // numpy sums longer runs in halves; the native sum follows it up to 128
+    throw nb::value_error("at most 128 cells per (probability, position) bin");
+  std::vector<double> table(cells), best(position_bins);
+  drafter::calibration_table(accepted.data(), tried.data(), prob_bins, position_bins, rest,
+                             priors.data(), coarse_weight, fine_weight, position_discount, floor,
+                             table.data(), best.data());
+  return nb::make_tuple(to_numpy(std::move(table)), to_numpy(std::move(best)));
+}
+
 size_t paying_count(Doubles values, Doubles draft_costs, int64_t past_steps, double c_tok) {
   if (draft_costs.shape(0) < values.shape(0))
     throw nb::value_error("need a draft cost per count");
@@ -455,5 +474,7 @@ NB_MODULE(_core, m) {
         "parents"_a, "probs"_a, "binning"_a, "table"_a, "accepted"_a, "tried"_a,
         "total_remaining"_a, "step_time"_a, "c_tok"_a, "refund_chance"_a, "probe_chance"_a,
         "draft_costs"_a, "past_steps"_a);
+  m.def("calibration_table", &calibration_table, "accepted"_a, "tried"_a, "shape"_a, "priors"_a,
+        "coarse_weight"_a, "fine_weight"_a, "position_discount"_a, "floor"_a);
   m.def("paying_count", &paying_count, "values"_a, "draft_costs"_a, "past_steps"_a, "c_tok"_a);
 }

@@ -41,7 +41,49 @@ double optimistic(const Calibration& c, int64_t cell) {
   return a / n + std::sqrt(a * b / (n * n * (n + 1.0)));
 }
 
+// numpy's sum of n contiguous doubles (its pairwise summation, for n up to its block of 128;
+// numpy starts the sum at 0.0), so the table equals the numpy formula to the bit.
+double numpy_sum(const double* a, size_t n) {
+  if (n < 8) {
+    double sum = 0.0;
+    for (size_t i = 0; i < n; ++i) sum += a[i];
+    return sum;
+  }
+  double r[8];
+  for (size_t k = 0; k < 8; ++k) r[k] = a[k];
+  size_t i = 8;
+  for (; i < n - n % 8; i += 8) {
+    for (size_t k = 0; k < 8; ++k) r[k] += a[i + k];
+  }
+  double sum = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+  for (; i < n; ++i) sum += a[i];
+  return 0.0 + sum;
+}
+
 }  // namespace
+
+void calibration_table(const double* accepted, const double* tried, size_t prob_bins,
+                       size_t position_bins, size_t rest, const double* priors,
+                       double coarse_weight, double fine_weight, double position_discount,
+                       double floor, double* table, double* best_by_position) {
+  std::vector<double> prior(priors, priors + prob_bins);
+  std::vector<double> coarse(prob_bins);
+  for (size_t j = 0; j < position_bins; ++j) {
+    double best = -INFINITY;
+    for (size_t b = 0; b < prob_bins; ++b) {
+      const size_t at = (b * position_bins + j) * rest;
+      coarse[b] = (numpy_sum(accepted + at, rest) + coarse_weight * prior[b]) /
+                  (numpy_sum(tried + at, rest) + coarse_weight);
+      const double toward = fine_weight * coarse[b];
+      for (size_t k = at; k < at + rest; ++k) {
+        table[k] = std::max((accepted[k] + toward) / (tried[k] + fine_weight), floor);
+        best = std::max(best, table[k]);
+      }
+      prior[b] = coarse[b] * position_discount;
+    }
+    best_by_position[j] = std::min(best, 1.0);
+  }
+}
 
 size_t paying_count(const double* values, size_t n, const double* draft_costs,
                     int64_t past_steps, double c_tok) {

@@ -61,6 +61,17 @@ struct StepCut {
 void cut_drafts(const StepDrafts& drafts, const Calibration& calibration,
                 const StepPrices& prices, StepCut* out);
 
+// DraftCalibrator.table (drafter/acceptance.py): every cell's estimate from its decayed counts
+// (accepted, tried: prob_bins x position_bins x rest, rest = match bins x sources), each shrunk
+// by fine_weight toward its (probability, position) bin's coarse estimate, which is shrunk by
+// coarse_weight toward a prior: priors[prob bin] at the first position bin, the coarse
+// estimate of the position bin before times position_discount deeper; at least floor. Also,
+// per position bin, the best cell's estimate capped at 1 (best_by_position).
+void calibration_table(const double* accepted, const double* tried, size_t prob_bins,
+                       size_t position_bins, size_t rest, const double* priors,
+                       double coarse_weight, double fine_weight, double position_discount,
+                       double floor, double* table, double* best_by_position);
+
 // How many of these values (best first) pay for what they add to the step: the count whose
 // summed values most exceed draft_costs[count - 1] (the largest such count, within 1e-9 c_tok;
 // 0 if none). Past past_steps, no value below c_tok is taken, nor any after it.

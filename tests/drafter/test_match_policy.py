@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from drafter import DrafterConfig, RolloutHistory, _core
 from drafter.acceptance import (
+    _PROB_PRIORS,
     CELL_BINNING,
     DraftCalibrator,
     match_bin,
@@ -812,3 +813,53 @@ def test_the_native_cut_rejects_arrays_that_do_not_match() -> None:
         _core.cut_drafts(**{**arrays, "table": table[:-1]})
     with pytest.raises(ValueError, match="source"):
         _core.cut_drafts(**{**arrays, "source_bins": np.full(1, 99, dtype=np.int64)})
+
+
+def _reference_table(calibrator: DraftCalibrator) -> np.ndarray:
+    """DraftCalibrator.table as the numpy formula: each (probability, position) bin's coarse
+    estimate over its summed counts, shrunk toward its prior (the bin's middle probability at
+    the first position, the coarse estimate before it times position_discount deeper); each
+    cell's shrunk toward its coarse bin; at least floor."""
+    accepted, tried = calibrator._accepted, calibrator._tried
+    coarse_acc, coarse_tried = accepted.sum(axis=(2, 3)), tried.sum(axis=(2, 3))
+    w, v = calibrator.coarse_weight, calibrator.fine_weight
+    coarse = np.empty(coarse_acc.shape)
+    prior = np.asarray(_PROB_PRIORS)
+    for j in range(coarse.shape[1]):
+        coarse[:, j] = (coarse_acc[:, j] + w * prior) / (coarse_tried[:, j] + w)
+        prior = coarse[:, j] * calibrator.position_discount
+    fine = (accepted + v * coarse[:, :, None, None]) / (tried + v)
+    return np.maximum(fine, calibrator.floor).ravel()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.sampled_from([1.0, 30.0, 1000.0]),
+    weights=st.tuples(st.floats(0.5, 16.0), st.floats(0.5, 16.0)),
+    floor=st.sampled_from([0.0, 0.01, 0.3]),
+    position_discount=st.sampled_from([0.5, 0.8, 1.0]),
+)
+def test_the_native_table_equals_the_numpy_formula_to_the_bit(
+    seed: int,
+    scale: float,
+    weights: tuple[float, float],
+    floor: float,
+    position_discount: float,
+) -> None:
+    calibrator = DraftCalibrator(0.97, *weights, floor, position_discount)
+    # Decayed counts, as ticks leave them: fractions, in a sparse half of the cells.
+    rng = np.random.default_rng(seed)
+    shape = calibrator._tried.shape
+    accepted = rng.random(shape) * scale * (rng.random(shape) < 0.5)
+    calibrator._accepted = accepted
+    calibrator._tried = accepted + rng.random(shape) * scale
+    want = _reference_table(calibrator)
+    got = calibrator.table()
+    assert got.tobytes() == want.tobytes()
+    best = np.minimum(want.reshape(shape).max(axis=(0, 2, 3)), 1.0)
+    depths = np.searchsorted([1, 2, 4, 8], np.arange(16), side="right")
+    ceilings = np.minimum.accumulate(best[depths])
+    assert calibrator.depth_ceilings(16).tobytes() == ceilings.tobytes()
+    calibrator.observe([0, 0, 1], 2)  # new evidence: a new table
+    assert calibrator.table().tobytes() == _reference_table(calibrator).tobytes()
